@@ -1,0 +1,37 @@
+"""Backends: adapters that run the same layout plan on different engines.
+
+Each engine is imported only when its backend is chosen, so the package imports on stacks that
+lack it (the Poplar SDK has no torch.distributed.pipelining; nothing else has poptorch).
+"""
+import importlib
+from typing import Dict, Tuple
+
+from ..errors import UserError
+from .base import Backend, StepResult
+
+# name -> (module, class), imported on demand.
+REGISTRY: Dict[str, Tuple[str, str]] = {
+    "single": ("ipu_t5.backends.single", "SingleProcessBackend"),
+}
+
+
+def resolve_backend_name(config, plan) -> str:
+    """`layout.backend`, with `auto` meaning one process when the layout has one, else the
+    torch.distributed backend."""
+    name = config.layout.backend
+    if name != "auto":
+        return name
+    return "single" if plan.world_size == 1 else "torch"
+
+
+def create_backend(config, plan) -> Backend:
+    """Build the configured backend for a plan."""
+    name = resolve_backend_name(config, plan)
+    if name not in REGISTRY:
+        raise UserError("backend '{}' is not available in this installation (available: {}).".format(
+            name, ", ".join(sorted(REGISTRY))))
+    module, cls = REGISTRY[name]
+    return getattr(importlib.import_module(module), cls)(config, plan)
+
+
+__all__ = ["Backend", "StepResult", "create_backend", "resolve_backend_name"]

@@ -1,0 +1,95 @@
+"""One process on one device (a GPU when present, else the CPU)."""
+import contextlib
+from typing import Dict, List
+
+import torch
+
+from ..data.batching import GlobalBatch, collate
+from ..errors import UserError
+from ..optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
+                     set_lr, token_loss)
+from .base import Backend, StepResult, trim_at_eos
+
+
+def autocast_dtype(bf16, device: torch.device):
+    """bfloat16 where asked, or by default on GPUs that have it; None means float32."""
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else None
+
+
+class SingleProcessBackend(Backend):
+    """The whole model on one device; micro-batches accumulate gradients before each step."""
+
+    name = "single"
+
+    def __init__(self, config, plan, device=None):
+        super().__init__(config, plan)
+        if plan.world_size != 1:
+            raise UserError("the single-process backend runs 1 stage x 1 replica, but the layout asks for "
+                            "{} x {}: use --backend torch (run.sh launches it).".format(plan.stages, plan.replicas))
+        if config.training.fp16:
+            raise UserError("training.fp16 is the IPU's precision; T5 overflows in float16 on CPUs and GPUs. "
+                            "Use training.bf16=true instead.")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.amp_dtype = autocast_dtype(config.training.bf16, self.device)
+
+    @property
+    def description(self) -> str:
+        where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+        return "single process on {} ({})".format(where, "bf16 autocast" if self.amp_dtype else "fp32")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def setup(self, model: torch.nn.Module) -> None:
+        self.model = model.to(self.device)
+        self.pad_id = model.config.pad_token_id
+        self.eos_id = model.config.eos_token_id
+        self.optimizer = build_optimizer(self.model.named_parameters(), self.config.training)
+
+    def train_step(self, batch: GlobalBatch, step: int) -> StepResult:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_tokens = batch.num_target_tokens
+        loss = torch.zeros((), device=self.device)
+        for micro in self.plan.split(batch.samples)[0]:
+            tensors = {k: v.to(self.device, non_blocking=True) for k, v in collate(micro, self.pad_id).items()}
+            with self._autocast():
+                logits = self.model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                                    decoder_input_ids=tensors["decoder_input_ids"], use_cache=False).logits
+            micro_loss = token_loss(logits, tensors["labels"], total_tokens)
+            micro_loss.backward()
+            loss += micro_loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.training.max_grad_norm)
+        lr = lr_at(step, self.config.training)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        return StepResult(loss=loss.item(), grad_norm=float(grad_norm), lr=lr)
+
+    @torch.no_grad()
+    def generate(self, samples: List[Dict], max_new_tokens: int) -> List[List[int]]:
+        self.model.eval()
+        tensors = collate(samples, self.pad_id)
+        with self._autocast():
+            output = self.model.generate(
+                input_ids=tensors["input_ids"].to(self.device),
+                attention_mask=tensors["attention_mask"].to(self.device),
+                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                decoder_start_token_id=self.model.config.decoder_start_token_id,
+                eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        return [trim_at_eos(row[1:], self.eos_id) for row in output.tolist()]
+
+    def model_state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=False)
+
+    def optimizer_state_dict(self) -> Dict:
+        return named_optimizer_state(self.optimizer, self.model.named_parameters())
+
+    def load_optimizer_state_dict(self, state: Dict) -> None:
+        load_named_optimizer_state(self.optimizer, self.model.named_parameters(), state)

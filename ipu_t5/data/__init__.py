@@ -1,0 +1,1 @@
+"""Data: sources of raw examples, tokenized features, batch order and collation."""

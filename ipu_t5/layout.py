@@ -1,0 +1,238 @@
+"""The layout plan: how one training step is split over stages, replicas and micro-batches.
+
+Pure arithmetic on the config and the model size, no torch: the same plan drives the single
+process, the torch.distributed pipeline and the IPU backend, and `ipu-t5 plan` prints it without
+weights or hardware.
+
+- world size = stages x replicas
+- global batch = micro-batch size x micro-batches (gradient accumulation) x replicas
+- encoder and decoder blocks are cut into `stages` contiguous runs, balanced by compute unless
+  `layers_per_stage` gives the counts; the shared embedding sits on the first stage (and is
+  shared with the stage holding `decoder.0`), the LM head on the last, each final layer norm with
+  the last block of its stack.
+"""
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+from .errors import UserError
+from .models import ModelSize
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """A validated split of the model and of the global batch."""
+
+    size: ModelSize
+    stages: int
+    replicas: int
+    micro_batch_size: int
+    micro_batches: int
+    # Block names per stage, in pipeline order; "embedding" first on stage 0, "lm_head" last.
+    stage_blocks: Tuple[Tuple[str, ...], ...]
+    schedule: str = "1F1B"
+
+    @property
+    def world_size(self) -> int:
+        return self.stages * self.replicas
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.micro_batches * self.replicas
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.micro_batches
+
+    def stage_of(self, block: str) -> int:
+        """The stage that owns a block (`encoder.3`, `embedding`, `lm_head`, ...)."""
+        for index, blocks in enumerate(self.stage_blocks):
+            if block in blocks:
+                return index
+        raise KeyError(block)
+
+    def stage_params(self, index: int) -> int:
+        return sum(self.size.block_params(b) for b in self.stage_blocks[index])
+
+    def stage_flops(self, index: int, source_len: int, target_len: int) -> float:
+        return sum(self.size.block_flops(b, source_len, target_len) for b in self.stage_blocks[index])
+
+    def balance(self, source_len: int, target_len: int) -> float:
+        """Slowest stage over the mean stage, by forward FLOPs (1.0 is perfect)."""
+        costs = [self.stage_flops(i, source_len, target_len) for i in range(self.stages)]
+        return max(costs) / (sum(costs) / len(costs))
+
+    def bubble_fraction(self) -> float:
+        """The idle fraction of a synchronous pipeline: (p - 1) / (m + p - 1)."""
+        return (self.stages - 1) / (self.micro_batches + self.stages - 1)
+
+    def split(self, samples: Sequence[Any]) -> List[List[List[Any]]]:
+        """A global batch as [replica][micro-batch] lists of samples, in order."""
+        if len(samples) != self.global_batch_size:
+            raise ValueError("a step needs {} samples, got {}".format(self.global_batch_size, len(samples)))
+        per_replica = self.micro_batch_size * self.micro_batches
+        return [
+            [list(samples[r * per_replica + m * self.micro_batch_size:
+                          r * per_replica + (m + 1) * self.micro_batch_size])
+             for m in range(self.micro_batches)]
+            for r in range(self.replicas)
+        ]
+
+    def check_world_size(self, launched: int) -> None:
+        """Refuse a launch whose process count does not match the plan."""
+        if launched != self.world_size:
+            raise UserError(
+                "the layout needs stages x replicas = {} x {} = {} processes but {} were launched: "
+                "launch {} (run.sh does this) or change --stages/--replicas.".format(
+                    self.stages, self.replicas, self.world_size, launched, self.world_size))
+
+    def describe(self) -> str:
+        """The lines printed at start: the split of the batch and of the model."""
+        lines = [
+            "layout: {} stage(s) x {} replica(s) = {} process(es); global batch {} = micro-batch {} "
+            "x {} micro-batch(es) x {} replica(s)".format(
+                self.stages, self.replicas, self.world_size, self.global_batch_size,
+                self.micro_batch_size, self.micro_batches, self.replicas)
+        ]
+        if self.stages > 1:
+            for index, blocks in enumerate(self.stage_blocks):
+                lines.append("  stage {}: {}".format(index, _compact(blocks)))
+        return "\n".join(lines)
+
+
+def _compact(blocks: Sequence[str]) -> str:
+    """`encoder.0 .. encoder.5, decoder.0` style summary of a stage's blocks."""
+    runs: List[List[str]] = []
+    for block in blocks:
+        if runs and "." in block and "." in runs[-1][-1] and block.split(".")[0] == runs[-1][-1].split(".")[0]:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    return ", ".join(r[0] if len(r) == 1 else "{} .. {}".format(r[0], r[-1]) for r in runs)
+
+
+def _split_batch(global_batch: int, replicas: int, stages: int, micro_batch_size: Optional[int],
+                 accumulation: Optional[int]) -> Tuple[int, int]:
+    if global_batch % replicas:
+        raise UserError("global batch {} does not split over {} replicas: choose a global batch that "
+                        "is a multiple of {}.".format(global_batch, replicas, replicas))
+    per_replica = global_batch // replicas
+    if micro_batch_size is not None:
+        if per_replica % micro_batch_size:
+            raise UserError("each replica's share of the global batch ({} / {} = {}) is not a multiple of "
+                            "micro_batch_size {}.".format(global_batch, replicas, per_replica, micro_batch_size))
+        return micro_batch_size, per_replica // micro_batch_size
+    if accumulation is not None:
+        if per_replica % accumulation:
+            raise UserError("each replica's share of the global batch ({} / {} = {}) does not split into "
+                            "{} micro-batches.".format(global_batch, replicas, per_replica, accumulation))
+        return per_replica // accumulation, accumulation
+    if stages == 1:
+        return per_replica, 1
+    # A pipeline wants at least as many micro-batches as forward and backward stages (the IPU
+    # requires it, and it keeps the torch schedules' bubble small): the fewest that divide evenly.
+    wanted = 2 * stages - 1
+    for count in range(wanted, per_replica + 1):
+        if per_replica % count == 0:
+            return per_replica // count, count
+    return 1, per_replica
+
+
+def _partition(costs: Sequence[float], parts: int) -> List[int]:
+    """Counts of a contiguous partition of `costs` into `parts` non-empty runs that minimises the
+    costliest run (exact dynamic programme; 48 blocks x 16 stages is instant)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    counts, i = [], n
+    for k in range(parts, 0, -1):
+        counts.append(i - cut[k][i])
+        i = cut[k][i]
+    return counts[::-1]
+
+
+def _stage_blocks(size: ModelSize, counts: Sequence[int]) -> Tuple[Tuple[str, ...], ...]:
+    names = size.block_names
+    stages, start = [], 0
+    for count in counts:
+        stages.append(list(names[start:start + count]))
+        start += count
+    last_encoder = "encoder.{}".format(size.num_layers - 1)
+    for blocks in stages:
+        if last_encoder in blocks:
+            blocks.insert(blocks.index(last_encoder) + 1, "encoder.final_layer_norm")
+    stages[0].insert(0, "embedding")
+    stages[-1].extend(["decoder.final_layer_norm", "lm_head"])
+    return tuple(tuple(b) for b in stages)
+
+
+def stage_costs(size: ModelSize, source_len: int, target_len: int) -> List[float]:
+    """Per-block forward FLOPs in pipeline order, with the embedding and LM head folded into the
+    first and last blocks (they always sit there)."""
+    costs = [size.block_flops(b, source_len, target_len) for b in size.block_names]
+    costs[0] += size.block_flops("embedding", source_len, target_len)
+    costs[-1] += size.block_flops("lm_head", source_len, target_len)
+    return costs
+
+
+def plan_layout(
+    size: ModelSize,
+    global_batch_size: int,
+    stages: int = 1,
+    replicas: int = 1,
+    micro_batch_size: Optional[int] = None,
+    gradient_accumulation_steps: Optional[int] = None,
+    layers_per_stage: Optional[Sequence[int]] = None,
+    schedule: str = "1F1B",
+    source_len: int = 128,
+    target_len: int = 4,
+) -> LayoutPlan:
+    """Validate and build a plan; every refusal names the numbers that do not fit."""
+    blocks = len(size.block_names)
+    if stages > blocks:
+        raise UserError("{} stages for a model of {} blocks ({} encoder + {} decoder): every stage needs "
+                        "at least one block, so use at most {} stages.".format(
+                            stages, blocks, size.num_layers, size.num_decoder_layers, blocks))
+    if layers_per_stage is not None:
+        counts = list(layers_per_stage)
+        if len(counts) != stages:
+            raise UserError("layers_per_stage {} has {} entries but there are {} stages: give one count "
+                            "per stage.".format(counts, len(counts), stages))
+        if any(c < 1 for c in counts):
+            raise UserError("layers_per_stage {} leaves a stage with no block: every count must be at "
+                            "least 1.".format(counts))
+        if sum(counts) != blocks:
+            raise UserError("layers_per_stage {} sums to {} but the model has {} blocks ({} encoder + {} "
+                            "decoder).".format(counts, sum(counts), blocks, size.num_layers, size.num_decoder_layers))
+    else:
+        counts = _partition(stage_costs(size, source_len, target_len), stages)
+    micro, accumulation = _split_batch(global_batch_size, replicas, stages, micro_batch_size,
+                                       gradient_accumulation_steps)
+    if stages > 1 and accumulation < stages:
+        raise UserError("a {}-stage pipeline needs at least {} micro-batches per step, but global batch "
+                        "{} over {} replica(s) gives {}: raise the global batch or lower micro_batch_size."
+                        .format(stages, stages, global_batch_size, replicas, accumulation))
+    return LayoutPlan(size=size, stages=stages, replicas=replicas, micro_batch_size=micro,
+                      micro_batches=accumulation, stage_blocks=_stage_blocks(size, counts), schedule=schedule)
+
+
+def plan_from_config(config, source_len: int = 128, target_len: int = 4) -> LayoutPlan:
+    """The plan for a RunConfig, given the data's token lengths."""
+    from .models import canonical_size
+
+    layout = config.layout
+    return plan_layout(
+        canonical_size(config.model.name), config.training.global_batch_size, layout.stages,
+        layout.replicas, layout.micro_batch_size, layout.gradient_accumulation_steps,
+        layout.layers_per_stage, layout.pipeline_schedule, source_len, target_len,
+    )

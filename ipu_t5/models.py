@@ -1,0 +1,173 @@
+"""The Flan-T5 size registry, per-block cost arithmetic, and model construction.
+
+The registry holds each size's dimensions, so a layout or memory plan for XXL needs no weights.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """One Flan-T5 size: hub id, preset name, and the dimensions of its config.json."""
+
+    name: str
+    hub_id: Optional[str]
+    preset: str
+    d_model: int
+    d_ff: int
+    num_heads: int
+    d_kv: int
+    num_layers: int
+    num_decoder_layers: int
+    vocab_size: int = 32128
+    relative_attention_num_buckets: int = 32
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+    @property
+    def block_names(self) -> List[str]:
+        """Encoder then decoder blocks, in the order a pipeline visits them."""
+        return ["encoder.{}".format(i) for i in range(self.num_layers)] + \
+            ["decoder.{}".format(i) for i in range(self.num_decoder_layers)]
+
+    def t5_config_kwargs(self) -> Dict[str, object]:
+        """Keyword arguments for `transformers.T5Config` in Flan-T5's architecture."""
+        return dict(
+            vocab_size=self.vocab_size, d_model=self.d_model, d_ff=self.d_ff, d_kv=self.d_kv,
+            num_heads=self.num_heads, num_layers=self.num_layers,
+            num_decoder_layers=self.num_decoder_layers,
+            relative_attention_num_buckets=self.relative_attention_num_buckets,
+            relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False, layer_norm_epsilon=1e-6, dropout_rate=0.0,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )
+
+    def block_params(self, name: str) -> int:
+        """Parameters of one named part: `encoder.i`, `decoder.i`, `embedding`, `lm_head`,
+        `encoder.final_layer_norm` or `decoder.final_layer_norm`."""
+        d, attn = self.d_model, 4 * self.d_model * self.inner_dim
+        ff = 3 * d * self.d_ff  # gated-gelu: wi_0, wi_1, wo
+        bias = self.relative_attention_num_buckets * self.num_heads
+        if name in ("embedding", "lm_head"):
+            return self.vocab_size * d
+        if name.endswith("final_layer_norm"):
+            return d
+        stack, index = name.split(".")
+        if stack == "encoder":
+            return attn + ff + 2 * d + (bias if index == "0" else 0)
+        return 2 * attn + ff + 3 * d + (bias if index == "0" else 0)
+
+    def block_flops(self, name: str, source_len: int, target_len: int) -> float:
+        """Forward FLOPs of one part for one sample (matmuls and attention scores)."""
+        d, inner = self.d_model, self.inner_dim
+        ff = 2 * 3 * d * self.d_ff
+        if name == "embedding":
+            return 0.0
+        if name == "lm_head":
+            return 2.0 * self.vocab_size * d * target_len
+        if name.endswith("final_layer_norm"):
+            return 0.0
+        stack = name.split(".")[0]
+        if stack == "encoder":
+            s = source_len
+            return s * (2 * 4 * d * inner + ff) + 2 * 2 * s * s * inner
+        t, s = target_len, source_len
+        self_attn = t * 2 * 4 * d * inner + 2 * 2 * t * t * inner
+        cross = t * 2 * 2 * d * inner + s * 2 * 2 * d * inner + 2 * 2 * t * s * inner
+        return self_attn + cross + t * ff
+
+    def total_params(self) -> int:
+        parts = ["embedding", "lm_head", "encoder.final_layer_norm", "decoder.final_layer_norm"]
+        return sum(self.block_params(n) for n in parts + self.block_names)
+
+
+SIZES = {
+    s.name: s
+    for s in [
+        # Flan-T5's architecture at a size a CPU trains in seconds; vocabulary from the demo tokenizer.
+        ModelSize("tiny", None, "tiny", 128, 256, 4, 32, 2, 2, vocab_size=512),
+        ModelSize("small", "google/flan-t5-small", "flan-t5-small", 512, 1024, 6, 64, 8, 8),
+        ModelSize("base", "google/flan-t5-base", "flan-t5-base", 768, 2048, 12, 64, 12, 12),
+        ModelSize("large", "google/flan-t5-large", "flan-t5-large", 1024, 2816, 16, 64, 24, 24),
+        ModelSize("xl", "google/flan-t5-xl", "flan-t5-xl", 2048, 5120, 32, 64, 24, 24),
+        ModelSize("xxl", "google/flan-t5-xxl", "flan-t5-xxl", 4096, 10240, 64, 64, 24, 24),
+    ]
+}
+
+
+def canonical_size(name: str) -> ModelSize:
+    """Look a size up by short name (`xl`), preset (`flan-t5-xl`) or hub id (`google/flan-t5-xl`)."""
+    key = name.lower().replace("google/", "").replace("flan-t5-", "")
+    if key not in SIZES:
+        import difflib
+
+        close = difflib.get_close_matches(key, list(SIZES), n=1)
+        hint = " Did you mean '{}'?".format(close[0]) if close else ""
+        raise UserError("unknown model '{}'. Known sizes: {}.{} (For other weights keep a size and "
+                        "set model.pretrained=PATH.)".format(name, ", ".join(SIZES), hint))
+    return SIZES[key]
+
+
+def build_model(config, vocab_size: int):
+    """The model a run starts from: `pretrained` weights, the size's hub weights, or (tiny) a
+    seeded random initialisation. The LM head is always untied, as in every Flan-T5."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from .compat import untie_lm_head
+
+    size = canonical_size(config.model.name)
+    source = config.model.pretrained or size.hub_id
+    if source is None:
+        kwargs = size.t5_config_kwargs()
+        kwargs["vocab_size"] = vocab_size
+        torch.manual_seed(config.training.seed)
+        model = T5ForConditionalGeneration(T5Config(**kwargs))
+        untie_lm_head(model)
+    else:
+        model = load_pretrained(source, dtype=torch.float32)
+        if model.config.vocab_size < vocab_size:
+            raise UserError("the tokenizer has {} tokens but '{}' embeds only {}: use the tokenizer "
+                            "that belongs to the weights (model.tokenizer).".format(
+                                vocab_size, source, model.config.vocab_size))
+    if config.model.dropout_rate is not None:
+        set_dropout(model, config.model.dropout_rate)
+    return model
+
+
+def load_pretrained(source: str, dtype=None):
+    """`T5ForConditionalGeneration.from_pretrained` with a clear error when weights are unreachable."""
+    from transformers import T5ForConditionalGeneration
+
+    from .compat import dtype_kwarg, lm_head_is_tied
+
+    local = Path(source).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError("'{}' is a path but holds no config.json: give a Hugging Face checkpoint "
+                        "directory (an ipu-t5 export works) or a hub id.".format(source))
+    try:
+        model = T5ForConditionalGeneration.from_pretrained(
+            str(local) if local.exists() else source, **(dtype_kwarg(dtype) if dtype else {}))
+    except OSError as err:
+        raise UserError("could not load weights '{}': {}. Without network access, download them "
+                        "first and set model.pretrained to the directory.".format(
+                            source, str(err).splitlines()[0])) from None
+    if lm_head_is_tied(model):
+        raise UserError("'{}' ties its LM head to the embedding (the original T5, not Flan-T5): "
+                        "ipu-t5 fine-tunes Flan-T5, whose head is its own matrix.".format(source))
+    return model
+
+
+def set_dropout(model, rate: float) -> None:
+    """Set every dropout of a T5 (and its config, so an export records it)."""
+    import torch
+
+    model.config.dropout_rate = rate
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate

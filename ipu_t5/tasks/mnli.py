@@ -1,0 +1,76 @@
+"""MNLI as text to text, the way Flan-T5 was fine-tuned on it."""
+from typing import Any, Dict, List
+
+from ..errors import UserError
+from .base import Task
+
+LABELS = ("entailment", "neutral", "contradiction")
+INVALID = -1
+
+
+def label_id(value: Any) -> int:
+    """0/1/2 or a label name (any case) to the GLUE label id; anything else is not a label."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        number = int(value)
+        if 0 <= number < len(LABELS):
+            return number
+    elif isinstance(value, str) and value.strip().lower() in LABELS:
+        return LABELS.index(value.strip().lower())
+    raise ValueError(value)
+
+
+def postprocess_mnli_predictions(generated: List[str]) -> List[int]:
+    """Generated text to label ids; text that names no label becomes -1 (counted wrong, reported
+    as invalid)."""
+    names = {name: index for index, name in enumerate(LABELS)}
+    return [names.get(text.strip().lower(), INVALID) for text in generated]
+
+
+class MnliTask(Task):
+    """premise + hypothesis -> entailment | neutral | contradiction."""
+
+    def normalize(self, example: Dict[str, Any], where: str) -> Dict[str, Any]:
+        example = super().normalize(example, where)
+        try:
+            example[self.target_column] = label_id(example[self.target_column])
+        except ValueError:
+            raise UserError(
+                "{} has label {!r}, outside the known set: use 0/1/2 or {}.".format(
+                    where, example[self.target_column], "/".join(LABELS))) from None
+        return example
+
+    def target_text(self, example: Dict[str, Any]) -> str:
+        return LABELS[label_id(example[self.target_column])]
+
+    def reference(self, example: Dict[str, Any]) -> int:
+        return label_id(example[self.target_column])
+
+    def postprocess(self, generated: List[str]) -> List[int]:
+        return postprocess_mnli_predictions(generated)
+
+    def report(self, predictions: List[int], references: List[int]) -> Dict[str, Any]:
+        per_class = {}
+        for index, name in enumerate(LABELS):
+            per_class[name] = {
+                "total": sum(1 for r in references if r == index),
+                "correct": sum(1 for p, r in zip(predictions, references) if r == index and p == r),
+                "predicted": sum(1 for p in predictions if p == index),
+            }
+        return {"per_class": per_class, "invalid": sum(1 for p in predictions if p == INVALID)}
+
+    def demo_splits(self, seed: int, train_size: int, eval_size: int) -> Dict[str, List[Dict[str, Any]]]:
+        from ..data.demo_mnli import generate_splits
+
+        return generate_splits(seed, train_size, eval_size)
+
+
+def mnli() -> Task:
+    return MnliTask(
+        name="mnli",
+        input_template="mnli hypothesis: {hypothesis} premise: {premise}",
+        target_column="label",
+        metric="accuracy",
+        hub_dataset=("glue", "mnli"),
+    )
