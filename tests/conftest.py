@@ -1,0 +1,88 @@
+"""Shared fixtures. Markers:
+
+- `core`: also runs on the Poplar SDK's stack (torch 2.0.1, transformers 4.46.3) in `./run.sh test`.
+- `slow`: multi-process or long; still run by `./run.sh test` and CI, deselect with `-m "not slow"`.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "core: runs on both stacks, including the Poplar SDK's (transformers 4.46.3)")
+    config.addinivalue_line("markers", "slow: multi-process or long-running; run in CI")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory):
+    """Trained demo tokenizers go to a per-session cache, never the user's."""
+    os.environ["IPU_T5_CACHE"] = str(tmp_path_factory.mktemp("ipu_t5_cache"))
+
+
+def tiny_overrides(output_dir, **values):
+    """`--set` strings for a small, fast tiny run writing to `output_dir`."""
+    settings = {
+        "output.output_dir": str(output_dir),
+        "output.report_to_tensorboard": "false",
+        "data.demo_train_samples": 1200,
+        "data.demo_eval_samples": 120,
+        "training.max_steps": 20,
+        "training.global_batch_size": 16,
+        "training.logging_steps": 5,
+    }
+    settings.update(values)
+    return ["{}={}".format(k, v) for k, v in settings.items()]
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """Build a validated tiny RunConfig: `make_config(**{"training.max_steps": 5})`."""
+    from ipu_t5.config import load_config
+
+    def build(output_dir=None, **values):
+        return load_config("tiny", overrides=tiny_overrides(output_dir or tmp_path / "run", **values))
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny model trained once for the session (long enough to predict well), evaluated and
+    exported; tests read its trainer, results and export."""
+    from ipu_t5.config import load_config
+    from ipu_t5.trainer import T5Trainer
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    config = load_config("tiny", overrides=tiny_overrides(out, **{
+        "data.demo_train_samples": 3000, "data.demo_eval_samples": 150, "training.max_steps": 200,
+        "training.global_batch_size": 32}))
+    trainer = T5Trainer(config)
+    trainer.train()
+    results = trainer.evaluate()
+    hf_dir = trainer.save_hf_checkpoint()
+    return {"trainer": trainer, "results": results, "hf_dir": hf_dir, "output_dir": out}
+
+
+def run_cli(args, cwd=None, env=None, timeout=600):
+    """Run `python -m ipu_t5 ARGS` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "ipu_t5"] + list(args), cwd=str(cwd or ROOT), env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sdk_python():
+    """The Python of the Poplar SDK's stack (torch 2.0.1, transformers 4.46.3), if set up."""
+    path = os.environ.get("IPU_T5_SDK_PYTHON")
+    return path if path and Path(path).is_file() else None
