@@ -54,7 +54,8 @@ run_tests() {
   ensure_venv
   ensure_sdk_venv
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-  export IPU_T5_SDK_PYTHON="$PWD/$SDK_VENV/bin/python"
+  # Each stack's tests reload exports in the other stack too.
+  export IPU_T5_SDK_PYTHON="$PWD/$SDK_VENV/bin/python" IPU_T5_MAIN_PYTHON="$PWD/$VENV/bin/python"
   say "today's stack: $("$VENV/bin/python" -c 'import sys, torch, transformers; print("Python %d.%d, torch %s, transformers %s" % (sys.version_info[:2] + (torch.__version__, transformers.__version__)))')"
   "$VENV/bin/python" -m pytest tests "$@"
   say "the Poplar SDK's stack: $("$SDK_VENV/bin/python" -c 'import sys, torch, transformers; print("Python %d.%d, torch %s, transformers %s" % (sys.version_info[:2] + (torch.__version__, transformers.__version__)))')"

@@ -183,11 +183,10 @@ def all_keys() -> List[str]:
 
 
 def _suggest(key: str, candidates: List[str]) -> str:
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    if not close:
-        # A right key in the wrong section: look at the key's last part alone.
-        leaf = key.rsplit(".", 1)[-1]
-        close = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]
+    # A right key in the wrong section beats a near spelling in the right one.
+    leaf = key.rsplit(".", 1)[-1]
+    close = [c for c in candidates if "." in key and c.rsplit(".", 1)[-1] == leaf]
+    close = close or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     return " Did you mean '{}'?".format(close[0]) if close else ""
 
 
@@ -328,8 +327,10 @@ def preset_path(model_name: str) -> Optional[Path]:
 def validate(config: RunConfig) -> RunConfig:
     """Check ranges, choices and cross-field rules; the types were checked as values were set."""
     from .models import canonical_size
+    from .tasks import get_task
 
     canonical_size(config.model.name)
+    get_task(config.data.task)
     for key in all_keys():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
