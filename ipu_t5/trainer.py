@@ -60,11 +60,14 @@ class T5Trainer:
         self.config = config
         self.eval_config = eval_config or config.validation
         self.task = get_task(config.data.task)
+        # What the config loads is checked as it loads; what the caller passes is checked here.
+        if eval_dataset is not None:
+            eval_dataset = self._checked(eval_dataset, "evaluation data")
         if dataset is None:
             dataset, loaded_eval = load_splits(config, self.task)
             eval_dataset = loaded_eval if eval_dataset is None else eval_dataset
-        dataset = self._checked(dataset, "training data")
-        eval_dataset = self._checked(eval_dataset, "evaluation data") if eval_dataset is not None else None
+        else:
+            dataset = self._checked(dataset, "training data")
         self.tokenizer = tokenizer or load_tokenizer(config, corpus=self._corpus(dataset))
         workers, max_len = config.data.preprocessing_num_workers, config.data.max_source_length
         self.train_features = tokenize(dataset, self.task, self.tokenizer, max_len, workers, "tokenizing training data")
