@@ -19,35 +19,35 @@ has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>
 
 # A venv is ready once its marker holds the hash of what it was built from.
 stamp() { cat setup.py "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+venv_ready() { [ -f "$1/.ipu-t5-ready" ] && [ "$(cat "$1/.ipu-t5-ready")" = "$2" ]; }
+new_venv() { [ -x "$1/bin/python" ] || "$PYTHON" -m venv "$1"; }
+pip_into() { local venv="$1"; shift; "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 ensure_venv() {
-  local marker="$VENV/.ipu-t5-ready" want
-  want="$(stamp)"
-  if [ -f "$marker" ] && [ "$(cat "$marker")" = "$want" ]; then return; fi
+  local want; want="$(stamp)"
+  venv_ready "$VENV" "$want" && return
   say "setting up $VENV (first run, or setup.py changed)"
-  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+  new_venv "$VENV"
   if ! "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
     if has_gpu || [ -n "${POPLAR_SDK_ENABLED:-}" ]; then
       say "accelerator stack present: keeping the default torch resolution"
     else
-      "${pip[@]}" "$CPU_TORCH"
+      pip_into "$VENV" "$CPU_TORCH"
     fi
   fi
   # The test extra is small, so one install serves both the demo and the tests.
-  "${pip[@]}" -e ".[test]"
-  echo "$want" > "$marker"
+  pip_into "$VENV" -e ".[test]"
+  echo "$want" > "$VENV/.ipu-t5-ready"
 }
 
 ensure_sdk_venv() {
-  local marker="$SDK_VENV/.ipu-t5-ready" want
-  want="$(stamp tests/sdk-stack.txt)"
-  if [ -f "$marker" ] && [ "$(cat "$marker")" = "$want" ]; then return; fi
+  local want; want="$(stamp tests/sdk-stack.txt)"
+  venv_ready "$SDK_VENV" "$want" && return
   say "setting up $SDK_VENV: the Poplar SDK's torch 2.0.1 and transformers 4.46.3 (a few GB, once)"
-  [ -x "$SDK_VENV/bin/python" ] || "$PYTHON" -m venv "$SDK_VENV"
-  "$SDK_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/sdk-stack.txt
-  "$SDK_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e .
-  echo "$want" > "$marker"
+  new_venv "$SDK_VENV"
+  pip_into "$SDK_VENV" -r tests/sdk-stack.txt
+  pip_into "$SDK_VENV" --no-deps -e .
+  echo "$want" > "$SDK_VENV/.ipu-t5-ready"
 }
 
 run_tests() {

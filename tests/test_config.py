@@ -57,6 +57,12 @@ def _error(*args, **kwargs):
     return str(info.value)
 
 
+def _file_error(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return _error(config_file=path), path
+
+
 def test_unknown_key_suggests_nearest():
     message = _error(overrides=["training.learning_rat=1e-3"])
     assert "unknown config key 'training.learning_rat'" in message
@@ -68,9 +74,7 @@ def test_key_in_wrong_section_suggests_right_one():
 
 
 def test_unknown_section_in_file(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("trainin:\n  max_steps: 3\n")
-    message = _error(config_file=path)
+    message, _ = _file_error(tmp_path, "trainin:\n  max_steps: 3\n")
     assert "unknown config section 'trainin'" in message and "'training'" in message
 
 
@@ -80,9 +84,7 @@ def test_wrong_type_names_value_and_key():
 
 
 def test_wrong_type_in_file(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("training:\n  global_batch_size: [1, 2]\n")
-    message = _error(config_file=path)
+    message, path = _file_error(tmp_path, "training:\n  global_batch_size: [1, 2]\n")
     assert "training.global_batch_size must be an integer" in message and str(path) in message
 
 
@@ -113,9 +115,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_yaml_that_does_not_parse(tmp_path):
-    path = tmp_path / "broken.yaml"
-    path.write_text("training:\n  max_steps: [1, 2\n")
-    message = _error(config_file=path)
+    message, _ = _file_error(tmp_path, "training:\n  max_steps: [1, 2\n")
     assert "is not valid YAML" in message and "line" in message
 
 

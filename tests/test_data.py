@@ -59,11 +59,19 @@ def test_label_names_any_case(make_config, tmp_path):
     assert train["label"] == [0, 1, 2]
 
 
-def _load_error(make_config, tmp_path, rows, fmt="jsonl", name="bad"):
-    path = _write(tmp_path / "{}.{}".format(name, fmt), rows, fmt) if rows is not None else tmp_path / "missing.jsonl"
+def _error_for(make_config, tmp_path, path):
     with pytest.raises(UserError) as info:
         load_splits(_files_config(make_config, tmp_path, path, path), get_task("mnli"))
     return str(info.value)
+
+
+def _load_error(make_config, tmp_path, rows):
+    return _error_for(make_config, tmp_path, _write(tmp_path / "bad.jsonl", rows, "jsonl"))
+
+
+def _text_error(make_config, tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    return _error_for(make_config, tmp_path, tmp_path / name)
 
 
 def test_missing_columns_named(make_config, tmp_path):
@@ -86,21 +94,15 @@ def test_empty_text_field(make_config, tmp_path):
 
 
 def test_empty_file(make_config, tmp_path):
-    path = tmp_path / "empty.jsonl"
-    path.write_text("")
-    with pytest.raises(UserError, match="is empty"):
-        load_splits(_files_config(make_config, tmp_path, path, path), get_task("mnli"))
+    assert "is empty" in _text_error(make_config, tmp_path, "empty.jsonl", "")
 
 
 def test_missing_file(make_config, tmp_path):
-    assert "does not exist" in _load_error(make_config, tmp_path, None)
+    assert "does not exist" in _error_for(make_config, tmp_path, tmp_path / "missing.jsonl")
 
 
 def test_unsupported_file_type(make_config, tmp_path):
-    path = tmp_path / "data.txt"
-    path.write_text("hello")
-    with pytest.raises(UserError, match="type '.txt'"):
-        load_splits(_files_config(make_config, tmp_path, path, path), get_task("mnli"))
+    assert "type '.txt'" in _text_error(make_config, tmp_path, "data.txt", "hello")
 
 
 def test_missing_eval_split_names_the_fix(make_config, tmp_path):
