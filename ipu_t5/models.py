@@ -8,6 +8,9 @@ from typing import Dict, List, Optional
 
 from .errors import UserError
 
+# Tied to `shared.weight`; Hugging Face checkpoints store only the shared copy.
+TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
 
 @dataclass(frozen=True)
 class ModelSize:
@@ -171,3 +174,46 @@ def set_dropout(model, rate: float) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = rate
+
+
+def model_from_config(hf_config, device: Optional[str] = None):
+    """A Flan-T5 (untied LM head) of `hf_config`'s architecture, randomly initialised; on the
+    "meta" device it allocates nothing (for shape checks, or as a frame for `with_weights`)."""
+    import copy
+
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from .compat import untie_lm_head
+
+    with torch.device(device or "cpu"):
+        model = T5ForConditionalGeneration(copy.deepcopy(hf_config))
+        untie_lm_head(model)
+    return model
+
+
+def parameter_shapes(hf_config) -> Dict[str, tuple]:
+    """Every weight a checkpoint of this architecture holds, by Hugging Face name (tied aliases
+    left out), with its shape; computed without allocating the model."""
+    model = model_from_config(hf_config, "meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in TIED_ALIASES}
+
+
+def with_weights(hf_config, state, dtype=None):
+    """A model of `hf_config` whose parameters are the tensors of `state` (a mapping by Hugging Face
+    name), not copies, so the weights exist once in memory. With `dtype`, each tensor is first
+    rounded to it and computed in float32, as a float32 reload of a `dtype` export would be."""
+    import torch
+
+    model = model_from_config(hf_config, "meta")
+    made = {}
+    for name, _ in list(model.named_parameters(remove_duplicate=False)):
+        source = "shared.weight" if name in TIED_ALIASES else name
+        if source not in made:
+            tensor = state[source].detach()
+            if dtype is not None:
+                tensor = tensor.to(dtype).float()
+            made[source] = torch.nn.Parameter(tensor, requires_grad=False)
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, made[source])
+    return model.eval()
