@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -77,10 +78,9 @@ def flatten_optimizer_state(state: Mapping[str, Mapping[str, Any]]) -> Dict[str,
 
 def _no_space(path: Path, needed: int) -> CheckpointError:
     previous = path if (path / STATE_FILE).is_file() else None
-    if previous is None:
-        siblings = [p for p in path.parent.glob(STEP_PREFIX + "*") if (p / STATE_FILE).is_file()] \
-            if path.parent.is_dir() else []
-        previous = max(siblings, key=lambda p: p.stat().st_mtime) if siblings else None
+    if previous is None and path.parent.name == checkpoints_dir(Path()).name:
+        steps = list_steps(path.parent.parent)
+        previous = step_path(path.parent.parent, steps[-1]) if steps else None
     return CheckpointError(
         "no space left on the device while writing the checkpoint {}: it needs about {} ({} bytes) "
         "and {} are free there. Free space, lower output.save_total_limit or choose another "
@@ -139,7 +139,7 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
     staging = Path(_agree(backend, begin))
     if shares is not None:
         try:
-            _dcp_save(shares, staging / SHARDED_DIR)
+            _dcp("save", shares, staging / SHARDED_DIR)
         except Exception as err:  # torch.distributed.checkpoint raises on every process alike
             if backend.is_main_process:
                 shutil.rmtree(str(staging), ignore_errors=True)
@@ -265,7 +265,7 @@ class DcpView(Mapping):
             raise KeyError(name)
         shape, dtype = self._meta[stored]
         template = {self._prefix + stored: torch.empty(shape, dtype=dtype)}
-        _dcp_load(template, self._path)
+        _dcp("load", template, self._path)
         return template[self._prefix + stored]
 
     def __iter__(self) -> Iterator[str]:
@@ -350,7 +350,7 @@ class Checkpoint:
         """Load weights and optimizer state into `backend`, whatever layout either one has."""
         shares = backend.checkpoint_state() if self.sharded else None
         if shares is not None:
-            _dcp_load(shares, self.path / SHARDED_DIR)
+            _dcp("load", shares, self.path / SHARDED_DIR)
             backend.load_checkpoint_state(shares)
             return
         backend.load_model_state_dict(self.model_tensors())
@@ -370,7 +370,7 @@ def inspect(path: Path, verify_data: bool = True) -> Checkpoint:
     state_file = path / STATE_FILE
     if not path.is_dir():
         raise CheckpointError("checkpoint {} does not exist: give a checkpoint directory such as "
-                              "<output-dir>/checkpoints/step-N, or --resume auto.".format(path))
+                              "<output-dir>/checkpoints/step-N.".format(path))
     if not state_file.is_file():
         raise _damaged(path, "it has no {} (it was not completely written, or is not an ipu-t5 "
                              "checkpoint)".format(STATE_FILE))
@@ -519,34 +519,29 @@ def _flat_shares(shares: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[
             yield prefix + key, value
 
 
-def _dcp_kwargs(dcp, function) -> Dict[str, Any]:
-    """Run without a process group when none is up (one process reading a sharded checkpoint)."""
+def _dcp(operation: str, state: Dict[str, Any], path: Path) -> None:
+    """torch.distributed.checkpoint's "save" (every process writes its share of `state`) or "load"
+    (fills `state`'s tensors in place, each process reading what it holds): dcp.save / dcp.load
+    from torch 2.2, save_state_dict / load_state_dict in the SDK's torch 2.0."""
     import inspect as pyinspect
 
     import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
 
+    if hasattr(dcp, operation):
+        function, args, kwargs = getattr(dcp, operation), (state,), {"checkpoint_id": str(path)}
+    else:
+        storage = dcp.FileSystemWriter if operation == "save" else dcp.FileSystemReader
+        function, args, kwargs = getattr(dcp, operation + "_state_dict"), (state, storage(str(path))), {}
+    # Without a process group (one process reading what a sharded backend wrote): say so where
+    # this torch asks, and do not warn about it.
     alone = not (dist.is_available() and dist.is_initialized())
-    return {"no_dist": True} if alone and "no_dist" in pyinspect.signature(function).parameters else {}
-
-
-def _dcp_save(state: Dict[str, Any], path: Path) -> None:
-    """Every process saves its share of `state` into `path` (torch 2.2+: dcp.save; 2.0: save_state_dict)."""
-    import torch.distributed.checkpoint as dcp
-
-    if hasattr(dcp, "save"):
-        dcp.save(state, checkpoint_id=str(path), **_dcp_kwargs(dcp, dcp.save))
-    else:
-        dcp.save_state_dict(state, dcp.FileSystemWriter(str(path)), **_dcp_kwargs(dcp, dcp.save_state_dict))
-
-
-def _dcp_load(template: Dict[str, Any], path: Path) -> None:
-    """Fill `template`'s tensors in place from `path`; each process reads only what it holds."""
-    import torch.distributed.checkpoint as dcp
-
-    if hasattr(dcp, "load"):
-        dcp.load(template, checkpoint_id=str(path), **_dcp_kwargs(dcp, dcp.load))
-    else:
-        dcp.load_state_dict(template, dcp.FileSystemReader(str(path)), **_dcp_kwargs(dcp, dcp.load_state_dict))
+    if alone and "no_dist" in pyinspect.signature(function).parameters:
+        kwargs["no_dist"] = True
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        function(*args, **kwargs)
 
 
 def _dcp_metadata(path: Path) -> Dict[str, Tuple[torch.Size, torch.dtype]]:

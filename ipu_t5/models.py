@@ -143,6 +143,14 @@ def build_model(config, vocab_size: int):
     return model
 
 
+def refuse_training_checkpoint(source: str) -> None:
+    """A training checkpoint given where Hugging Face weights belong gets a pointer to what works."""
+    if (Path(source).expanduser() / "trainer_state.json").is_file():
+        raise UserError("'{}' is an ipu-t5 training checkpoint, not Hugging Face weights: continue its run with "
+                        "--resume {}, or export it (ipu-t5 export {} --out DIR) and start from DIR.".format(
+                            source, source, source))
+
+
 def load_pretrained(source: str, dtype=None):
     """`T5ForConditionalGeneration.from_pretrained` with a clear error when weights are unreachable."""
     from transformers import T5ForConditionalGeneration
@@ -150,6 +158,7 @@ def load_pretrained(source: str, dtype=None):
     from .compat import dtype_kwarg, lm_head_is_tied
 
     local = Path(source).expanduser()
+    refuse_training_checkpoint(source)
     if local.exists() and not (local / "config.json").is_file():
         raise UserError("'{}' is a path but holds no config.json: give a Hugging Face checkpoint "
                         "directory (an ipu-t5 export works) or a hub id.".format(source))
@@ -174,6 +183,9 @@ def set_dropout(model, rate: float) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = rate
+        elif isinstance(getattr(module, "dropout", None), float):
+            # T5Attention copies the rate into a float for its attention-weight dropout.
+            module.dropout = rate
 
 
 def model_from_config(hf_config, device: Optional[str] = None):

@@ -89,7 +89,9 @@ class T5Trainer:
         self.eval_features = None if eval_dataset is None else tokenize(
             eval_dataset, self.task, self.tokenizer, max_len, workers, "tokenizing evaluation data")
         self.lengths: Lengths = lengths(self.train_features, self.eval_features)
-        model = self._model(pretrained if pretrained is not None or candidate is None else candidate.hf_config())
+        if pretrained is None and candidate is not None:
+            pretrained = candidate.hf_config()  # the architecture; its weights are loaded by _resume
+        model = self._model(pretrained)
         self.hf_config = model.config
         self.num_params = sum(p.numel() for p in model.parameters())
         self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
@@ -193,6 +195,7 @@ class T5Trainer:
         """
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
+        self._refuse_restart_over_checkpoints()
         cfg = self.config.training
         log = self._claim()
         rows = self._train_rows()
@@ -254,6 +257,19 @@ class T5Trainer:
             self._say("ipu-t5: stopped by {} after step {} of {}; checkpoint {}".format(
                 stopped, self.step, cfg.max_steps, summary["checkpoint"]))
         return summary
+
+    def _refuse_restart_over_checkpoints(self) -> None:
+        """A run started afresh in a directory that holds its checkpoints would replace them as it
+        goes: continue them instead, or start over only when asked to."""
+        steps = checkpoint.list_steps(self.output_dir)
+        if self.step or self.resumed_from or not steps:
+            return
+        if not self.config.output.overwrite_output_dir:
+            raise UserError("output directory '{}' holds checkpoints of this run up to step {}: continue it with "
+                            "--resume auto, or start it over with --overwrite.".format(self.output_dir, steps[-1]))
+        if self.is_main_process:
+            run_dir.clear(self.output_dir)
+        self.backend.barrier()
 
     def _stop_requested(self) -> Optional[str]:
         """The signal that asked the run to stop, as the main process saw it (so every process stops
