@@ -9,7 +9,8 @@ A checkpoint is a directory, `<output-dir>/checkpoints/step-N` for the periodic 
 - or, instead of those two, `state/`: the same names (`model.<name>`, `optimizer.<name>.<field>`)
   written by every process of a sharded backend together through torch.distributed.checkpoint
   (see `Backend.checkpoint_state`).
-- `rng_state_<rank>.json`: every process's random generator states.
+- `process_state_<rank>.json`: every process's random generator states, and what its backend
+  adds (`Backend.extra_state`: a device's generator, a loss scale).
 - `config.yaml`, `model_config.json`, `tokenizer/`.
 - `trainer_state.json`: step, data order, best and last validation, versions, and a manifest of
   every other file's size and CRC-32. Written last; its presence marks the checkpoint complete.
@@ -42,6 +43,7 @@ STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 SHARDED_DIR = "state"
+PROCESS_FILE = "process_state_{}.json"
 STEP_PREFIX = "step-"
 _STEP_NAME = re.compile(r"^step-(\d+)$")
 
@@ -116,7 +118,7 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
 
     path = Path(path)
     shares = backend.checkpoint_state()
-    rng_states = backend.gather_object(rng.capture())
+    process_states = backend.gather_object({"rng": rng.capture(), "backend": backend.extra_state()})
     tensors: Dict[str, Dict[str, torch.Tensor]] = {}
     if shares is None:
         from .export import export_tensors
@@ -149,8 +151,8 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
 
     def finish() -> None:
         try:
-            for rank, state in enumerate(rng_states):
-                with open(str(staging / "rng_state_{}.json".format(rank)), "w") as f:
+            for rank, state in enumerate(process_states):
+                with open(str(staging / PROCESS_FILE.format(rank)), "w") as f:
                     json.dump(state, f)
             _write_main_files(staging, tensors, needed, trainer_state, run_config, hf_config, tokenizer,
                               backend.num_processes, shares is not None, path)
@@ -341,9 +343,10 @@ class Checkpoint:
             return OptimizerView(DcpView(self.path / SHARDED_DIR, "optimizer."))
         return OptimizerView(SafetensorsView(self.path / OPTIMIZER_FILE))
 
-    def rng_state(self, rank: int) -> Optional[Dict[str, Any]]:
-        """Process `rank`'s generator states, if that process existed when it was saved."""
-        path = self.path / "rng_state_{}.json".format(rank)
+    def process_state(self, rank: int) -> Optional[Dict[str, Any]]:
+        """Process `rank`'s generator states ("rng") and backend state ("backend"), if that
+        process existed when it was saved."""
+        path = self.path / PROCESS_FILE.format(rank)
         return json.loads(path.read_text()) if path.is_file() else None
 
     def load_into(self, backend) -> None:

@@ -306,9 +306,10 @@ class T5Trainer:
         self.last_eval = state.get("last_eval")
         self._last_eval_step = state.get("last_eval_step")
         self._saved_step = self.step
-        saved_rng = found.rng_state(self.backend.process_index)
-        if saved_rng is not None:
-            rng.restore(saved_rng)
+        saved = found.process_state(self.backend.process_index)
+        if saved is not None:
+            rng.restore(saved["rng"])
+            self.backend.load_extra_state(saved["backend"])
         if state["num_processes"] != self.backend.num_processes:
             self._say("ipu-t5: the checkpoint was written by {} process(es) and this run has {}: weights, optimizer "
                       "and data order continue exactly, random streams (dropout) only where a rank existed "

@@ -454,6 +454,19 @@ def dcp_backend_class():
     from ipu_t5.backends.single import SingleProcessBackend
 
     class DcpSingleProcessBackend(SingleProcessBackend):
+        # State a device keeps for itself (as an IPU keeps its random generator), for extra_state.
+        steps_run = 0
+
+        def train_step(self, batch, step):
+            self.steps_run += 1
+            return super().train_step(batch, step)
+
+        def extra_state(self):
+            return {"steps_run": self.steps_run}
+
+        def load_extra_state(self, state):
+            self.steps_run = state.get("steps_run", 0)  # {} from a checkpoint of another backend
+
         def checkpoint_state(self):
             optimizer = {}
             for name, param in self.model.named_parameters():
@@ -494,6 +507,7 @@ def test_sharded_checkpoint_resumes_in_one_process_and_exports(straight, tmp_pat
         again = tmp_path / "again-{}".format(source.parent.parent.name)
         config = config_for(again, **{"output.resume_from_checkpoint": str(source)})
         trainer = T5Trainer(config, backend=dcp_backend_class()(config, plan_from_config(config)))
+        assert trainer.backend.steps_run == (5 if source == saved.path else 0)
         trainer.train()
         assert losses(again) == {s: v for s, v in losses(straight).items() if s > 5}
         assert_same_tensors(weights(checkpoint.step_path(again, 10)), weights(checkpoint.step_path(straight, 10)))

@@ -105,6 +105,17 @@ class Backend(abc.ABC):
         raise NotImplementedError("{} returns checkpoint_state() and must implement "
                                   "load_checkpoint_state()".format(type(self).__name__))
 
+    def extra_state(self) -> Dict[str, Any]:
+        """Small JSON-serialisable state of this process, beyond weights and optimizer, that a
+        resumed run needs to continue exactly: a device's own random generator (poptorch's
+        `PoplarExecutor.rng_state`), a dynamic loss scale. Nothing for a CPU or GPU process, whose
+        generators the checkpoint captures itself."""
+        return {}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        """Restore what `extra_state` returned in the process of the same rank; {} when another
+        backend (another layout) wrote the checkpoint."""
+
     def broadcast_object(self, obj):
         """The main process's `obj` on every process (identity in one process)."""
         return obj
