@@ -221,6 +221,33 @@ def test_second_signal_exits_at_once_and_leaves_the_last_checkpoint(tmp_path):
 
 
 @pytest.mark.core
+def test_signal_during_validation_checkpoints_and_the_resumed_run_validates_first(tmp_path):
+    """A validation can take long on a large model: a signal stops it between batches, the step is
+    checkpointed, and the resumed run repeats that validation before training on."""
+    out = tmp_path / "run"
+    values = {"validation.do_eval": "true", "validation.eval_steps": 3, "validation.per_device_eval_batch_size": 16,
+              "training.max_steps": 6, "output.save_steps": 100}
+    trainer = T5Trainer(config_for(out, **values))
+    generate = trainer.backend.generate
+
+    def signalled(samples, max_new_tokens):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return generate(samples, max_new_tokens)
+
+    trainer.backend.generate = signalled
+    summary = trainer.train()
+    assert summary["interrupted"] == "SIGTERM" and summary["steps"] == 3
+    assert checkpoint.list_steps(out) == [3]
+    assert checkpoint.inspect(checkpoint.step_path(out, 3)).state["last_eval_step"] is None
+    resumed = T5Trainer(config_for(out, **dict(values, **{"output.resume_from_checkpoint": "auto"})))
+    resumed.train()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "accuracy" in r] == [3]
+    assert checkpoint.inspect(checkpoint.step_path(out, 3)).state["last_eval_step"] == 3
+    assert resumed.step == 6
+
+
+@pytest.mark.core
 def test_graceful_stop_handler():
     """First signal: a request; second: os._exit(128 + signal) with no cleanup."""
     from ipu_t5 import signals
