@@ -18,6 +18,8 @@ FLAG_KEYS = {
     "stages": "layout.stages",
     "replicas": "layout.replicas",
     "pretrained": "model.pretrained",
+    "resume": "output.resume_from_checkpoint",
+    "save_every": "output.save_steps",
 }
 EXIT_USER_ERROR = 2
 
@@ -35,6 +37,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stages", type=int, help="pipeline stages per replica (layout.stages)")
     group.add_argument("--replicas", type=int, help="data-parallel replicas (layout.replicas)")
     group.add_argument("--overwrite", action="store_true", help="replace a different run in the output directory")
+    group.add_argument("--resume", metavar="auto|PATH",
+                       help="continue from the newest intact checkpoint of the output directory (auto), or from "
+                            "the checkpoint at PATH (output.resume_from_checkpoint)")
+    group.add_argument("--save-every", type=int, metavar="N", help="write a checkpoint every N steps (output.save_steps)")
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="any config value, e.g. --set training.learning_rate=5e-6 (repeatable)")
 
@@ -81,6 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = T5Trainer(config)
     try:
         summary = trainer.train()
+        if "interrupted" in summary:
+            if trainer.is_main_process:
+                print("ipu-t5: resume with: {}".format(resume_command(args.argv)))
+            return 0
         results = trainer.evaluate() if trainer.eval_features is not None else None
         hf_dir = trainer.save_hf_checkpoint()
         if not trainer.is_main_process:
@@ -117,6 +127,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.close()
 
 
+def resume_command(argv: List[str]) -> str:
+    """The command line that continues a stopped run: the same flags, with --resume auto."""
+    import shlex
+
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return " ".join(["ipu-t5"] + [shlex.quote(a) for a in kept] + ["--resume", "auto"])
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Validate an export (default: the run's own <output-dir>/hf) by generation."""
     from .trainer import T5Trainer
@@ -136,18 +161,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Turn a training checkpoint into a plain Hugging Face checkpoint."""
-    import torch
-
-    from .checkpoint import read_checkpoint
-    from .export import write_hf_checkpoint
+    """Turn a training checkpoint (or a run's newest one) into a plain Hugging Face checkpoint,
+    reloaded and compared with the checkpoint's model before it is put in place."""
+    from . import checkpoint
+    from .export import DEFAULT_MAX_SHARD_SIZE, DTYPES, write_hf_checkpoint
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    checkpoint = read_checkpoint(Path(args.checkpoint))
-    out = write_hf_checkpoint(Path(args.out), checkpoint["model"], checkpoint["hf_config"], checkpoint["tokenizer"],
-                              checkpoint["run_config"], dtype=dtypes[args.dtype])
-    print("exported {} (step {}) to {}".format(args.checkpoint, checkpoint["trainer_state"]["step"], out))
+    source = Path(args.checkpoint)
+    if (source / "run_config.yaml").is_file() and not (source / checkpoint.STATE_FILE).exists():
+        found = checkpoint.newest_usable(source, lambda line: print(line, file=sys.stderr))
+        if found is None:
+            raise UserError("{} is a run without checkpoints: train it with output.save_steps set, or give a "
+                            "checkpoint directory.".format(source))
+    else:
+        found = checkpoint.inspect(source)
+    state = found.state
+    results = state.get("last_eval") if state.get("last_eval_step") == found.step else None
+    exported = write_hf_checkpoint(Path(args.out), found.model_tensors(), found.hf_config(), found.tokenizer(),
+                                   found.run_config(), results, state.get("max_new_tokens"),
+                                   DTYPES[args.dtype], args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    print("{} (from {}, step {})".format(exported.describe(), found.path, found.step))
     return 0
 
 
@@ -162,16 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     export = commands.add_parser("export", help="turn a training checkpoint into a Hugging Face checkpoint")
-    export.add_argument("checkpoint", help="a checkpoint directory (<output-dir>/checkpoints/step-N)")
+    export.add_argument("checkpoint", help="a checkpoint directory (<output-dir>/checkpoints/step-N), or a run's "
+                                           "output directory for its newest intact checkpoint")
     export.add_argument("--out", required=True, help="where to write the Hugging Face checkpoint")
-    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the exported weights (default float32)")
+    export.add_argument("--max-shard-size", metavar="SIZE",
+                        help="largest weight file; bigger models are sharded with an index file, as "
+                             "save_pretrained does (default 5GB)")
     export.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `ipu-t5` console script and `python -m ipu_t5`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except UserError as err:

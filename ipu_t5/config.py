@@ -112,8 +112,13 @@ class OutputConfig:
     # None: runs/<model name>.
     output_dir: Optional[str] = None
     overwrite_output_dir: bool = False
-    save_steps: Optional[int] = None
+    # A checkpoint every N steps and at the end of training; None: only when stopped by a signal.
+    save_steps: Optional[int] = 500
+    # Periodic checkpoints kept (the newest ones), besides the best by `metric_for_best_model`.
     save_total_limit: int = 2
+    metric_for_best_model: str = "accuracy"
+    # "auto": the newest intact checkpoint in output_dir (or start afresh); or a checkpoint path.
+    resume_from_checkpoint: Optional[str] = None
     report_to_tensorboard: bool = True
 
 

@@ -8,6 +8,9 @@ from typing import Dict, List, Optional
 
 from .errors import UserError
 
+# Tied to `shared.weight`; Hugging Face checkpoints store only the shared copy.
+TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
 
 @dataclass(frozen=True)
 class ModelSize:
@@ -140,6 +143,14 @@ def build_model(config, vocab_size: int):
     return model
 
 
+def refuse_training_checkpoint(source: str) -> None:
+    """A training checkpoint given where Hugging Face weights belong gets a pointer to what works."""
+    if (Path(source).expanduser() / "trainer_state.json").is_file():
+        raise UserError("'{}' is an ipu-t5 training checkpoint, not Hugging Face weights: continue its run with "
+                        "--resume {}, or export it (ipu-t5 export {} --out DIR) and start from DIR.".format(
+                            source, source, source))
+
+
 def load_pretrained(source: str, dtype=None):
     """`T5ForConditionalGeneration.from_pretrained` with a clear error when weights are unreachable."""
     from transformers import T5ForConditionalGeneration
@@ -147,6 +158,7 @@ def load_pretrained(source: str, dtype=None):
     from .compat import dtype_kwarg, lm_head_is_tied
 
     local = Path(source).expanduser()
+    refuse_training_checkpoint(source)
     if local.exists() and not (local / "config.json").is_file():
         raise UserError("'{}' is a path but holds no config.json: give a Hugging Face checkpoint "
                         "directory (an ipu-t5 export works) or a hub id.".format(source))
@@ -171,3 +183,49 @@ def set_dropout(model, rate: float) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = rate
+        elif isinstance(getattr(module, "dropout", None), float):
+            # T5Attention copies the rate into a float for its attention-weight dropout.
+            module.dropout = rate
+
+
+def model_from_config(hf_config, device: Optional[str] = None):
+    """A Flan-T5 (untied LM head) of `hf_config`'s architecture, randomly initialised; on the
+    "meta" device it allocates nothing (for shape checks, or as a frame for `with_weights`)."""
+    import copy
+
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from .compat import untie_lm_head
+
+    with torch.device(device or "cpu"):
+        model = T5ForConditionalGeneration(copy.deepcopy(hf_config))
+        untie_lm_head(model)
+    return model
+
+
+def parameter_shapes(hf_config) -> Dict[str, tuple]:
+    """Every weight a checkpoint of this architecture holds, by Hugging Face name (tied aliases
+    left out), with its shape; computed without allocating the model."""
+    model = model_from_config(hf_config, "meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in TIED_ALIASES}
+
+
+def with_weights(hf_config, state, dtype=None):
+    """A model of `hf_config` whose parameters are the tensors of `state` (a mapping by Hugging Face
+    name), not copies, so the weights exist once in memory. With `dtype`, each tensor is first
+    rounded to it and computed in float32, as a float32 reload of a `dtype` export would be."""
+    import torch
+
+    model = model_from_config(hf_config, "meta")
+    made = {}
+    for name, _ in list(model.named_parameters(remove_duplicate=False)):
+        source = "shared.weight" if name in TIED_ALIASES else name
+        if source not in made:
+            tensor = state[source].detach()
+            if dtype is not None:
+                tensor = tensor.to(dtype).float()
+            made[source] = torch.nn.Parameter(tensor, requires_grad=False)
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, made[source])
+    return model.eval()

@@ -58,11 +58,16 @@ def claim(path: Path, config: Dict[str, Any], overwrite: bool) -> None:
             if not overwrite:
                 raise UserError("output directory '{}' {}. Use --overwrite to replace it, or choose another "
                                 "--output-dir.".format(path, why))
-            for name in ARTIFACTS:
-                target = path / name
-                if target.is_dir():
-                    shutil.rmtree(str(target))
-                elif target.exists():
-                    target.unlink()
+            clear(path)
     path.mkdir(parents=True, exist_ok=True)
     record.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def clear(path: Path) -> None:
+    """Remove what a run wrote in `path`, and nothing else."""
+    for name in ARTIFACTS:
+        target = Path(path) / name
+        if target.is_dir():
+            shutil.rmtree(str(target))
+        elif target.exists():
+            target.unlink()

@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional
 
 from .compat import load_sentencepiece_tokenizer
 from .errors import UserError
-from .models import canonical_size
+from .models import canonical_size, refuse_training_checkpoint
 
 
 def cache_root() -> Path:
@@ -67,6 +67,7 @@ def load_tokenizer(config, corpus: Optional[Iterable[str]] = None):
         if corpus is None:
             raise UserError("model '{}' has no tokenizer of its own: set model.tokenizer.".format(size.name))
         return demo_tokenizer(corpus, size.vocab_size)
+    refuse_training_checkpoint(source)
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:

@@ -13,9 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from . import run_dir
+from . import checkpoint, rng, run_dir
 from .backends import Backend, create_backend
-from .checkpoint import save_checkpoint
 from .config import RunConfig, ValidationConfig
 from .data.batching import BatchOrder, GlobalBatch
 from .data.features import Lengths, lengths, tokenize
@@ -24,9 +23,15 @@ from .errors import UserError
 from .export import write_hf_checkpoint
 from .layout import plan_from_config
 from .metrics_log import MetricsLog
-from .models import build_model, load_pretrained, set_dropout
+from .models import build_model, canonical_size, load_pretrained, model_from_config, parameter_shapes, set_dropout
+from .optim import lr_at
+from .signals import GracefulStop
 from .tasks import get_task
 from .tokenizer import load_tokenizer
+
+
+class _Stopped(Exception):
+    """A stop signal arrived during a validation inside the training loop."""
 
 
 class T5Trainer:
@@ -43,6 +48,10 @@ class T5Trainer:
         accuracy_metric: an `evaluate` metric; None loads the task's local metric module.
         postprocess_predictions: generated texts -> metric predictions; None uses the task's.
         backend: an already built backend; None builds the configured one.
+
+    With `output.resume_from_checkpoint` set ("auto" or a checkpoint path) the trainer continues
+    that checkpoint's run: model and tokenizer come from the checkpoint (no hub access needed), and
+    weights, optimizer, random generators, data order and step are restored.
     """
 
     def __init__(
@@ -60,6 +69,13 @@ class T5Trainer:
         self.config = config
         self.eval_config = eval_config or config.validation
         self.task = get_task(config.data.task)
+        resume = config.output.resume_from_checkpoint
+        # Found before anything is built, without reading the tensors (the main process verifies them
+        # later): a run that cannot resume fails fast, and a resumed run builds its model from the
+        # checkpoint's own config and tokenizer, so a preempted run restarts without the hub.
+        candidate = checkpoint.resolve(resume, self.output_dir, lambda _: None, verify_data=False) if resume else None
+        if candidate is not None:
+            checkpoint.check_architecture(candidate, canonical_size(config.model.name))
         # What the config loads is checked as it loads; what the caller passes is checked here.
         if eval_dataset is not None:
             eval_dataset = self._checked(eval_dataset, "evaluation data")
@@ -68,12 +84,16 @@ class T5Trainer:
             eval_dataset = loaded_eval if eval_dataset is None else eval_dataset
         else:
             dataset = self._checked(dataset, "training data")
+        if tokenizer is None and candidate is not None:
+            tokenizer = candidate.tokenizer()
         self.tokenizer = tokenizer or load_tokenizer(config, corpus=self._corpus(dataset))
         workers, max_len = config.data.preprocessing_num_workers, config.data.max_source_length
         self.train_features = tokenize(dataset, self.task, self.tokenizer, max_len, workers, "tokenizing training data")
         self.eval_features = None if eval_dataset is None else tokenize(
             eval_dataset, self.task, self.tokenizer, max_len, workers, "tokenizing evaluation data")
         self.lengths: Lengths = lengths(self.train_features, self.eval_features)
+        if pretrained is None and candidate is not None:
+            pretrained = candidate.hf_config()  # the architecture; its weights are loaded by _resume
         model = self._model(pretrained)
         self.hf_config = model.config
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -90,8 +110,15 @@ class T5Trainer:
         self.step = 0
         self.order = BatchOrder(len(self.train_features), config.training.global_batch_size, config.training.seed)
         self.last_eval: Optional[Dict[str, Any]] = None
+        self.best: Optional[Dict[str, Any]] = None
+        self.resumed_from: Optional[Path] = None
+        self._last_eval_step: Optional[int] = None
+        self._saved_step: Optional[int] = None
+        self._stop: Optional[GracefulStop] = None
         self._claimed = False
         self._log: Optional[MetricsLog] = None
+        if resume:
+            self._resume(resume)
 
     # ----- construction helpers -----
 
@@ -110,9 +137,18 @@ class T5Trainer:
         return [self.task.source_text(r) for r in rows] + [self.task.target_text(r) for r in rows]
 
     def _model(self, pretrained):
+        """`pretrained` is a module, a hub id or directory, a T5Config (resuming: the weights come
+        from the checkpoint), or None for the config's model."""
+        from transformers import PretrainedConfig
+
         if pretrained is None:
             return build_model(self.config, len(self.tokenizer))
-        model = load_pretrained(str(pretrained)) if isinstance(pretrained, (str, Path)) else pretrained
+        if isinstance(pretrained, PretrainedConfig):
+            model = model_from_config(pretrained)
+        elif isinstance(pretrained, (str, Path)):
+            model = load_pretrained(str(pretrained))
+        else:
+            model = pretrained
         if self.config.model.dropout_rate is not None:
             set_dropout(model, self.config.model.dropout_rate)
         return model
@@ -137,7 +173,8 @@ class T5Trainer:
                 run_dir.claim(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
             self.backend.barrier()
             self._claimed = True
-            self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard)
+            self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard,
+                                   resumed_at=self.step if self.resumed_from else None)
         return self._log
 
     def _write_json(self, name: str, data: Any) -> None:
@@ -151,8 +188,17 @@ class T5Trainer:
         return [{"input_ids": a, "labels": b} for a, b in
                 zip(self.train_features["input_ids"], self.train_features["labels"])]
 
-    def train(self) -> Dict[str, Any]:
-        """Run optimizer steps up to `training.max_steps`; returns a summary of the run."""
+    def train(self, resume_from_checkpoint: Optional[str] = None) -> Dict[str, Any]:
+        """Run optimizer steps up to `training.max_steps`; returns a summary of the run.
+
+        `resume_from_checkpoint` ("auto" or a checkpoint path, as in HF's Trainer) first restores
+        that checkpoint. Checkpoints are written every `output.save_steps` steps, at a new best
+        validation result and at the end. SIGTERM or SIGINT finishes the current step, writes a
+        checkpoint and returns early with `summary["interrupted"]` naming the signal.
+        """
+        if resume_from_checkpoint:
+            self._resume(resume_from_checkpoint)
+        self._refuse_restart_over_checkpoints()
         cfg = self.config.training
         log = self._claim()
         rows = self._train_rows()
@@ -163,35 +209,116 @@ class T5Trainer:
                       self.task.name, len(rows), len(self.eval_features) if self.eval_features is not None else 0,
                       self.lengths.source, self.lengths.target))
         batches = iter(self.order)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step",
-                   disable=not self.is_main_process, dynamic_ncols=True)
         started, samples_done, first_step = time.perf_counter(), 0, self.step
-        result = None
-        while self.step < cfg.max_steps:
-            batch = GlobalBatch([rows[i] for i in next(batches)])
-            tick = time.perf_counter()
-            result = self.backend.train_step(batch, self.step)
-            elapsed = time.perf_counter() - tick
-            self.step += 1
-            samples_done += len(batch.samples)
-            tokens = sum(len(s["input_ids"]) + len(s["labels"]) for s in batch.samples)
-            record = {"step": self.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                      "samples_per_second": len(batch.samples) / elapsed, "tokens_per_second": tokens / elapsed,
-                      "epoch": self.order.epoch + self.order.position / self.order.batches_per_epoch}
-            log.log(record)
-            bar.update(1)
-            if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
-                bar.set_postfix(loss="{:.4f}".format(result.loss), lr="{:.2e}".format(result.lr),
-                                samples_s="{:.1f}".format(samples_done / (time.perf_counter() - started)))
-            eval_steps = self.eval_config.eval_steps
-            if eval_steps and self.step % eval_steps == 0 and self.step < cfg.max_steps and self.eval_features is not None:
-                self.evaluate()
-        bar.close()
+        result, stopped = None, None
+        with GracefulStop() as self._stop, tqdm(
+                total=cfg.max_steps, initial=self.step, desc="training", unit="step",
+                disable=not self.is_main_process, dynamic_ncols=True) as bar:
+            try:
+                # A run stopped during a validation repeats it before going on.
+                if self._eval_due() and self._last_eval_step != self.step:
+                    self._evaluate_in_loop()
+                while self.step < cfg.max_steps:
+                    stopped = self._stop_requested()
+                    if stopped:
+                        break
+                    batch = GlobalBatch([rows[i] for i in next(batches)])
+                    tick = time.perf_counter()
+                    result = self.backend.train_step(batch, self.step)
+                    elapsed = time.perf_counter() - tick
+                    self.step += 1
+                    samples_done += len(batch.samples)
+                    tokens = sum(len(s["input_ids"]) + len(s["labels"]) for s in batch.samples)
+                    record = {"step": self.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                              "samples_per_second": len(batch.samples) / elapsed, "tokens_per_second": tokens / elapsed,
+                              "epoch": self.order.epoch + self.order.position / self.order.batches_per_epoch}
+                    log.log(record)
+                    bar.update(1)
+                    if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                        bar.set_postfix(loss="{:.4f}".format(result.loss), lr="{:.2e}".format(result.lr),
+                                        samples_s="{:.1f}".format(samples_done / (time.perf_counter() - started)))
+                    improved = self._evaluate_in_loop() if self._eval_due() else False
+                    save_steps = self.config.output.save_steps
+                    if save_steps and (self.step % save_steps == 0 or improved):
+                        self._save_periodic()
+                if stopped is None:
+                    stopped = self._stop_requested()
+            except _Stopped as during_validation:
+                stopped = str(during_validation)
+            # Inside the handler, so that a second signal during this write exits at once.
+            if (stopped or self.config.output.save_steps) and self._saved_step != self.step:
+                self._save_periodic()
+        self._stop = None
         seconds = time.perf_counter() - started
         summary = {"steps": self.step, "steps_this_run": self.step - first_step, "train_seconds": seconds,
                    "samples_per_second": samples_done / seconds if seconds else 0.0,
                    "final_loss": result.loss if result else None}
+        if self._saved_step == self.step:
+            summary["checkpoint"] = str(checkpoint.step_path(self.output_dir, self.step))
+        if stopped:
+            summary["interrupted"] = stopped
+            self._say("ipu-t5: stopped by {} after step {} of {}; checkpoint {}".format(
+                stopped, self.step, cfg.max_steps, summary["checkpoint"]))
         return summary
+
+    def _refuse_restart_over_checkpoints(self) -> None:
+        """A run started afresh in a directory that holds its checkpoints would replace them as it
+        goes: continue them instead, or start over only when asked to."""
+        steps = checkpoint.list_steps(self.output_dir)
+        if self.step or self.resumed_from or not steps:
+            return
+        if not self.config.output.overwrite_output_dir:
+            raise UserError("output directory '{}' holds checkpoints of this run up to step {}: continue it with "
+                            "--resume auto, or start it over with --overwrite.".format(self.output_dir, steps[-1]))
+        if self.is_main_process:
+            run_dir.clear(self.output_dir)
+        self.backend.barrier()
+
+    def _stop_requested(self) -> Optional[str]:
+        """The signal that asked the run to stop, as the main process saw it (so every process stops
+        after the same step)."""
+        return self.backend.broadcast_object(self._stop.requested if self._stop is not None else None)
+
+    def _eval_due(self) -> bool:
+        eval_steps = self.eval_config.eval_steps
+        return bool(eval_steps and self.eval_features is not None and 0 < self.step < self.config.training.max_steps
+                    and self.step % eval_steps == 0)
+
+    def _evaluate_in_loop(self) -> bool:
+        """Validate inside the loop; whether the result is the best so far."""
+        before = self.best
+        self.evaluate()
+        return self.best is not before
+
+    # ----- resuming -----
+
+    def _resume(self, spec: str) -> None:
+        """Restore weights, optimizer, random generators, data order, step and validation history
+        from the checkpoint `spec` names ("auto": this run's newest intact one)."""
+        found = checkpoint.find_for_resume(self.backend, spec, self.output_dir, self._say)
+        if found is None:
+            return
+        checkpoint.check_architecture(found, canonical_size(self.config.model.name))
+        checkpoint.check_tensors(found, parameter_shapes(self.hf_config))
+        checkpoint.check_data_order(found, self.order.state_dict())
+        found.load_into(self.backend)
+        state = found.state
+        self.step = int(state["step"])
+        self.order.load_state_dict(state["data_order"])
+        self.best = state.get("best")
+        self.last_eval = state.get("last_eval")
+        self._last_eval_step = state.get("last_eval_step")
+        self._saved_step = self.step
+        saved = found.process_state(self.backend.process_index)
+        if saved is not None:
+            rng.restore(saved["rng"])
+            self.backend.load_extra_state(saved["backend"])
+        if state["num_processes"] != self.backend.num_processes:
+            self._say("ipu-t5: the checkpoint was written by {} process(es) and this run has {}: weights, optimizer "
+                      "and data order continue exactly, random streams (dropout) only where a rank existed "
+                      "before.".format(state["num_processes"], self.backend.num_processes))
+        self.resumed_from = found.path
+        self._say("ipu-t5: resuming from {} at step {}".format(found.path, self.step))
 
     # ----- validation -----
 
@@ -211,6 +338,9 @@ class T5Trainer:
         with tqdm(total=len(rows), desc="validation", unit="sample", disable=not self.is_main_process,
                   dynamic_ncols=True) as bar:
             for start in range(0, len(order), batch_size):
+                signal_name = self._stop_requested() if self._stop is not None else None
+                if signal_name:
+                    raise _Stopped(signal_name)
                 chunk = order[start:start + batch_size]
                 for index, ids in zip(chunk, self.backend.generate([rows[i] for i in chunk], max_new_tokens)):
                     generated[index] = ids
@@ -232,32 +362,70 @@ class T5Trainer:
                     f.write(json.dumps({"prompt": row["prompt"], "generated": text, "target": target,
                                         "prediction": prediction, "reference": row["reference"]}) + "\n")
         log.log({"step": self.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}, prefix="eval")
+        self._track_best(result)
         return result
+
+    def _track_best(self, result: Dict[str, Any]) -> None:
+        """Remember the best validation so far; a checkpoint of this step, written before this
+        validation finished, records it too (and the best one is kept by rotation)."""
+        metric = self.config.output.metric_for_best_model
+        if metric not in result:
+            raise UserError("output.metric_for_best_model is '{}' but validation reports {}: choose one of "
+                            "those.".format(metric, ", ".join(k for k, v in result.items() if isinstance(v, (int, float)))))
+        value = result[metric]
+        # As in HF's Trainer: greater is better, unless the metric is a loss.
+        better = (lambda a, b: a < b) if metric.endswith("loss") else (lambda a, b: a > b)
+        if self.best is None or better(value, self.best["value"]):
+            self.best = {"metric": metric, "value": value, "step": self.step}
+        self._last_eval_step = self.step
+        path = checkpoint.step_path(self.output_dir, self.step)
+        if self.is_main_process and (path / checkpoint.STATE_FILE).is_file():
+            checkpoint.update_trainer_state(path, best=self.best, last_eval=self.last_eval,
+                                            last_eval_step=self.step)
+            checkpoint.rotate(self.output_dir, self.config.output.save_total_limit, [self.best["step"]])
+        self.backend.barrier()
 
     # ----- checkpoints and export -----
 
+    def _trainer_state(self) -> Dict[str, Any]:
+        """What a checkpoint needs, beyond tensors, to continue this run exactly."""
+        cfg = self.config.training
+        plan = self.plan
+        return {"step": self.step, "max_steps": cfg.max_steps, "data_order": self.order.state_dict(),
+                "lr_scheduler": {"type": cfg.lr_scheduler_type, "last_lr": lr_at(max(self.step - 1, 0), cfg)},
+                "best": self.best, "last_eval": self.last_eval, "last_eval_step": self._last_eval_step,
+                "max_new_tokens": self.eval_config.max_new_tokens or self.lengths.target,
+                "layout": {"backend": self.backend.name, "stages": plan.stages, "replicas": plan.replicas,
+                           "micro_batch_size": plan.micro_batch_size, "micro_batches": plan.micro_batches}}
+
     def save_checkpoint(self, path: Union[str, Path]) -> Path:
-        """A layout-free training checkpoint (weights, optimizer, step, data order) at `path`."""
+        """A layout-free training checkpoint at `path`: weights, optimizer, random generators of
+        every process, data order and step. Written atomically; `--resume PATH` continues it."""
         self._claim()
-        model_state = self.backend.model_state_dict()
-        optimizer_state = self.backend.optimizer_state_dict()
+        return checkpoint.save_checkpoint(Path(path), self.backend, self._trainer_state(), self.config.to_dict(),
+                                          self.hf_config, self.tokenizer)
+
+    def _save_periodic(self) -> Path:
+        """`<output-dir>/checkpoints/step-N`, then keep the newest `output.save_total_limit` and the best."""
+        path = self.save_checkpoint(checkpoint.step_path(self.output_dir, self.step))
+        self._saved_step = self.step
         if self.is_main_process:
-            save_checkpoint(Path(path), model_state, optimizer_state,
-                            {"step": self.step, "data_order": self.order.state_dict()},
-                            self.config.to_dict(), self.hf_config, self.tokenizer)
+            checkpoint.rotate(self.output_dir, self.config.output.save_total_limit,
+                              [self.best["step"]] if self.best else [])
         self.backend.barrier()
-        return Path(path)
+        return path
 
     def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
                            ckpt_path: Union[str, Path, None] = None) -> Path:
-        """Export a plain Hugging Face checkpoint to `hf_path` (default `<output-dir>/hf`) and,
-        when given, a training checkpoint to `ckpt_path`."""
+        """Export a plain Hugging Face checkpoint to `hf_path` (default `<output-dir>/hf`), checked
+        by reloading it with transformers, and, when given, a training checkpoint to `ckpt_path`."""
         self._claim()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
         state = self.backend.model_state_dict()
         if self.is_main_process:
-            write_hf_checkpoint(hf_path, state, self.hf_config, self.tokenizer, self.config.to_dict(),
-                                self.last_eval, self.eval_config.max_new_tokens or self.lengths.target)
+            exported = write_hf_checkpoint(hf_path, state, self.hf_config, self.tokenizer, self.config.to_dict(),
+                                           self.last_eval, self.eval_config.max_new_tokens or self.lengths.target)
+            self._say(exported.describe())
         if ckpt_path:
             self.save_checkpoint(ckpt_path)
         self.backend.barrier()

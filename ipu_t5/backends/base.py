@@ -1,7 +1,7 @@
 """The one small interface every backend implements; the trainer sees nothing else."""
 import abc
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -38,6 +38,15 @@ class Backend(abc.ABC):
         return True
 
     @property
+    def process_index(self) -> int:
+        """This process's rank among `num_processes` (0 in one process)."""
+        return 0
+
+    @property
+    def num_processes(self) -> int:
+        return 1
+
+    @property
     def description(self) -> str:
         """One line for the start-of-run banner: backend, devices, precision."""
         return self.name
@@ -60,20 +69,60 @@ class Backend(abc.ABC):
         """The whole model's weights by Hugging Face parameter name, on CPU."""
 
     @abc.abstractmethod
-    def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        """Load weights by Hugging Face parameter name, whatever layout saved them."""
+    def load_model_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load weights by Hugging Face parameter name, whatever layout saved them.
+
+        `state` may be a lazy mapping that reads a tensor from disk when it is looked up (a
+        checkpoint's safetensors file): look up only the names this process holds.
+        """
 
     @abc.abstractmethod
     def optimizer_state_dict(self) -> Dict:
         """Optimizer state keyed by parameter name, so any layout can resume it."""
 
     @abc.abstractmethod
-    def load_optimizer_state_dict(self, state: Dict) -> None:
-        """Restore optimizer state saved by `optimizer_state_dict` under any layout."""
+    def load_optimizer_state_dict(self, state: Mapping[str, Dict[str, torch.Tensor]]) -> None:
+        """Restore optimizer state saved by `optimizer_state_dict` under any layout: {parameter
+        name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}}, possibly lazy as above."""
+
+    def checkpoint_state(self) -> Optional[Dict[str, Dict[str, Any]]]:
+        """This process's share of the training state, for backends that save through
+        torch.distributed.checkpoint; None (the default) has the main process save full tensors
+        from `model_state_dict` and `optimizer_state_dict` instead.
+
+        Returns {"model": {hf_name: tensor}, "optimizer": {hf_name: {"exp_avg": tensor,
+        "exp_avg_sq": tensor, "step": tensor}}} with the same names under every layout. A tensor held
+        by several processes (data-parallel replicas) is written once; tensors may be DTensors
+        (FSDP2 shards). Every process calls it, at save and at load: for a load, the optimizer state
+        must already exist (initialise it), because the returned tensors are the templates that
+        torch.distributed.checkpoint fills in place before `load_checkpoint_state` takes them back.
+        """
+        return None
+
+    def load_checkpoint_state(self, state: Dict[str, Dict[str, Any]]) -> None:
+        """Take back what `checkpoint_state` returned, now holding a checkpoint's values. Only called
+        on backends whose `checkpoint_state` returns a dict."""
+        raise NotImplementedError("{} returns checkpoint_state() and must implement "
+                                  "load_checkpoint_state()".format(type(self).__name__))
+
+    def extra_state(self) -> Dict[str, Any]:
+        """Small JSON-serialisable state of this process, beyond weights and optimizer, that a
+        resumed run needs to continue exactly: a device's own random generator (poptorch's
+        `PoplarExecutor.rng_state`), a dynamic loss scale. Nothing for a CPU or GPU process, whose
+        generators the checkpoint captures itself."""
+        return {}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        """Restore what `extra_state` returned in the process of the same rank; {} when another
+        backend (another layout) wrote the checkpoint."""
 
     def broadcast_object(self, obj):
         """The main process's `obj` on every process (identity in one process)."""
         return obj
+
+    def gather_object(self, obj) -> List[Any]:
+        """Every process's `obj`, in rank order, on every process ([obj] in one process)."""
+        return [obj]
 
     def barrier(self) -> None:
         """Wait for every process (no-op in one process)."""

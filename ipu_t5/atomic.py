@@ -1,0 +1,112 @@
+"""Directories that appear complete or not at all: written under a hidden staging name beside the
+target, every file fsynced, then renamed into place.
+
+Shared by training checkpoints and Hugging Face exports, so a crash, a kill or a full disk never
+leaves either one looking complete.
+"""
+import errno
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+# A full disk, or a full quota.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+CHUNK = 16 << 20
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh hidden directory beside `target` (same filesystem, so the final rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".{}.".format(target.name), dir=str(target.parent)))
+
+
+def remove_stale(parent: Path, prefixes: Iterable[str]) -> None:
+    """Remove hidden staging directories a killed process left in `parent`."""
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        if entry.is_dir() and any(entry.name.startswith("." + p) for p in prefixes):
+            shutil.rmtree(str(entry), ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path, checksum: bool = False) -> Dict[str, Dict[str, object]]:
+    """fsync every file and directory under `root`; returns {relative path: {bytes[, crc32]}}.
+
+    With `checksum`, each file is read back once for its CRC-32, which later tells a corrupt or
+    truncated file from a good one.
+    """
+    manifest: Dict[str, Dict[str, object]] = {}
+    for directory, _, files in os.walk(str(root)):
+        for name in sorted(files):
+            path = Path(directory) / name
+            entry: Dict[str, object] = {"bytes": path.stat().st_size}
+            with open(str(path), "rb") as f:
+                if checksum:
+                    entry["crc32"] = file_crc32(f)
+                os.fsync(f.fileno())
+            manifest[str(path.relative_to(root))] = entry
+        _fsync_path(Path(directory))
+    return manifest
+
+
+def file_crc32(f) -> str:
+    """CRC-32 of an open binary file, as 8 hex digits."""
+    crc = 0
+    for block in iter(lambda: f.read(CHUNK), b""):
+        crc = zlib.crc32(block, crc)
+    return "{:08x}".format(crc & 0xFFFFFFFF)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put `new` at `target`; an old target survives until the rename succeeded."""
+    old: Optional[Path] = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=".{}.old.".format(target.name), dir=str(target.parent)))
+        os.rename(str(target), str(old / "previous"))
+    try:
+        os.rename(str(new), str(target))
+    except OSError:
+        if old is not None:
+            os.rename(str(old / "previous"), str(target))
+        raise
+    _fsync_path(target.parent)
+    if old is not None:
+        shutil.rmtree(str(old), ignore_errors=True)
+
+
+def is_no_space(err: BaseException) -> bool:
+    """Whether a write failed for lack of space: an OSError, or safetensors' own error type that
+    carries the OS error in its message."""
+    if isinstance(err, OSError):
+        return err.errno in NO_SPACE
+    text = str(err)
+    return any("os error {}".format(code) in text for code in NO_SPACE) or "No space left" in text
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem holding `path` (or its nearest existing parent)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(str(path)).free
+
+
+def human_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    index = 0
+    while count >= 1024 and index < len(units) - 1:
+        count /= 1024.0
+        index += 1
+    return "{} bytes".format(int(count)) if index == 0 else "{:.1f} {}".format(count, units[index])
