@@ -36,31 +36,36 @@ def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> str:
     return "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
 
 
-def claim(path: Path, config: Dict[str, Any], overwrite: bool) -> None:
-    """Make `path` this run's directory.
-
-    A directory holding another run (or files this project did not write) is refused unless
-    `overwrite`, which removes only this project's artifacts.
-    """
+def holds_other_run(path: Path, config: Dict[str, Any], overwrite: bool) -> bool:
+    """Whether `path` holds another run (or files this project did not write), which only
+    `overwrite` may replace; without it that is refused. Reads only."""
     path = Path(path)
     record = path / RECORD
     if path.exists() and not path.is_dir():
         raise UserError("output directory '{}' is a file: choose another --output-dir.".format(path))
-    if path.is_dir() and any(path.iterdir()):
-        same = False
-        if record.is_file():
-            old = yaml.safe_load(record.read_text()) or {}
-            same = identity(old) == identity(config)
-            why = "holds a different run ({})".format(_differences(identity(old), identity(config)))
-        else:
-            why = "is not empty and holds no ipu-t5 run"
-        if not same:
-            if not overwrite:
-                raise UserError("output directory '{}' {}. Use --overwrite to replace it, or choose another "
-                                "--output-dir.".format(path, why))
-            clear(path)
+    if not (path.is_dir() and any(path.iterdir())):
+        return False
+    if record.is_file():
+        old = yaml.safe_load(record.read_text()) or {}
+        if identity(old) == identity(config):
+            return False
+        why = "holds a different run ({})".format(_differences(identity(old), identity(config)))
+    else:
+        why = "is not empty and holds no ipu-t5 run"
+    if not overwrite:
+        raise UserError("output directory '{}' {}. Use --overwrite to replace it, or choose another "
+                        "--output-dir.".format(path, why))
+    return True
+
+
+def claim(path: Path, config: Dict[str, Any], overwrite: bool) -> None:
+    """Make `path` this run's directory: another run there is refused, or with `overwrite` its
+    artifacts (only those) are removed; then the run's record is written."""
+    path = Path(path)
+    if holds_other_run(path, config, overwrite):
+        clear(path)
     path.mkdir(parents=True, exist_ok=True)
-    record.write_text(yaml.safe_dump(config, sort_keys=False))
+    (path / RECORD).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def clear(path: Path) -> None:

@@ -267,6 +267,9 @@ class T5Trainer:
         steps = checkpoint.list_steps(self.output_dir)
         if self.step or self.resumed_from or not steps:
             return
+        # Another run's checkpoints are another matter, refused (or replaced) as such.
+        if run_dir.holds_other_run(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir):
+            return
         if not self.config.output.overwrite_output_dir:
             raise UserError("output directory '{}' holds checkpoints of this run up to step {}: continue it with "
                             "--resume auto, or start it over with --overwrite.".format(self.output_dir, steps[-1]))

@@ -130,7 +130,7 @@ def test_export_command_from_a_checkpoint(cli, trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and config["tie_word_embeddings"] is False
-    _refused(cli(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]), "not a complete")
+    _refused(cli(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]), "does not exist")
 
 
 @pytest.mark.core

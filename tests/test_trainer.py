@@ -115,8 +115,9 @@ def test_output_dir_holding_another_run(make_config, tmp_path):
     with pytest.raises(UserError, match="holds a different run .*training.learning_rate"):
         other.train()
     assert (out / "metrics.jsonl").read_text() == before
-    # The same run may continue there; --overwrite replaces only this project's files.
-    T5Trainer(make_config(out, **{"training.max_steps": 3})).train()
+    # The same run continues there from its checkpoint; --overwrite replaces only this project's files.
+    resumed = T5Trainer(make_config(out, **{"training.max_steps": 3, "output.resume_from_checkpoint": "auto"}))
+    assert resumed.train()["steps_this_run"] == 1
     T5Trainer(make_config(out, **{"training.max_steps": 2, "training.learning_rate": 5e-4,
                                   "output.overwrite_output_dir": "true"})).train()
     assert len(_losses(out)) == 2
