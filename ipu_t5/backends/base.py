@@ -1,12 +1,13 @@
 """The one small interface every backend implements; the trainer sees nothing else."""
 import abc
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from ..config import RunConfig
 from ..data.batching import GlobalBatch
+from ..data.features import Lengths
 from ..layout import LayoutPlan
 
 
@@ -28,6 +29,10 @@ class Backend(abc.ABC):
     """
 
     name = "backend"
+    # The data's longest prompt and target, set by `create_backend`: backends that compile static
+    # shapes (the IPU) pad to them. A backend may also refine `plan` in `setup` (the IPU picks
+    # its micro-batch); the trainer reports the backend's plan.
+    lengths: Optional[Lengths] = None
 
     def __init__(self, config: RunConfig, plan: LayoutPlan):
         self.config = config
