@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # ipu-t5 launcher.
 #   ./run.sh [flags]               fine-tune (default: the tiny offline demo); flags go to `ipu-t5 train`
-#   ./run.sh train|evaluate|export [flags]
+#   ./run.sh train|evaluate|export|plan|backend [flags]
 #   ./run.sh test [pytest args]    every test, on today's stack and on the Poplar SDK's stack
-# Creates .venv on first use (and .venv-sdk for the tests); later runs reuse them.
+# Creates .venv on first use (and .venv-sdk for the tests); later runs reuse them. With the Poplar
+# SDK enabled (POPLAR_SDK_ENABLED), .venv also gets the SDK's poptorch wheel (and its torch 2.0.1).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,12 +21,29 @@ has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>
 # A venv is ready once its marker holds the hash of what it was built from.
 stamp() { cat setup.py "$@" 2>/dev/null | sha256sum | cut -c1-16; }
 
+# The SDK ships poptorch as a wheel beside its poplar directory, not on PyPI.
+ensure_poptorch() {
+  [ -n "${POPLAR_SDK_ENABLED:-}" ] || return 0
+  if "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("poptorch") is None)'; then
+    return 0
+  fi
+  local wheel
+  wheel="$(ls "$POPLAR_SDK_ENABLED"/../poptorch-*.whl 2>/dev/null | head -n 1 || true)"
+  if [ -z "$wheel" ]; then
+    say "the Poplar SDK is enabled but no poptorch wheel is beside $POPLAR_SDK_ENABLED: pip install <sdk>/poptorch-*.whl into $VENV"
+    return 0
+  fi
+  say "installing the SDK's poptorch into $VENV: $wheel"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$wheel"
+}
+
 ensure_venv() {
   local marker="$VENV/.ipu-t5-ready" want
   want="$(stamp)"
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  ensure_poptorch
   if [ -f "$marker" ] && [ "$(cat "$marker")" = "$want" ]; then return; fi
   say "setting up $VENV (first run, or setup.py changed)"
-  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
   if ! "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
     if has_gpu || [ -n "${POPLAR_SDK_ENABLED:-}" ]; then
@@ -50,6 +68,16 @@ ensure_sdk_venv() {
   echo "$want" > "$marker"
 }
 
+# The backend the flags resolve to decides how to start: the IPU backend (and a one-process layout)
+# is one process, whatever the number of IPUs: poptorch drives them all, never under torchrun.
+launch() {
+  local info backend processes
+  info="$("$VENV/bin/python" -m ipu_t5 backend "${@:2}")" || exit $?
+  read -r backend processes <<< "$info"
+  say "backend: $backend, $processes process(es)"
+  exec "$VENV/bin/python" -m ipu_t5 "$@"
+}
+
 run_tests() {
   ensure_venv
   ensure_sdk_venv
@@ -70,12 +98,16 @@ case "${1:-}" in
     shift
     run_tests "$@"
     ;;
-  train|evaluate|export)
+  train|evaluate)
+    ensure_venv
+    launch "$@"
+    ;;
+  export|plan|backend)
     ensure_venv
     exec "$VENV/bin/python" -m ipu_t5 "$@"
     ;;
   *)
     ensure_venv
-    exec "$VENV/bin/python" -m ipu_t5 train "$@"
+    launch train "$@"
     ;;
 esac
