@@ -1,5 +1,6 @@
-"""`ipu-t5 train | evaluate | export | plan | backend`: flags become config overrides, and this is
-the one place that turns a UserError into a single line and a non-zero exit."""
+"""`ipu-t5 train | evaluate | export | plan | backend`: flags become config overrides.
+
+This is the one place that turns a UserError into a single line and a non-zero exit."""
 import argparse
 import json
 import os
