@@ -114,6 +114,9 @@ class IpuPlan:
                                      ", sharded over {} replicas".format(self.shards) if self.shards > 1 else ""),
                  line(header)]
         lines += [line(r) for r in rows]
+        if self.execution == "phased":
+            lines.append("Phased: the on-chip columns are each IPU's largest phase (one sub-layer or vocabulary "
+                         "slice at a time); params and streamed cover all its blocks.")
         if self.fits and self.peak_bytes > HEADROOM * SRAM_BYTES:
             lines.append("Tight: the fullest IPU is at {:.0%} of its SRAM, past the {:.0%} this planner aims for; "
                          "check Poplar's memory report before a long run.".format(
