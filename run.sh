@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # ipu-t5 launcher.
 #   ./run.sh [flags]               fine-tune (default: the tiny offline demo); flags go to `ipu-t5 train`
-#   ./run.sh train|evaluate|export [flags]
+#   ./run.sh train|evaluate|export|plan|backend [flags]
 #   ./run.sh test [pytest args]    every test, on today's stack and on the Poplar SDK's stack
-# Creates .venv on first use (and .venv-sdk for the tests); later runs reuse them.
+# Creates .venv on first use (and .venv-sdk for the tests); later runs reuse them. With the Poplar
+# SDK enabled (POPLAR_SDK_ENABLED), .venv also gets the SDK's poptorch wheel (and its torch 2.0.1).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,11 +24,28 @@ venv_ready() { [ -f "$1/.ipu-t5-ready" ] && [ "$(cat "$1/.ipu-t5-ready")" = "$2"
 new_venv() { [ -x "$1/bin/python" ] || "$PYTHON" -m venv "$1"; }
 pip_into() { local venv="$1"; shift; "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
 
+# The SDK ships poptorch as a wheel beside its poplar directory, not on PyPI.
+ensure_poptorch() {
+  [ -n "${POPLAR_SDK_ENABLED:-}" ] || return 0
+  if "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("poptorch") is None)'; then
+    return 0
+  fi
+  local wheel
+  wheel="$(ls "$POPLAR_SDK_ENABLED"/../poptorch-*.whl 2>/dev/null | head -n 1 || true)"
+  if [ -z "$wheel" ]; then
+    say "the Poplar SDK is enabled but no poptorch wheel is beside $POPLAR_SDK_ENABLED: pip install <sdk>/poptorch-*.whl into $VENV"
+    return 0
+  fi
+  say "installing the SDK's poptorch into $VENV: $wheel"
+  pip_into "$VENV" "$wheel"
+}
+
 ensure_venv() {
   local want; want="$(stamp)"
+  new_venv "$VENV"
+  ensure_poptorch
   venv_ready "$VENV" "$want" && return
   say "setting up $VENV (first run, or setup.py changed)"
-  new_venv "$VENV"
   if ! "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
     if has_gpu || [ -n "${POPLAR_SDK_ENABLED:-}" ]; then
       say "accelerator stack present: keeping the default torch resolution"
@@ -48,6 +66,16 @@ ensure_sdk_venv() {
   pip_into "$SDK_VENV" -r tests/sdk-stack.txt
   pip_into "$SDK_VENV" --no-deps -e .
   echo "$want" > "$SDK_VENV/.ipu-t5-ready"
+}
+
+# The backend the flags resolve to decides how to start: the IPU backend (and a one-process layout)
+# is one process, whatever the number of IPUs: poptorch drives them all, never under torchrun.
+launch() {
+  local info backend processes
+  info="$("$VENV/bin/python" -m ipu_t5 backend "${@:2}")" || exit $?
+  read -r backend processes <<< "$info"
+  say "backend: $backend, $processes process(es)"
+  exec "$VENV/bin/python" -m ipu_t5 "$@"
 }
 
 run_tests() {
@@ -71,12 +99,16 @@ case "${1:-}" in
     shift
     run_tests "$@"
     ;;
-  train|evaluate|export)
+  train|evaluate)
+    ensure_venv
+    launch "$@"
+    ;;
+  export|plan|backend)
     ensure_venv
     exec "$VENV/bin/python" -m ipu_t5 "$@"
     ;;
   *)
     ensure_venv
-    exec "$VENV/bin/python" -m ipu_t5 train "$@"
+    launch train "$@"
     ;;
 esac

@@ -1,5 +1,6 @@
-"""`ipu-t5 train | evaluate | export`: flags become config overrides, and this is the one place
-that turns a UserError into a single line and a non-zero exit."""
+"""`ipu-t5 train | evaluate | export | plan | backend`: flags become config overrides.
+
+This is the one place that turns a UserError into a single line and a non-zero exit."""
 import argparse
 import json
 import os
@@ -22,6 +23,8 @@ FLAG_KEYS = {
     "save_every": "output.save_steps",
 }
 EXIT_USER_ERROR = 2
+# MNLI's targets ("entailment", ...) with their end-of-sequence token are well under this.
+DEFAULT_PLAN_TARGET_LENGTH = 8
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +39,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backend", help="auto, single, torch or ipu (layout.backend)")
     group.add_argument("--stages", type=int, help="pipeline stages per replica (layout.stages)")
     group.add_argument("--replicas", type=int, help="data-parallel replicas (layout.replicas)")
+    group.add_argument("--ipu-config", help="an optimum-graphcore ipu_config.json whose settings apply "
+                       "(after --config, before flags and --set); fields that do not apply are named in a warning")
     group.add_argument("--overwrite", action="store_true", help="replace a different run in the output directory")
     group.add_argument("--resume", metavar="auto|PATH",
                        help="continue from the newest intact checkpoint of the output directory (auto), or from "
@@ -51,12 +56,20 @@ def config_from_args(args: argparse.Namespace):
     from .data.sources import parse_data_files
 
     values: Dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    overrides = list(args.overrides)
+    if args.ipu_config:
+        from .ipu_config import read_ipu_config
+
+        imported, warnings = read_ipu_config(args.ipu_config)
+        for warning in warnings:
+            print("ipu-t5: warning: {}".format(warning), file=sys.stderr)
+        overrides = imported + overrides
     if args.overwrite:
         values["output.overwrite_output_dir"] = True
     if args.data_files:
         values["data.data_files"] = parse_data_files(args.data_files)
         values["data.source"] = "files"
-    return load_config(args.model, args.config, args.overrides, **values)
+    return load_config(args.model, args.config, overrides, **values)
 
 
 def _offline_if_possible(config) -> None:
@@ -184,9 +197,52 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """How the layout maps onto IPUs: one row per IPU with its blocks, parameters, bytes on chip and
+    streamed, and whether it fits. Needs no IPU and no weights; exits 2 with the table when no
+    execution strategy fits."""
+    from .data.features import MODEL_MAX_SOURCE_LENGTH
+    from .ipu_plan import IpuPlanRefused, plan_ipu
+    from .layout import plan_from_config
+
+    config = config_from_args(args)
+    source = args.source_length or config.data.max_source_length or MODEL_MAX_SOURCE_LENGTH
+    target = args.target_length or config.validation.max_new_tokens or DEFAULT_PLAN_TARGET_LENGTH
+    layout = plan_from_config(config, source, target)
+    try:
+        plan = plan_ipu(config, layout, source, target)
+    except IpuPlanRefused as refused:
+        if args.json:
+            print(json.dumps({"fits": False, "error": str(refused),
+                              "attempts": [a.to_dict() for a in refused.attempts]}, indent=2))
+        else:
+            print(refused.details)
+        raise UserError(str(refused)) from None
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    if args.export_ipu_config:
+        from .ipu_config import write_ipu_config
+
+        path = write_ipu_config(args.export_ipu_config, config, plan)
+        print("wrote {}".format(path), file=sys.stderr)
+    return 0
+
+
+def cmd_backend(args: argparse.Namespace) -> int:
+    """Print the backend the flags resolve to and how many processes it runs as (`run.sh`
+    launches by it: the IPU backend is one process driving every IPU, never torchrun)."""
+    from .backends import resolve_backend_name
+    from .layout import plan_from_config
+
+    config = config_from_args(args)
+    layout = plan_from_config(config)
+    name = resolve_backend_name(config, layout)
+    print(name, 1 if name in ("single", "ipu") else layout.world_size)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipu-t5", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,export}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,export,plan,backend}")
     commands.required = True
     train = commands.add_parser("train", help="fine-tune, validate and export")
     _add_config_flags(train)
@@ -204,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest weight file; bigger models are sharded with an index file, as "
                              "save_pretrained does (default 5GB)")
     export.set_defaults(func=cmd_export)
+    plan = commands.add_parser("plan", help="per-IPU placement and memory of a layout (no IPU, no weights)")
+    _add_config_flags(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--source-length", type=int,
+                      help="prompt tokens (default: data.max_source_length, else T5's 512; runs use the data's)")
+    plan.add_argument("--target-length", type=int, help="target tokens (default: validation.max_new_tokens, else {})"
+                      .format(DEFAULT_PLAN_TARGET_LENGTH))
+    plan.add_argument("--export-ipu-config", metavar="FILE", help="also write the plan as an optimum-graphcore ipu_config.json")
+    plan.set_defaults(func=cmd_plan)
+    backend = commands.add_parser("backend", help="print the backend and process count the flags resolve to")
+    _add_config_flags(backend)
+    backend.set_defaults(func=cmd_backend)
     return parser
 
 
@@ -215,6 +283,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
+        # Some refusals carry a table (the per-IPU memory plan) to show before their one line.
+        details = getattr(err, "details", None)
+        if details:
+            print(details, file=sys.stderr)
         print("ipu-t5: error: {}".format(err), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

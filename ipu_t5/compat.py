@@ -62,3 +62,12 @@ def load_sentencepiece_tokenizer(directory: str) -> transformers.PreTrainedToken
     """
     cls = transformers.T5Tokenizer if TRANSFORMERS_MAJOR >= 5 else transformers.T5TokenizerFast
     return cls.from_pretrained(directory, extra_ids=0, legacy=False)
+
+
+def scales_decoder_output(config: transformers.PretrainedConfig) -> bool:
+    """Whether T5 multiplies the decoder output by d_model**-0.5 before its LM head: the tied head
+    of the original T5, never Flan-T5. 5.x spells it `scale_decoder_outputs`; 4.x infers it from
+    `tie_word_embeddings`."""
+    if TRANSFORMERS_MAJOR >= 5:
+        return bool(getattr(config, "scale_decoder_outputs", False))
+    return bool(config.tie_word_embeddings)

@@ -71,8 +71,9 @@ class TrainingConfig:
     seed: int = 42
     # None: bfloat16 autocast where the GPU supports it, float32 elsewhere.
     bf16: Optional[bool] = None
-    # float16 is the IPU's training precision; off the IPU T5 overflows in it.
-    fp16: bool = False
+    # float16 is the IPU's training precision (None: float16 on the IPU, off elsewhere, where T5
+    # overflows in it).
+    fp16: Optional[bool] = None
     logging_steps: int = 10
 
 
@@ -106,6 +107,40 @@ class LayoutConfig:
 
 
 @dataclass
+class IpuConfig:
+    """Graphcore IPU settings, named as in optimum-graphcore's IPUConfig where a name exists.
+
+    The IPUs per replica and the replicas are `layout.stages` / `layout.replicas`
+    (`ipus_per_replica` / `replication_factor`); gradient accumulation is the layout's.
+    """
+
+    # auto: pipelined when every IPU holds its stage on chip, else phased with weights streamed.
+    execution_strategy: str = "auto"
+    # Share of each IPU's memory that matmuls may use for temporaries (available memory proportion).
+    matmul_proportion: float = 0.2
+    # The shared embedding and the LM head split into this many vocabulary slices; None: the
+    # smallest power of two the memory plan needs.
+    embedding_serialization_factor: Optional[int] = None
+    recompute_checkpoint_every_layer: bool = True
+    optimizer_state_offchip: bool = True
+    # Shards streamed weights and optimizer state over the replicas (ignored with one replica).
+    replicated_tensor_sharding: bool = True
+    # float32 matmul partials by default: T5's activations lose precision in float16 partials.
+    enable_half_partials: bool = False
+    enable_stochastic_rounding: bool = True
+    auto_loss_scaling: bool = False
+    # Static loss scale for float16; None: 1024.
+    loss_scaling: Optional[float] = None
+    # None: the number of pipeline stages (pipelined inference needs at least that many), 1 if phased.
+    inference_device_iterations: Optional[int] = None
+    # Compiled executables are kept here and reused (compiling XXL takes minutes); "" disables.
+    # None: <cache>/executables (IPU_T5_CACHE or ~/.cache/ipu_t5).
+    executable_cache_dir: Optional[str] = None
+    # Reserve the next power of two IPUs when stages x replicas is not one (the extra IPUs idle).
+    auto_round_num_ipus: bool = False
+
+
+@dataclass
 class OutputConfig:
     """Where results go."""
 
@@ -131,6 +166,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
+    ipu: IpuConfig = field(default_factory=IpuConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @property
@@ -154,6 +190,11 @@ ALIASES = {
     "validation.eval_batch_size": "validation.per_device_eval_batch_size",
     "validation.evaluation_steps": "validation.eval_steps",
     "output.overwrite": "output.overwrite_output_dir",
+    # optimum-graphcore's IPUConfig names, written under `ipu:` as its users do.
+    "ipu.layers_per_ipu": "layout.layers_per_stage",
+    "ipu.ipus_per_replica": "layout.stages",
+    "ipu.replication_factor": "layout.replicas",
+    "ipu.gradient_accumulation_steps": "layout.gradient_accumulation_steps",
 }
 
 CHOICES = {
@@ -162,6 +203,7 @@ CHOICES = {
     "layout.backend": ("auto", "single", "torch", "ipu"),
     "layout.pipeline_schedule": ("GPipe", "1F1B", "Interleaved1F1B"),
     "layout.data_parallel": ("ddp", "fsdp"),
+    "ipu.execution_strategy": ("auto", "pipelined", "phased"),
 }
 
 POSITIVE = {
@@ -171,6 +213,7 @@ POSITIVE = {
     "layout.gradient_accumulation_steps", "data.max_source_length", "data.max_train_samples",
     "data.max_eval_samples", "data.demo_train_samples", "data.demo_eval_samples",
     "output.save_steps", "output.save_total_limit",
+    "ipu.embedding_serialization_factor", "ipu.inference_device_iterations",
 }
 NON_NEGATIVE = {
     "training.learning_rate", "training.weight_decay", "training.warmup_steps",
@@ -348,6 +391,12 @@ def validate(config: RunConfig) -> RunConfig:
                 key, ", ".join(CHOICES[key]), value, _suggest(str(value), list(CHOICES[key]))))
     if config.model.dropout_rate is not None and not 0.0 <= config.model.dropout_rate < 1.0:
         raise UserError("model.dropout_rate must be in [0, 1), got {}.".format(config.model.dropout_rate))
+    if not 0.0 < config.ipu.matmul_proportion <= 1.0:
+        raise UserError("ipu.matmul_proportion must be in (0, 1], got {}: it is the share of each IPU's "
+                        "memory matmuls may use (optimum-graphcore's default is 0.2).".format(
+                            config.ipu.matmul_proportion))
+    if config.ipu.loss_scaling is not None and config.ipu.loss_scaling <= 0:
+        raise UserError("ipu.loss_scaling must be positive, got {}.".format(config.ipu.loss_scaling))
     if config.training.bf16 and config.training.fp16:
         raise UserError("training.bf16 and training.fp16 are both set: choose one precision.")
     if config.data.source == "files" and not config.data.data_files:

@@ -98,9 +98,13 @@ class T5Trainer:
         self.hf_config = model.config
         self.num_params = sum(p.numel() for p in model.parameters())
         self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
-        self.backend = backend or create_backend(config, self.plan)
+        self.backend = backend or create_backend(config, self.plan, self.lengths)
+        if self.backend.lengths is None:
+            self.backend.lengths = self.lengths
         torch.manual_seed(config.training.seed)
         self.backend.setup(model)
+        # The backend may refine the plan (the IPU chooses its micro-batch and blocks per IPU).
+        self.plan = self.backend.plan
         self.metric = accuracy_metric
         if self.metric is None and self.eval_features is not None:
             import evaluate

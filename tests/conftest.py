@@ -2,6 +2,7 @@
 
 - `core`: also runs on the Poplar SDK's stack (torch 2.0.1, transformers 4.46.3) in `./run.sh test`.
 - `slow`: multi-process or long; still run by `./run.sh test` and CI, deselect with `-m "not slow"`.
+- `ipu`: needs Graphcore IPUs (poptorch reporting hardware); skipped, with that reason, elsewhere.
 """
 import os
 import sys
@@ -19,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: runs on both stacks, including the Poplar SDK's (transformers 4.46.3)")
     config.addinivalue_line("markers", "slow: multi-process or long-running; run in CI")
+    config.addinivalue_line("markers", "ipu: needs Graphcore IPUs; skipped where poptorch reports none")
 
 
 @pytest.fixture(scope="session", autouse=True)

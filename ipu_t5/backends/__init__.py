@@ -4,34 +4,42 @@ Each engine is imported only when its backend is chosen, so the package imports 
 lack it (the Poplar SDK has no torch.distributed.pipelining; nothing else has poptorch).
 """
 import importlib
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
+from ..data.features import Lengths
 from ..errors import UserError
 from .base import Backend, StepResult
 
 # name -> (module, class), imported on demand.
 REGISTRY: Dict[str, Tuple[str, str]] = {
     "single": ("ipu_t5.backends.single", "SingleProcessBackend"),
+    "ipu": ("ipu_t5.backends.ipu", "IpuBackend"),
 }
 
 
 def resolve_backend_name(config, plan) -> str:
-    """`layout.backend`, with `auto` meaning one process when the layout has one, else the
-    torch.distributed backend."""
+    """`layout.backend`, with `auto` meaning the IPUs when poptorch imports and reports IPU
+    hardware, else one process when the layout has one, else the torch.distributed backend."""
     name = config.layout.backend
     if name != "auto":
         return name
+    from .ipu import ipu_hardware_available
+
+    if ipu_hardware_available():
+        return "ipu"
     return "single" if plan.world_size == 1 else "torch"
 
 
-def create_backend(config, plan) -> Backend:
-    """Build the configured backend for a plan."""
+def create_backend(config, plan, lengths: Optional[Lengths] = None) -> Backend:
+    """Build the configured backend for a plan and the data's token lengths."""
     name = resolve_backend_name(config, plan)
     if name not in REGISTRY:
         raise UserError("backend '{}' is not available in this installation (available: {}).".format(
             name, ", ".join(sorted(REGISTRY))))
     module, cls = REGISTRY[name]
-    return getattr(importlib.import_module(module), cls)(config, plan)
+    backend = getattr(importlib.import_module(module), cls)(config, plan)
+    backend.lengths = lengths
+    return backend
 
 
 __all__ = ["Backend", "StepResult", "create_backend", "resolve_backend_name"]

@@ -7,6 +7,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.batching import GlobalBatch
+from ..data.features import Lengths
 from ..layout import LayoutPlan
 
 
@@ -28,6 +29,10 @@ class Backend(abc.ABC):
     """
 
     name = "backend"
+    # The data's longest prompt and target, set by `create_backend`: backends that compile static
+    # shapes (the IPU) pad to them. A backend may also refine `plan` in `setup` (the IPU picks
+    # its micro-batch); the trainer reports the backend's plan.
+    lengths: Optional[Lengths] = None
 
     def __init__(self, config: RunConfig, plan: LayoutPlan):
         self.config = config

@@ -1,0 +1,50 @@
+"""`ipu-t5 plan` (per-IPU placement and memory, no IPU and no weights) and `ipu-t5 backend`."""
+import json
+
+import pytest
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.core
+
+
+def test_plan_json_for_xxl_on_four_replicas():
+    result = run_cli(["plan", "--model", "xxl", "--replicas", "4", "--source-length", "128", "--json"])
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["total_ipus"], plan["ipus_per_replica"], plan["replicas"], plan["execution"]) == (64, 16, 4, "phased")
+    blocks = [b for ipu in plan["ipus"] for b in ipu["blocks"]]
+    for stack in ("encoder", "decoder"):
+        assert all(blocks.count("{}.{}".format(stack, i)) == 1 for i in range(24))
+    assert "embedding" in plan["ipus"][0]["blocks"] and "lm_head" in plan["ipus"][-1]["blocks"]
+    assert all(0 < ipu["onchip_bytes"] <= plan["sram_bytes"] for ipu in plan["ipus"])
+
+
+def test_plan_table_for_xl_has_one_row_per_ipu():
+    result = run_cli(["plan", "--model", "xl", "--stages", "8"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("IPU "))
+    rows = lines[header + 1:header + 9]
+    assert [int(r.split()[0]) for r in rows] == list(range(8))
+    assert all(r.rstrip().endswith("yes") for r in rows)
+    assert "8 IPUs per replica x 1 replica(s) = 8 IPUs" in result.stdout
+
+
+def test_plan_that_cannot_fit_exits_non_zero_with_the_table():
+    result = run_cli(["plan", "--model", "xxl"])
+    assert result.returncode == 2
+    assert " NO" in result.stdout and "on chip MB" in result.stdout
+    assert result.stderr.strip().count("\n") == 0 and "does not fit 16 IPU(s)" in result.stderr
+
+
+def test_plan_refuses_ipu_counts_poptorch_would_refuse():
+    result = run_cli(["plan", "--model", "large", "--stages", "6"])
+    assert result.returncode == 2 and "powers of two" in result.stderr
+
+
+def test_backend_command_says_what_run_sh_launches():
+    result = run_cli(["backend", "--model", "tiny"])
+    assert result.returncode == 0 and result.stdout.split() == ["single", "1"]
+    result = run_cli(["backend", "--model", "xxl", "--replicas", "4", "--backend", "ipu"])
+    assert result.stdout.split() == ["ipu", "1"]  # one process drives all 64 IPUs: never torchrun
