@@ -1,6 +1,7 @@
 """The IPU backend's calls to poptorch, through a stand-in held to the real poptorch 3.3 API
 (tests/poptorch_standin.py: the SDK's poptorch cannot be installed here)."""
 import copy
+import json
 import random
 
 import pytest
@@ -17,7 +18,8 @@ from ipu_t5.layout import plan_from_config
 from ipu_t5.models import SIZES, build_model
 
 from . import poptorch_standin
-from .conftest import tiny_overrides
+from .conftest import ROOT, tiny_overrides
+from .poptorch_standin import REFERENCE
 
 pytestmark = pytest.mark.core
 SOURCE, TARGET = 24, 5
@@ -275,3 +277,12 @@ def test_float16_training_uses_poptorch_adamw_with_loss_scaling(standin, tmp_pat
     assert adamw["max_grad_norm"] == 1.0 and backend.ipu_plan.half
     assert next(backend.t5.parameters()).dtype == torch.float16
     assert standin.named("poptorch.options._PrecisionOptions.enableStochasticRounding") == [{"enabled": True}]
+
+
+@pytest.mark.core
+def test_vendored_api_record_matches_shared():
+    """The stand-in's copy of the recorded poptorch API is the one in shared/, where CI has it."""
+    shared = ROOT.parent / "shared" / "reference" / "poptorch-3.3-api.json"
+    if not shared.is_file():
+        pytest.skip("no shared/ beside this checkout to compare the vendored API record with")
+    assert json.loads(REFERENCE.read_text()) == json.loads(shared.read_text())
