@@ -62,3 +62,11 @@ def load_sentencepiece_tokenizer(directory: str) -> transformers.PreTrainedToken
     """
     cls = transformers.T5Tokenizer if TRANSFORMERS_MAJOR >= 5 else transformers.T5TokenizerFast
     return cls.from_pretrained(directory, extra_ids=0, legacy=False)
+
+
+def decoder_output_scale(config: transformers.PretrainedConfig) -> float:
+    """The factor T5 applies to the decoder output before the LM head: d_model**-0.5 for a head
+    tied to the embedding, 1 for Flan-T5's own head. 5.x keeps the flag in `scale_decoder_outputs`,
+    4.x reads `tie_word_embeddings`."""
+    scaled = getattr(config, "scale_decoder_outputs", False) if TRANSFORMERS_MAJOR >= 5 else config.tie_word_embeddings
+    return config.d_model ** -0.5 if scaled else 1.0
