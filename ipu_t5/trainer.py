@@ -128,11 +128,23 @@ class T5Trainer:
         if self.is_main_process:
             tqdm.write(message)
 
+    def _on_main(self, action: Callable[[], Any]) -> None:
+        """Run `action` on the main process only; a UserError there is raised on every process, so
+        no other rank is left waiting for one that has given up."""
+        error = None
+        if self.is_main_process:
+            try:
+                action()
+            except UserError as err:
+                error = str(err)
+        error = self.backend.broadcast_object(error)
+        if error:
+            raise UserError(error)
+
     def _claim(self) -> MetricsLog:
         if not self._claimed:
-            if self.is_main_process:
-                run_dir.claim(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
-            self.backend.barrier()
+            self._on_main(lambda: run_dir.claim(self.output_dir, self.config.to_dict(),
+                                                self.config.output.overwrite_output_dir))
             self._claimed = True
             self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard)
         return self._log
@@ -238,11 +250,9 @@ class T5Trainer:
         self._claim()
         model_state = self.backend.model_state_dict()
         optimizer_state = self.backend.optimizer_state_dict()
-        if self.is_main_process:
-            save_checkpoint(Path(path), model_state, optimizer_state,
-                            {"step": self.step, "data_order": self.order.state_dict()},
-                            self.config.to_dict(), self.hf_config, self.tokenizer)
-        self.backend.barrier()
+        self._on_main(lambda: save_checkpoint(Path(path), model_state, optimizer_state,
+                                              {"step": self.step, "data_order": self.order.state_dict()},
+                                              self.config.to_dict(), self.hf_config, self.tokenizer))
         return Path(path)
 
     def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
@@ -252,12 +262,10 @@ class T5Trainer:
         self._claim()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
         state = self.backend.model_state_dict()
-        if self.is_main_process:
-            write_hf_checkpoint(hf_path, state, self.hf_config, self.tokenizer, self.config.to_dict(),
-                                self.last_eval, self.eval_config.max_new_tokens or self.lengths.target)
+        self._on_main(lambda: write_hf_checkpoint(hf_path, state, self.hf_config, self.tokenizer, self.config.to_dict(),
+                                                  self.last_eval, self.eval_config.max_new_tokens or self.lengths.target))
         if ckpt_path:
             self.save_checkpoint(ckpt_path)
-        self.backend.barrier()
         return hf_path
 
     def close(self) -> None:
