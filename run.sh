@@ -3,6 +3,10 @@
 #   ./run.sh [flags]               fine-tune (default: the tiny offline demo); flags go to `ipu-t5 train`
 #   ./run.sh train|evaluate|export [flags]
 #   ./run.sh test [pytest args]    every test, on today's stack and on the Poplar SDK's stack
+# A layout of stages x replicas > 1 (`./run.sh --stages 2 --replicas 2`) runs as that many
+# processes: `ipu-t5` starts them under torchrun's elastic agent itself (its flags --nnodes,
+# --node-rank, --rdzv-endpoint, --master-addr pass through for clusters), so the exec below
+# hands signals straight to the launcher, which forwards them to every rank.
 # Creates .venv on first use (and .venv-sdk for the tests); later runs reuse them.
 set -euo pipefail
 cd "$(dirname "$0")"

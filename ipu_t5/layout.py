@@ -174,6 +174,16 @@ def _partition(costs: Sequence[float], parts: int) -> List[int]:
     return counts[::-1]
 
 
+def best_balance(costs: Sequence[float], parts: int) -> float:
+    """Slowest over mean part of the best contiguous split of `costs` into `parts` runs: the
+    lower bound on `LayoutPlan.balance` at the granularity `costs` are given in."""
+    counts, start, totals = _partition(costs, parts), 0, []
+    for count in counts:
+        totals.append(sum(costs[start:start + count]))
+        start += count
+    return max(totals) / (sum(totals) / parts)
+
+
 def _stage_blocks(size: ModelSize, counts: Sequence[int]) -> Tuple[Tuple[str, ...], ...]:
     names = size.block_names
     stages, start = [], 0

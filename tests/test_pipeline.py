@@ -6,6 +6,7 @@ Each layout is one torchrun launch of tests/pipeline_worker.py; the one-process 
 computed here with the single-process backend on the same config and data.
 """
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -157,6 +158,25 @@ def test_cli_launches_2x2_and_only_rank_0_writes(tmp_path):
     assert "2 stage(s) x 2 replica(s) on 4 CPU process(es)" in done.stderr + done.stdout
     assert len(losses(out)) == 6
     assert (out / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_validation_of_a_trained_model_under_2x2_equals_one_process(trained, tmp_path):
+    """The session's trained model (one process scored it) validated again by 4 processes."""
+    out = tmp_path / "run"
+    done = run_cli(["evaluate", "--model", "tiny", "--stages", "2", "--replicas", "2", "--pretrained",
+                    str(trained["hf_dir"]), "--output-dir", str(out), "--set", "output.report_to_tensorboard=false",
+                    "--set", "data.demo_train_samples=3000", "--set", "data.demo_eval_samples=150",
+                    "--set", "training.global_batch_size=32"], env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_samples"] == trained["results"]["num_samples"] == 150
+    assert results["accuracy"] == trained["results"]["accuracy"] > 0.5
+
+    def generated(directory):
+        return [json.loads(line)["generated"] for line in open(directory / "eval_predictions.jsonl")]
+
+    assert generated(out) == generated(trained["output_dir"])
 
 
 def _launch(mode):

@@ -183,7 +183,8 @@ class TorchPipelineBackend(Backend):
         first, last = 0 in self.chunks, self.num_chunks - 1 in self.chunks
         losses: List[torch.Tensor] = []
         inputs = (tensors["input_ids"], tensors["attention_mask"], tensors["decoder_input_ids"]) if first else ()
-        schedule.step(*inputs, target=tensors["labels"] if last else None, losses=losses if last else None)
+        schedule.step(*inputs, target=tensors["labels"] if last else None, losses=losses if last else None,
+                      return_outputs=False)
         self._sync_tied_gradients()
         stats = torch.stack([sum(l.detach().float() for l in losses) if losses else torch.zeros((), device=self.device),
                              self._squared_grad_norm()])
