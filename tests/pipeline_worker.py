@@ -7,7 +7,8 @@ with one process.
 A RUN is SCHEDULE or SCHEDULE:DATA_PARALLEL (e.g. 1F1B:fsdp). Each run trains STEPS steps into
 OUT/<run>, then writes OUT/<run>/result.pt (losses, weights, predictions, accuracy); the first run
 also writes a checkpoint at OUT/<run>/checkpoint. With --resume-from, a last run loads that
-(one-process) checkpoint into the layout and continues to RESUMED_STEPS, writing OUT/resumed/result.pt.
+(one-process) checkpoint into the layout (run as --resume-run) and continues to RESUMED_STEPS,
+writing OUT/resumed/result.pt.
 """
 import argparse
 import json
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("replicas", type=int)
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--resume-from")
+    parser.add_argument("--resume-run", default="1F1B", help="the RUN that continues the checkpoint")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     out = Path(args.out)
@@ -97,7 +99,8 @@ def main() -> None:
             torch.save(found, str(config.output_dir / "result.pt"))
         trainer.close()
     if args.resume_from:
-        config = make_config(out / "resumed", args.stages, args.replicas, args.runs[0].partition(":")[0])
+        schedule, _, data_parallel = args.resume_run.partition(":")
+        config = make_config(out / "resumed", args.stages, args.replicas, schedule, data_parallel or "ddp")
         trainer = T5Trainer(config)
         resume(trainer, args.resume_from, RESUMED_STEPS)
         found = result(trainer)

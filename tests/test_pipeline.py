@@ -70,7 +70,8 @@ def launched(reference, tmp_path_factory):
                    "--nproc-per-node", str(stages * replicas), "-m", "tests.pipeline_worker",
                    str(out), str(stages), str(replicas)] + runs
         if layout == (2, 2):
-            command += ["--resume-from", str(reference["checkpoint"])]
+            # Loading into FSDP2 shards is the harder path: take it.
+            command += ["--resume-from", str(reference["checkpoint"]), "--resume-run", "1F1B:fsdp"]
         done = subprocess.run(command, cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
         found = {run: torch.load(str(out / run.replace(":", "-") / "result.pt")) for run in runs}
@@ -218,6 +219,22 @@ def test_wrong_process_count_is_refused():
         "(run.sh does this) or change --stages/--replicas.") + r"( \(rank \d\))?", done.stderr.strip().splitlines()[-1])
 
 
+def test_torch_backend_runs_a_1x1_layout_in_this_process(tmp_path):
+    """No torchrun: the backend makes a one-process group and matches the single-process backend."""
+    from ipu_t5.trainer import T5Trainer
+
+    found = {}
+    for backend in ("torch", "single"):
+        trainer = T5Trainer(make_config(tmp_path / backend, backend=backend, max_steps=2))
+        trainer.train()
+        found[backend] = result(trainer)
+        trainer.close()
+    assert not torch.distributed.is_initialized()
+    _assert_losses_equal(found["torch"]["losses"], found["single"]["losses"])
+    _assert_weights_equal(found["torch"]["weights"], found["single"]["weights"])
+
+
+@pytest.mark.core
 def test_layout_errors_stop_the_cli_before_any_process_starts(tmp_path):
     done = run_cli(["train", "--model", "tiny", "--stages", "3", "--replicas", "2",
                     "--set", "layout.layers_per_stage=[2,1]", "--output-dir", str(tmp_path / "run")])
@@ -226,6 +243,7 @@ def test_layout_errors_stop_the_cli_before_any_process_starts(tmp_path):
         "ipu-t5: error: layers_per_stage [2, 1] has 2 entries but there are 3 stages: give one count per stage."]
 
 
+@pytest.mark.core
 def test_cluster_flags_become_torchrun_arguments():
     from ipu_t5.errors import UserError
     from ipu_t5.launch import add_cluster_flags, torchrun_args

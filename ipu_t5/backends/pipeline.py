@@ -48,11 +48,6 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (all-gathered across the replica group for an FSDP2 DTensor)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
 def _sum_over(group):
     """A DDP communication hook that sums the replicas' gradients instead of averaging them:
     each replica's loss is already its share of the global mean."""
@@ -326,8 +321,41 @@ class TorchPipelineBackend(Backend):
 
     # ----- weights and optimizer state by name -----
 
+    # FSDP2 shards dim 0 of every parameter (and its optimizer state) over the replicas in
+    # torch.chunk's pieces. The shards are gathered and cut here over the replica group rather
+    # than with DTensor's collectives, which resolve groups through a mesh cache that keeps the
+    # groups of an earlier backend in the same process.
+
+    def _rows(self, tensor: torch.Tensor) -> Tuple[int, int]:
+        """The dim-0 rows of every replica's FSDP2 shard of `tensor`, and where this one's start."""
+        rows = -(-tensor.shape[0] // self.plan.replicas)
+        return rows, min(self.topology.replica * rows, tensor.shape[0])
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The whole of `tensor`: itself, or an FSDP2 DTensor's shards from this stage's replicas."""
+        if not hasattr(tensor, "to_local"):
+            return tensor
+        local, (rows, _) = tensor.to_local(), self._rows(tensor)
+        padded = local.new_zeros((rows,) + tuple(local.shape[1:]))
+        padded[:local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.plan.replicas)]
+        dist.all_gather(parts, padded, group=self.topology.replica_group)
+        return torch.cat(parts)[:tensor.shape[0]]
+
+    def _shard_like(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """`full` on this device, cut to this replica's shard when `param` is an FSDP2 DTensor."""
+        full = full.to(self.device, param.dtype)
+        if not hasattr(param, "to_local"):
+            return full
+        from torch.distributed.tensor import DTensor
+
+        _, start = self._rows(param)
+        shard = full[start:start + param.to_local().shape[0]].contiguous()
+        return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
-        local = {name: _full(p.detach()) for name, p in self.owned}
+        local = {name: self._gather(p.detach()) for name, p in self.owned}
         return gather_tensors_to_main(self.topology, local)
 
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
@@ -337,22 +365,13 @@ class TorchPipelineBackend(Backend):
                             "from this model size.".format(len(missing), missing[0]))
         with torch.no_grad():
             for name, param in self.named:
-                _local(param).copy_(_local(self._like(state[name], param)))
-
-    def _like(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        """`full` on this device, sharded like `param` when that is an FSDP2 DTensor."""
-        full = full.to(self.device, param.dtype)
-        if hasattr(param, "device_mesh"):
-            from torch.distributed.tensor import distribute_tensor
-
-            return distribute_tensor(full, param.device_mesh, param.placements)
-        return full
+                _local(param).copy_(_local(self._shard_like(state[name], param)))
 
     def optimizer_state_dict(self) -> Dict:
         local = {}
         for name, param in self.owned:
             for key, value in self.optimizer.state.get(param, {}).items():
-                local["{}\0{}".format(name, key)] = _full(value) if torch.is_tensor(value) else torch.tensor(value)
+                local["{}\0{}".format(name, key)] = self._gather(value) if torch.is_tensor(value) else torch.tensor(value)
         flat = gather_tensors_to_main(self.topology, local)
         state: Dict[str, Dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
@@ -364,7 +383,8 @@ class TorchPipelineBackend(Backend):
         for name, param in self.named:
             if name in state:
                 self.optimizer.state[param] = {
-                    k: (self._like(v, param) if torch.is_tensor(v) and v.ndim else v) for k, v in state[name].items()}
+                    k: (self._shard_like(v, param) if torch.is_tensor(v) and v.ndim else v)
+                    for k, v in state[name].items()}
 
     # ----- processes -----
 
