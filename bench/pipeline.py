@@ -3,9 +3,9 @@
     python bench/pipeline.py [--model small] [--micro-batches 2 4 8] [--steps 3] [--source-len 64]
 
 1. Step time: the same global batch, one process against 2 stages (torchrun, gloo, one thread per
-   process), under GPipe and 1F1B, for several micro-batch counts m. With the work split evenly,
-   an ideal 2-stage pipeline takes single / 2 / (1 - bubble) with bubble = (p-1)/(m+p-1); the
-   measured idle fraction is 1 - single / (2 x pipeline).
+   process), under GPipe and 1F1B, for several micro-batch counts m. An ideal 2-stage pipeline
+   takes single / 2 x balance / (1 - bubble), with bubble = (p-1)/(m+p-1) and balance the planned
+   slowest / mean stage; the measured idle fraction is 1 - single / (2 x pipeline).
 2. Balance: slowest stage / mean stage of the planned split (forward FLOPs per block) for XL on 8
    stages and XXL on 16, at MNLI lengths, beside the best any contiguous split could reach if a
    stage boundary could also fall between a block's attention and feed-forward sublayers.
@@ -142,9 +142,11 @@ def main() -> None:
         return
     args = parser.parse_args()
     torch.set_num_threads(1)
+    balance = plan_layout(canonical_size(args.model), GLOBAL_BATCH, 2, source_len=args.source_len,
+                          target_len=TARGET_LEN).balance(args.source_len, TARGET_LEN)
     print("step time, {} (random weights), global batch {}, source {} / target {} tokens, one thread per "
-          "process; one process accumulates the same m micro-batches".format(
-              args.model, GLOBAL_BATCH, args.source_len, TARGET_LEN))
+          "process; one process accumulates the same m micro-batches; planned 2-stage balance {:.3f}".format(
+              args.model, GLOBAL_BATCH, args.source_len, TARGET_LEN, balance))
     print("{:<9} {:>3} {:>13} {:>15} {:>13} {:>20} {:>13}".format(
         "schedule", "m", "1 process s", "2 stages s", "ideal s", "bubble (p-1)/(m+p-1)", "measured idle"))
     for m in args.micro_batches:
@@ -153,7 +155,7 @@ def main() -> None:
             seconds = pipeline_seconds(args, m, schedule)
             bubble = 1 / (m + 1)
             print("{:<9} {:>3} {:>13.3f} {:>15.3f} {:>13.3f} {:>20.3f} {:>13.3f}".format(
-                schedule, m, single, seconds, single / 2 / (1 - bubble), bubble, 1 - single / (2 * seconds)))
+                schedule, m, single, seconds, single / 2 * balance / (1 - bubble), bubble, 1 - single / (2 * seconds)))
     balance_table([128, 256])
 
 

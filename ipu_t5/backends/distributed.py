@@ -7,18 +7,13 @@ the gradient all-reduce (the heaviest traffic) stays inside a node while activat
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
+from ..launch import launched_by_torchrun
 from ..layout import LayoutPlan
-
-
-def launched_by_torchrun() -> bool:
-    """Whether this process is a worker that torchrun (or another env:// launcher) started."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 @dataclass
@@ -35,9 +30,8 @@ class Topology:
     replica_group: Any
     # Global ranks of this replica's pipeline, by stage.
     pipeline_ranks: List[int]
-    # The ranks of this replica holding a copy of the shared embedding, and their group (None
-    # when one rank holds every copy).
-    tied_ranks: List[int] = field(default_factory=list)
+    # The group of this replica's ranks holding a copy of the shared embedding (None when one
+    # rank holds every copy).
     tied_group: Any = None
     owns_default_group: bool = False
     groups: List[Any] = field(default_factory=list)
@@ -109,8 +103,7 @@ def connect(plan: LayoutPlan, timeout_seconds: int) -> Topology:
                 tied_group = made
     return Topology(rank=rank, world_size=dist.get_world_size(), stage=stage, replica=replica, device=device,
                     pipeline_group=pipeline_group, replica_group=replica_group,
-                    pipeline_ranks=[s * replicas + replica for s in range(plan.stages)],
-                    tied_ranks=[s * replicas + replica for s in tied_stages], tied_group=tied_group,
+                    pipeline_ranks=[s * replicas + replica for s in range(plan.stages)], tied_group=tied_group,
                     owns_default_group=owns, groups=groups)
 
 

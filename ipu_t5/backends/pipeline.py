@@ -23,7 +23,7 @@ from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
 from .base import Backend, StepResult, trim_at_eos
-from .distributed import Topology, connect, gather_tensors_to_main
+from .distributed import Topology, broadcast_object, connect, gather_tensors_to_main
 from .single import autocast_dtype
 from .stages import ENCODER, boundary_kind, build_chunks, carried_shapes
 
@@ -389,9 +389,7 @@ class TorchPipelineBackend(Backend):
     # ----- processes -----
 
     def broadcast_object(self, obj):
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        return broadcast_object(obj)
 
     def barrier(self) -> None:
         dist.barrier()
