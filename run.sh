@@ -3,6 +3,11 @@
 #   ./run.sh [flags]               fine-tune (default: the tiny offline demo); flags go to `ipu-t5 train`
 #   ./run.sh train|evaluate|export|plan|backend [flags]
 #   ./run.sh test [pytest args]    every test, on today's stack and on the Poplar SDK's stack
+# A layout of stages x replicas > 1 on the torch backend (`./run.sh --stages 2 --replicas 2`) runs as
+# that many processes: `ipu-t5` starts them under torchrun's elastic agent itself (its flags
+# --nnodes, --node-rank, --rdzv-endpoint, --master-addr pass through for clusters), so the exec
+# below hands signals straight to the launcher, which forwards them to every rank. The IPU backend
+# is always one process: poptorch drives every IPU.
 # Creates .venv on first use (and .venv-sdk for the tests); later runs reuse them. With the Poplar
 # SDK enabled (POPLAR_SDK_ENABLED), .venv also gets the SDK's poptorch wheel (and its torch 2.0.1).
 set -euo pipefail
@@ -68,16 +73,6 @@ ensure_sdk_venv() {
   echo "$want" > "$SDK_VENV/.ipu-t5-ready"
 }
 
-# The backend the flags resolve to decides how to start: the IPU backend (and a one-process layout)
-# is one process, whatever the number of IPUs: poptorch drives them all, never under torchrun.
-launch() {
-  local info backend processes
-  info="$("$VENV/bin/python" -m ipu_t5 backend "${@:2}")" || exit $?
-  read -r backend processes <<< "$info"
-  say "backend: $backend, $processes process(es)"
-  exec "$VENV/bin/python" -m ipu_t5 "$@"
-}
-
 run_tests() {
   ensure_venv
   ensure_sdk_venv
@@ -99,16 +94,12 @@ case "${1:-}" in
     shift
     run_tests "$@"
     ;;
-  train|evaluate)
-    ensure_venv
-    launch "$@"
-    ;;
-  export|plan|backend)
+  train|evaluate|export|plan|backend)
     ensure_venv
     exec "$VENV/bin/python" -m ipu_t5 "$@"
     ;;
   *)
     ensure_venv
-    launch train "$@"
+    exec "$VENV/bin/python" -m ipu_t5 train "$@"
     ;;
 esac

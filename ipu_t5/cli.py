@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import UserError
+from .launch import add_cluster_flags, maybe_launch, quiet_unless_main, record_failure
 
 # Dedicated flags and the config keys they set.
 FLAG_KEYS = {
@@ -97,6 +98,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     _offline_if_possible(config)
+    launched = maybe_launch(config, args.argv, args)
+    if launched is not None:
+        return launched
     trainer = T5Trainer(config)
     try:
         summary = trainer.train()
@@ -163,6 +167,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if config.model.pretrained is None and (config.output_dir / "hf" / "config.json").is_file():
         config.model.pretrained = str(config.output_dir / "hf")
     _offline_if_possible(config)
+    launched = maybe_launch(config, args.argv, args)
+    if launched is not None:
+        return launched
     trainer = T5Trainer(config, pretrained=config.model.pretrained)
     try:
         results = trainer.evaluate()
@@ -246,9 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     train = commands.add_parser("train", help="fine-tune, validate and export")
     _add_config_flags(train)
+    add_cluster_flags(train)
     train.set_defaults(func=cmd_train)
     evaluate = commands.add_parser("evaluate", help="generation-based validation of an export")
     _add_config_flags(evaluate)
+    add_cluster_flags(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     export = commands.add_parser("export", help="turn a training checkpoint into a Hugging Face checkpoint")
     export.add_argument("checkpoint", help="a checkpoint directory (<output-dir>/checkpoints/step-N), or a run's "
@@ -279,16 +288,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `ipu-t5` console script and `python -m ipu_t5`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    # Workers of a multi-process run are started with the same arguments.
     args.argv = argv
     try:
+        quiet_unless_main()
         return args.func(args)
     except UserError as err:
-        # Some refusals carry a table (the per-IPU memory plan) to show before their one line.
-        details = getattr(err, "details", None)
-        if details:
-            print(details, file=sys.stderr)
-        print("ipu-t5: error: {}".format(err), file=sys.stderr)
+        if not record_failure(str(err)):
+            # Some refusals carry a table (the per-IPU memory plan) to show before their one line.
+            details = getattr(err, "details", None)
+            if details:
+                print(details, file=sys.stderr)
+            print("ipu-t5: error: {}".format(err), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("ipu-t5: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        record_failure("{}: {}".format(type(err).__name__, err))
+        raise

@@ -104,6 +104,8 @@ class LayoutConfig:
     layers_per_stage: Optional[List[int]] = None
     pipeline_schedule: str = "1F1B"
     data_parallel: str = "ddp"
+    # Seconds a torch.distributed collective may wait before the run fails instead of hanging.
+    ddp_timeout: int = 1800
 
 
 @dataclass
@@ -210,7 +212,7 @@ POSITIVE = {
     "training.max_steps", "training.global_batch_size", "training.logging_steps",
     "validation.per_device_eval_batch_size", "validation.max_new_tokens", "validation.eval_steps",
     "layout.stages", "layout.replicas", "layout.micro_batch_size",
-    "layout.gradient_accumulation_steps", "data.max_source_length", "data.max_train_samples",
+    "layout.gradient_accumulation_steps", "layout.ddp_timeout", "data.max_source_length", "data.max_train_samples",
     "data.max_eval_samples", "data.demo_train_samples", "data.demo_eval_samples",
     "output.save_steps", "output.save_total_limit",
     "ipu.embedding_serialization_factor", "ipu.inference_device_iterations",

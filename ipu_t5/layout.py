@@ -6,9 +6,10 @@ weights or hardware.
 
 - world size = stages x replicas
 - global batch = micro-batch size x micro-batches (gradient accumulation) x replicas
-- encoder and decoder blocks are cut into `stages` contiguous runs, balanced by compute unless
-  `layers_per_stage` gives the counts; the shared embedding sits on the first stage (and is
-  shared with the stage holding `decoder.0`), the LM head on the last, each final layer norm with
+- encoder and decoder blocks are cut into contiguous model chunks, one per stage (two per stage
+  under the interleaved schedule, chunk c running on stage c % stages), balanced by compute
+  unless `layers_per_stage` gives the counts; the shared embedding sits on the first chunk (and is
+  shared with the chunk holding `decoder.0`), the LM head on the last, each final layer norm with
   the last block of its stack.
 """
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from .errors import UserError
 from .models import ModelSize
+
+
+# Model chunks per stage under the interleaved schedule (Megatron's virtual pipeline stages).
+INTERLEAVED_CHUNKS = 2
 
 
 @dataclass(frozen=True)
@@ -27,9 +32,11 @@ class LayoutPlan:
     replicas: int
     micro_batch_size: int
     micro_batches: int
-    # Block names per stage, in pipeline order; "embedding" first on stage 0, "lm_head" last.
+    # Block names per model chunk, in pipeline order; "embedding" first on chunk 0, "lm_head" last.
+    # Chunk c runs on stage c % stages, so with one chunk per stage this is one entry per stage.
     stage_blocks: Tuple[Tuple[str, ...], ...]
     schedule: str = "1F1B"
+    chunks_per_stage: int = 1
 
     @property
     def world_size(self) -> int:
@@ -47,14 +54,19 @@ class LayoutPlan:
         """The stage that owns a block (`encoder.3`, `embedding`, `lm_head`, ...)."""
         for index, blocks in enumerate(self.stage_blocks):
             if block in blocks:
-                return index
+                return index % self.stages
         raise KeyError(block)
 
+    def chunks_of(self, stage: int) -> List[int]:
+        """The model chunks (indices into `stage_blocks`) that run on `stage`, in pipeline order."""
+        return list(range(stage, len(self.stage_blocks), self.stages))
+
     def stage_params(self, index: int) -> int:
-        return sum(self.size.block_params(b) for b in self.stage_blocks[index])
+        return sum(self.size.block_params(b) for c in self.chunks_of(index) for b in self.stage_blocks[c])
 
     def stage_flops(self, index: int, source_len: int, target_len: int) -> float:
-        return sum(self.size.block_flops(b, source_len, target_len) for b in self.stage_blocks[index])
+        return sum(self.size.block_flops(b, source_len, target_len)
+                   for c in self.chunks_of(index) for b in self.stage_blocks[c])
 
     def balance(self, source_len: int, target_len: int) -> float:
         """Slowest stage over the mean stage, by forward FLOPs (1.0 is perfect)."""
@@ -95,7 +107,8 @@ class LayoutPlan:
         ]
         if self.stages > 1:
             for index, blocks in enumerate(self.stage_blocks):
-                lines.append("  stage {}: {}".format(index, _compact(blocks)))
+                chunk = " (chunk {})".format(index) if self.chunks_per_stage > 1 else ""
+                lines.append("  stage {}{}: {}".format(index % self.stages, chunk, _compact(blocks)))
         return "\n".join(lines)
 
 
@@ -161,6 +174,16 @@ def _partition(costs: Sequence[float], parts: int) -> List[int]:
     return counts[::-1]
 
 
+def best_balance(costs: Sequence[float], parts: int) -> float:
+    """Slowest over mean part of the best contiguous split of `costs` into `parts` runs: the
+    lower bound on `LayoutPlan.balance` at the granularity `costs` are given in."""
+    counts, start, totals = _partition(costs, parts), 0, []
+    for count in counts:
+        totals.append(sum(costs[start:start + count]))
+        start += count
+    return max(totals) / (sum(totals) / parts)
+
+
 def _stage_blocks(size: ModelSize, counts: Sequence[int]) -> Tuple[Tuple[str, ...], ...]:
     names = size.block_names
     stages, start = [], 0
@@ -199,15 +222,27 @@ def plan_layout(
 ) -> LayoutPlan:
     """Validate and build a plan; every refusal names the numbers that do not fit."""
     blocks = len(size.block_names)
+    chunks_per_stage = INTERLEAVED_CHUNKS if schedule == "Interleaved1F1B" else 1
+    chunks = stages * chunks_per_stage
+    if chunks_per_stage > 1 and stages < 2:
+        raise UserError("the {} schedule interleaves {} model chunks per stage over several stages, but "
+                        "the layout has 1 stage: use --stages 2 or more, or pipeline_schedule 1F1B."
+                        .format(schedule, chunks_per_stage))
     if stages > blocks:
         raise UserError("{} stages for a model of {} blocks ({} encoder + {} decoder): every stage needs "
                         "at least one block, so use at most {} stages.".format(
                             stages, blocks, size.num_layers, size.num_decoder_layers, blocks))
+    if chunks > blocks:
+        raise UserError("{} stages x {} interleaved chunks = {} chunks for a model of {} blocks: every chunk "
+                        "needs at least one block, so use at most {} stages with {}.".format(
+                            stages, chunks_per_stage, chunks, blocks, blocks // chunks_per_stage, schedule))
     if layers_per_stage is not None:
         counts = list(layers_per_stage)
-        if len(counts) != stages:
-            raise UserError("layers_per_stage {} has {} entries but there are {} stages: give one count "
-                            "per stage.".format(counts, len(counts), stages))
+        if len(counts) != chunks:
+            where = "there are {} stages: give one count per stage".format(stages) if chunks_per_stage == 1 else \
+                "{} runs {} stages x {} = {} model chunks: give one count per chunk".format(
+                    schedule, stages, chunks_per_stage, chunks)
+            raise UserError("layers_per_stage {} has {} entries but {}.".format(counts, len(counts), where))
         if any(c < 1 for c in counts):
             raise UserError("layers_per_stage {} leaves a stage with no block: every count must be at "
                             "least 1.".format(counts))
@@ -215,15 +250,21 @@ def plan_layout(
             raise UserError("layers_per_stage {} sums to {} but the model has {} blocks ({} encoder + {} "
                             "decoder).".format(counts, sum(counts), blocks, size.num_layers, size.num_decoder_layers))
     else:
-        counts = _partition(stage_costs(size, source_len, target_len), stages)
+        counts = _partition(stage_costs(size, source_len, target_len), chunks)
     micro, accumulation = _split_batch(global_batch_size, replicas, stages, micro_batch_size,
                                        gradient_accumulation_steps)
     if stages > 1 and accumulation < stages:
         raise UserError("a {}-stage pipeline needs at least {} micro-batches per step, but global batch "
                         "{} over {} replica(s) gives {}: raise the global batch or lower micro_batch_size."
                         .format(stages, stages, global_batch_size, replicas, accumulation))
+    rounds = max(1, accumulation // stages)
+    if chunks_per_stage > 1 and accumulation % rounds:
+        raise UserError("{} runs micro-batches in rounds of {} stages: {} micro-batches per step is not a "
+                        "multiple of {} rounds. Use a multiple of {} micro-batches.".format(
+                            schedule, stages, accumulation, rounds, stages))
     return LayoutPlan(size=size, stages=stages, replicas=replicas, micro_batch_size=micro,
-                      micro_batches=accumulation, stage_blocks=_stage_blocks(size, counts), schedule=schedule)
+                      micro_batches=accumulation, stage_blocks=_stage_blocks(size, counts), schedule=schedule,
+                      chunks_per_stage=chunks_per_stage)
 
 
 def plan_from_config(config, source_len: int = 128, target_len: int = 4) -> LayoutPlan:

@@ -67,22 +67,26 @@ class ModelSize:
 
     def block_flops(self, name: str, source_len: int, target_len: int) -> float:
         """Forward FLOPs of one part for one sample (matmuls and attention scores)."""
-        d, inner = self.d_model, self.inner_dim
-        ff = 2 * 3 * d * self.d_ff
         if name == "embedding":
             return 0.0
         if name == "lm_head":
-            return 2.0 * self.vocab_size * d * target_len
+            return 2.0 * self.vocab_size * self.d_model * target_len
         if name.endswith("final_layer_norm"):
             return 0.0
-        stack = name.split(".")[0]
-        if stack == "encoder":
+        return float(sum(self.sublayer_flops(name, source_len, target_len)))
+
+    def sublayer_flops(self, name: str, source_len: int, target_len: int) -> List[float]:
+        """Forward FLOPs of each sublayer of block `encoder.i` or `decoder.i` for one sample, in
+        order: self-attention, cross-attention (decoder only), feed-forward."""
+        d, inner = self.d_model, self.inner_dim
+        ff = 2 * 3 * d * self.d_ff
+        if name.startswith("encoder."):
             s = source_len
-            return s * (2 * 4 * d * inner + ff) + 2 * 2 * s * s * inner
+            return [s * 2 * 4 * d * inner + 2 * 2 * s * s * inner, s * ff]
         t, s = target_len, source_len
         self_attn = t * 2 * 4 * d * inner + 2 * 2 * t * t * inner
         cross = t * 2 * 2 * d * inner + s * 2 * 2 * d * inner + 2 * 2 * t * s * inner
-        return self_attn + cross + t * ff
+        return [self_attn, cross, t * ff]
 
     def total_params(self) -> int:
         parts = ["embedding", "lm_head", "encoder.final_layer_norm", "decoder.final_layer_norm"]

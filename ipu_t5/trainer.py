@@ -171,11 +171,23 @@ class T5Trainer:
         if self.is_main_process:
             tqdm.write(message)
 
+    def _on_main(self, action: Callable[[], Any]) -> None:
+        """Run `action` on the main process only; a UserError there is raised on every process, so
+        no other rank is left waiting for one that has given up."""
+        error = None
+        if self.is_main_process:
+            try:
+                action()
+            except UserError as err:
+                error = str(err)
+        error = self.backend.broadcast_object(error)
+        if error:
+            raise UserError(error)
+
     def _claim(self) -> MetricsLog:
         if not self._claimed:
-            if self.is_main_process:
-                run_dir.claim(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
-            self.backend.barrier()
+            self._on_main(lambda: run_dir.claim(self.output_dir, self.config.to_dict(),
+                                                self.config.output.overwrite_output_dir))
             self._claimed = True
             self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard,
                                    resumed_at=self.step if self.resumed_from else None)
@@ -386,11 +398,14 @@ class T5Trainer:
             self.best = {"metric": metric, "value": value, "step": self.step}
         self._last_eval_step = self.step
         path = checkpoint.step_path(self.output_dir, self.step)
-        if self.is_main_process and (path / checkpoint.STATE_FILE).is_file():
-            checkpoint.update_trainer_state(path, best=self.best, last_eval=self.last_eval,
-                                            last_eval_step=self.step)
-            checkpoint.rotate(self.output_dir, self.config.output.save_total_limit, [self.best["step"]])
-        self.backend.barrier()
+
+        def record() -> None:
+            if (path / checkpoint.STATE_FILE).is_file():
+                checkpoint.update_trainer_state(path, best=self.best, last_eval=self.last_eval,
+                                                last_eval_step=self.step)
+                checkpoint.rotate(self.output_dir, self.config.output.save_total_limit, [self.best["step"]])
+
+        self._on_main(record)
 
     # ----- checkpoints and export -----
 
@@ -416,10 +431,8 @@ class T5Trainer:
         """`<output-dir>/checkpoints/step-N`, then keep the newest `output.save_total_limit` and the best."""
         path = self.save_checkpoint(checkpoint.step_path(self.output_dir, self.step))
         self._saved_step = self.step
-        if self.is_main_process:
-            checkpoint.rotate(self.output_dir, self.config.output.save_total_limit,
-                              [self.best["step"]] if self.best else [])
-        self.backend.barrier()
+        self._on_main(lambda: checkpoint.rotate(self.output_dir, self.config.output.save_total_limit,
+                                                [self.best["step"]] if self.best else []))
         return path
 
     def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
@@ -429,13 +442,15 @@ class T5Trainer:
         self._claim()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
         state = self.backend.model_state_dict()
-        if self.is_main_process:
+
+        def export() -> None:
             exported = write_hf_checkpoint(hf_path, state, self.hf_config, self.tokenizer, self.config.to_dict(),
                                            self.last_eval, self.eval_config.max_new_tokens or self.lengths.target)
             self._say(exported.describe())
+
+        self._on_main(export)
         if ckpt_path:
             self.save_checkpoint(ckpt_path)
-        self.backend.barrier()
         return hf_path
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from .base import Backend, StepResult
 # name -> (module, class), imported on demand.
 REGISTRY: Dict[str, Tuple[str, str]] = {
     "single": ("ipu_t5.backends.single", "SingleProcessBackend"),
+    "torch": ("ipu_t5.backends.pipeline", "TorchPipelineBackend"),
     "ipu": ("ipu_t5.backends.ipu", "IpuBackend"),
 }
 

@@ -71,7 +71,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The whole model's weights by Hugging Face parameter name, on CPU."""
+        """The whole model's weights by Hugging Face parameter name, on CPU. Every process must call
+        it; a multi-process backend returns the weights on the main process only (an empty dict
+        elsewhere), since a model split for size may not fit on each rank."""
 
     @abc.abstractmethod
     def load_model_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -83,7 +85,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def optimizer_state_dict(self) -> Dict:
-        """Optimizer state keyed by parameter name, so any layout can resume it."""
+        """Optimizer state keyed by parameter name, so any layout can resume it; like
+        `model_state_dict`, on the main process only under several processes."""
 
     @abc.abstractmethod
     def load_optimizer_state_dict(self, state: Mapping[str, Dict[str, torch.Tensor]]) -> None:

@@ -1,0 +1,399 @@
+"""The torch.distributed backend: the layout's stages as a `torch.distributed.pipelining` pipeline
+(GPipe, 1F1B or Interleaved1F1B), its replicas under DDP or FSDP2, one process per stage and
+replica, launched by torchrun.
+
+Gradients are those of one process on the whole global batch: the loss is `token_loss` (summed
+cross-entropy over the global batch's target-token count), the schedules do not rescale
+(`scale_grads=False`) and the replicas sum rather than average, so every split of the batch gives
+the same step. Clipping uses the norm over all stages, and every method returns the same result
+on every rank, except `model_state_dict` and `optimizer_state_dict`, which gather the whole model
+on the main process only (an 11B model does not fit on every rank) and return an empty dict
+elsewhere.
+
+Needs torch 2.6 or newer; `torch.distributed.pipelining` and FSDP2 are imported only here.
+"""
+import collections
+import contextlib
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..data.batching import GlobalBatch, collate
+from ..errors import UserError
+from ..optim import build_optimizer, lr_at, set_lr, token_loss
+from .base import Backend, StepResult, trim_at_eos
+from .distributed import Topology, broadcast_object, connect, gather_tensors_to_main
+from .single import autocast_dtype
+from .stages import ENCODER, boundary_kind, build_chunks, carried_shapes
+
+MIN_TORCH = (2, 6)
+# Training pads the source to a multiple of this, so few distinct shapes (each needs its own
+# pipeline buffers) occur over a run.
+SOURCE_BUCKET = 8
+# Pipelines kept for recent (source, target) shapes.
+CACHED_SHAPES = 8
+
+
+def _require_torch() -> None:
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if version < MIN_TORCH:
+        raise UserError("the torch.distributed backend needs torch {}.{} or newer (found {}); on the Poplar SDK "
+                        "stack use --backend ipu, or --backend single for one process.".format(
+                            MIN_TORCH[0], MIN_TORCH[1], torch.__version__))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _sum_over(group):
+    """A DDP communication hook that sums the replicas' gradients instead of averaging them:
+    each replica's loss is already its share of the global mean."""
+    def hook(_state, bucket):
+        work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+    return hook
+
+
+class TorchPipelineBackend(Backend):
+    """Pipeline stages x data-parallel replicas on torch.distributed (gloo on CPU, NCCL on GPUs)."""
+
+    name = "torch"
+
+    def __init__(self, config, plan):
+        super().__init__(config, plan)
+        _require_torch()
+        if config.training.fp16:
+            raise UserError("training.fp16 is the IPU's precision; T5 overflows in float16 on CPUs and GPUs. "
+                            "Use training.bf16=true instead.")
+        self.topology: Topology = connect(plan, config.layout.ddp_timeout)
+        self.device = self.topology.device
+        self.amp_dtype = autocast_dtype(config.training.bf16, self.device)
+        self.chunk_ids = plan.chunks_of(self.topology.stage)
+        self.num_chunks = len(plan.stage_blocks)
+        self._pipelines: "collections.OrderedDict[Tuple[int, int], Any]" = collections.OrderedDict()
+        self._num_tokens = 1
+
+    # ----- the interface -----
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.topology.is_main
+
+    @property
+    def description(self) -> str:
+        where = "GPU" if self.device.type == "cuda" else "CPU"
+        return "torch.distributed: {} stage(s) x {} replica(s) on {} {} process(es) ({}), schedule {}, {}, {}".format(
+            self.plan.stages, self.plan.replicas, self.topology.world_size, where,
+            "nccl" if self.device.type == "cuda" else "gloo", self.plan.schedule,
+            self.config.layout.data_parallel.upper() if self.plan.replicas > 1 else "no data parallelism",
+            "bf16 autocast" if self.amp_dtype else "fp32")
+
+    def setup(self, model: torch.nn.Module) -> None:
+        hf = model.config
+        self.pad_id, self.eos_id, self.start_id = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
+        self.d_model, self.heads, self.vocab, self.num_layers = hf.d_model, hf.num_heads, hf.vocab_size, hf.num_layers
+        chunks = build_chunks(model, [self.plan.stage_blocks[c] for c in self.chunk_ids], self.amp_dtype)
+        self.chunks = {c: chunk.to(self.device) for c, chunk in zip(self.chunk_ids, chunks)}
+        self.modules = {c: self._data_parallel(chunk) for c, chunk in self.chunks.items()}
+        # Parameters by HF name; FSDP2 replaces them, so they are looked up after wrapping.
+        self.named = [(name, p) for c in self.chunk_ids for name, p in self.chunks[c].named_parameters()]
+        # The copy of the shared embedding in the chunk with `decoder.0` is not the owner of that name.
+        self.tied = [self.chunks[c].shared.weight for c in self.chunk_ids if hasattr(self.chunks[c], "shared")]
+        self.owned = [(name, p) for c in self.chunk_ids for name, p in self.chunks[c].named_parameters()
+                      if not (name == "shared.weight" and not self.chunks[c].embeds_input)]
+        self.optimizer = build_optimizer(self.named, self.config.training)
+
+    def _data_parallel(self, chunk: torch.nn.Module) -> torch.nn.Module:
+        if self.plan.replicas == 1:
+            return chunk
+        group = self.topology.replica_group
+        if self.config.layout.data_parallel == "fsdp":
+            from torch.distributed.device_mesh import DeviceMesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = DeviceMesh.from_group(group, self.device.type)
+            fully_shard(chunk, mesh=mesh)
+            chunk.set_gradient_divide_factor(1.0)
+            chunk.set_force_sum_reduction_for_comms(True)
+            return chunk
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(chunk, process_group=group,
+                                          device_ids=[self.device] if self.device.type == "cuda" else None)
+        wrapped.register_comm_hook(None, _sum_over(group))
+        return wrapped
+
+    # ----- training -----
+
+    def _stage_of_chunk(self, chunk: int) -> int:
+        return chunk % self.plan.stages
+
+    def _meta(self, kind: str, source: int, target: int) -> Tuple[torch.Tensor, ...]:
+        shapes = carried_shapes(kind, self.plan.micro_batch_size, source, target, self.d_model, self.heads, self.vocab)
+        metas = []
+        for name, (shape, dtype, grad) in shapes.items():
+            if name == "logits" and self.amp_dtype is not None:
+                dtype = self.amp_dtype
+            metas.append(torch.empty(shape, dtype=dtype, device="meta").requires_grad_(grad))
+        return tuple(metas)
+
+    def _pipeline(self, source: int, target: int):
+        """The schedule for one (source, target) padded shape, built on first use."""
+        key = (source, target)
+        if key in self._pipelines:
+            self._pipelines.move_to_end(key)
+            return self._pipelines[key]
+        from torch.distributed import pipelining
+
+        stages = [pipelining.PipelineStage(
+            self.modules[c], c, self.num_chunks, self.device,
+            input_args=self._meta(self.chunks[c].start, source, target),
+            output_args=self._meta(self.chunks[c].end, source, target),
+            group=self.topology.pipeline_group) for c in self.chunk_ids]
+        cls = {"GPipe": pipelining.ScheduleGPipe, "1F1B": pipelining.Schedule1F1B,
+               "Interleaved1F1B": pipelining.ScheduleInterleaved1F1B}[self.plan.schedule]
+        schedule = cls(stages if self.plan.chunks_per_stage > 1 else stages[0], n_microbatches=self.plan.micro_batches,
+                       loss_fn=self._loss, scale_grads=False)
+        self._pipelines[key] = schedule
+        if len(self._pipelines) > CACHED_SHAPES:
+            self._pipelines.popitem(last=False)
+        return schedule
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_loss(logits, labels, self._num_tokens)
+
+    def train_step(self, batch: GlobalBatch, step: int) -> StepResult:
+        for module in self.modules.values():
+            module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        mine = [s for micro in self.plan.split(batch.samples)[self.topology.replica] for s in micro]
+        width = max(len(s["input_ids"]) for s in mine)
+        tensors = collate(mine, self.pad_id, source_length=-(-width // SOURCE_BUCKET) * SOURCE_BUCKET)
+        tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        schedule = self._pipeline(tensors["input_ids"].shape[1], tensors["labels"].shape[1])
+        self._num_tokens = batch.num_target_tokens
+        first, last = 0 in self.chunks, self.num_chunks - 1 in self.chunks
+        losses: List[torch.Tensor] = []
+        inputs = (tensors["input_ids"], tensors["attention_mask"], tensors["decoder_input_ids"]) if first else ()
+        schedule.step(*inputs, target=tensors["labels"] if last else None, losses=losses if last else None,
+                      return_outputs=False)
+        self._sync_tied_gradients()
+        stats = torch.stack([sum(l.detach().float() for l in losses) if losses else torch.zeros((), device=self.device),
+                             self._squared_grad_norm()])
+        dist.all_reduce(stats)
+        loss, grad_norm = stats[0].item(), stats[1].sqrt()
+        coefficient = torch.clamp(self.config.training.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+        for _, param in self.named:
+            if param.grad is not None:
+                param.grad.mul_(coefficient)
+        lr = lr_at(step, self.config.training)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        return StepResult(loss=loss, grad_norm=grad_norm.item(), lr=lr)
+
+    def _sync_tied_gradients(self) -> None:
+        """Add up the gradients of the shared embedding's copies (encoder side, decoder side)."""
+        grads = [_local(p.grad) for p in self.tied if p.grad is not None]
+        if not grads or (len(grads) == 1 and self.topology.tied_group is None):
+            return
+        total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0].clone()
+        if self.topology.tied_group is not None:
+            dist.all_reduce(total, group=self.topology.tied_group)
+        for grad in grads:
+            grad.copy_(total)
+
+    def _squared_grad_norm(self) -> torch.Tensor:
+        """This rank's share of the squared global gradient norm: each parameter counted once
+        (DDP replicas hold equal gradients, FSDP2 shards are disjoint, tied copies are equal)."""
+        total = torch.zeros((), device=self.device)
+        if self.plan.replicas > 1 and self.config.layout.data_parallel == "ddp" and self.topology.replica != 0:
+            return total
+        for _, param in self.owned:
+            if param.grad is not None:
+                total += _local(param.grad).detach().float().pow(2).sum()
+        return total
+
+    # ----- generation -----
+
+    def _send(self, tensors: List[torch.Tensor], chunk: int) -> None:
+        rank = self.topology.rank_of_stage(self._stage_of_chunk(chunk))
+        for tensor in tensors:
+            dist.send(tensor.contiguous(), dst=rank, group=self.topology.pipeline_group)
+
+    def _recv(self, shapes: List[Tuple[int, ...]], chunk: int) -> List[torch.Tensor]:
+        rank = self.topology.rank_of_stage(self._stage_of_chunk(chunk))
+        out = []
+        for shape in shapes:
+            buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
+            dist.recv(buffer, src=rank, group=self.topology.pipeline_group)
+            out.append(buffer)
+        return out
+
+    @contextlib.contextmanager
+    def _unsharded(self):
+        """FSDP2 parameters gathered for the generation calls that bypass `forward`."""
+        sharded = [m for m in self.modules.values() if hasattr(m, "unshard")]
+        for module in sharded:
+            module.unshard()
+        try:
+            yield
+        finally:
+            for module in sharded:
+                module.reshard()
+
+    @torch.no_grad()
+    def generate(self, samples: List[Dict], max_new_tokens: int) -> List[List[int]]:
+        for chunk in self.chunks.values():
+            chunk.eval()
+        replicas = self.plan.replicas
+        per = -(-len(samples) // replicas)
+        share = samples[self.topology.replica * per:(self.topology.replica + 1) * per]
+        with self._unsharded():
+            mine = self._generate_share(share, max_new_tokens) if share else []
+        last_rank = self.topology.rank_of_stage(self._stage_of_chunk(self.num_chunks - 1))
+        gathered: List[Optional[List[List[int]]]] = [None] * self.topology.world_size
+        dist.all_gather_object(gathered, mine if self.topology.rank == last_rank else None)
+        last_stage = self._stage_of_chunk(self.num_chunks - 1)
+        return [ids for r in range(replicas) for ids in gathered[last_stage * replicas + r]]
+
+    def _generate_share(self, share: List[Dict], max_new_tokens: int) -> List[List[int]]:
+        """Greedy decoding of one replica's samples through its pipeline, with a cache per chunk."""
+        tensors = collate(share, self.pad_id)
+        ids, mask = tensors["input_ids"].to(self.device), tensors["attention_mask"].to(self.device)
+        batch, width = ids.shape
+        carried: Dict[str, torch.Tensor] = {"input_ids": ids}
+        for c in range(self.num_chunks):
+            if c not in self.chunks:
+                continue
+            chunk = self.chunks[c]
+            if c > 0 and c - 1 not in self.chunks:
+                if boundary_kind(self.plan.stage_blocks[c - 1], self.num_layers) == ENCODER:
+                    hidden, bias = self._recv([(batch, width, self.d_model), (1, self.heads, width, width)], c - 1)
+                    carried = {"hidden": hidden, "encoder_bias": bias}
+                else:
+                    carried = {"encoder_output": self._recv([(batch, width, self.d_model)], c - 1)[0]}
+            carried = chunk.encode(dict(carried, attention_mask=mask))
+            if chunk.decoder_ids:
+                chunk.start_decoding(carried["encoder_output"], mask)
+            if c + 1 < self.num_chunks and c + 1 not in self.chunks:
+                self._send(list(carried.values()), c + 1)
+        decoder_chunks = [c for c in range(self.num_chunks) if any(
+            b.startswith("decoder.") or b == "lm_head" for b in self.plan.stage_blocks[c])]
+        last = self.num_chunks - 1
+        last_rank = self.topology.rank_of_stage(self._stage_of_chunk(last))
+        tokens = torch.full((batch, 1), self.start_id, dtype=torch.long, device=self.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        generated = []
+        for position in range(max_new_tokens):
+            hidden = bias = None
+            for c in decoder_chunks:
+                if c not in self.chunks:
+                    continue
+                if c != decoder_chunks[0] and c - 1 not in self.chunks:
+                    hidden, bias = self._recv([(batch, 1, self.d_model), (1, self.heads, 1, position + 1)], c - 1)
+                out = self.chunks[c].decode_step(position, tokens=tokens, hidden=hidden, decoder_bias=bias)
+                if c == last:
+                    logits = out
+                else:
+                    hidden, bias = out
+                    if c + 1 not in self.chunks:
+                        self._send([hidden, bias], c + 1)
+            message = torch.zeros(batch + 1, dtype=torch.long, device=self.device)
+            if last in self.chunks:
+                step_tokens = torch.where(finished, torch.full_like(finished, self.pad_id, dtype=torch.long),
+                                          logits.argmax(-1))
+                finished |= step_tokens == self.eos_id
+                message[:batch], message[batch] = step_tokens, int(bool(finished.all()))
+            if self.plan.stages > 1:
+                dist.broadcast(message, src=last_rank, group=self.topology.pipeline_group)
+            tokens = message[:batch, None]
+            generated.append(message[:batch])
+            if message[batch]:
+                break
+        for chunk in self.chunks.values():
+            if chunk.decoder_ids:
+                chunk.end_decoding()
+        rows = torch.stack(generated, dim=1).tolist()
+        return [trim_at_eos(row, self.eos_id) for row in rows]
+
+    # ----- weights and optimizer state by name -----
+
+    # FSDP2 shards dim 0 of every parameter (and its optimizer state) over the replicas in
+    # torch.chunk's pieces. The shards are gathered and cut here over the replica group rather
+    # than with DTensor's collectives, which resolve groups through a mesh cache that keeps the
+    # groups of an earlier backend in the same process.
+
+    def _rows(self, tensor: torch.Tensor) -> Tuple[int, int]:
+        """The dim-0 rows of every replica's FSDP2 shard of `tensor`, and where this one's start."""
+        rows = -(-tensor.shape[0] // self.plan.replicas)
+        return rows, min(self.topology.replica * rows, tensor.shape[0])
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The whole of `tensor`: itself, or an FSDP2 DTensor's shards from this stage's replicas."""
+        if not hasattr(tensor, "to_local"):
+            return tensor
+        local, (rows, _) = tensor.to_local(), self._rows(tensor)
+        padded = local.new_zeros((rows,) + tuple(local.shape[1:]))
+        padded[:local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.plan.replicas)]
+        dist.all_gather(parts, padded, group=self.topology.replica_group)
+        return torch.cat(parts)[:tensor.shape[0]]
+
+    def _shard_like(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """`full` on this device, cut to this replica's shard when `param` is an FSDP2 DTensor."""
+        full = full.to(self.device, param.dtype)
+        if not hasattr(param, "to_local"):
+            return full
+        from torch.distributed.tensor import DTensor
+
+        _, start = self._rows(param)
+        shard = full[start:start + param.to_local().shape[0]].contiguous()
+        return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+
+    def model_state_dict(self) -> Dict[str, torch.Tensor]:
+        local = {name: self._gather(p.detach()) for name, p in self.owned}
+        return gather_tensors_to_main(self.topology, local)
+
+    def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        missing = [name for name, _ in self.named if name not in state]
+        if missing:
+            raise UserError("the weights to load lack {} of this stage's parameters (first: {}): they are not "
+                            "from this model size.".format(len(missing), missing[0]))
+        with torch.no_grad():
+            for name, param in self.named:
+                _local(param).copy_(_local(self._shard_like(state[name], param)))
+
+    def optimizer_state_dict(self) -> Dict:
+        local = {}
+        for name, param in self.owned:
+            for key, value in self.optimizer.state.get(param, {}).items():
+                local["{}\0{}".format(name, key)] = self._gather(value) if torch.is_tensor(value) else torch.tensor(value)
+        flat = gather_tensors_to_main(self.topology, local)
+        state: Dict[str, Dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            name, field = key.split("\0")
+            state.setdefault(name, {})[field] = value
+        return state
+
+    def load_optimizer_state_dict(self, state: Dict) -> None:
+        for name, param in self.named:
+            if name in state:
+                self.optimizer.state[param] = {
+                    k: (self._shard_like(v, param) if torch.is_tensor(v) and v.ndim else v)
+                    for k, v in state[name].items()}
+
+    # ----- processes -----
+
+    def broadcast_object(self, obj):
+        return broadcast_object(obj)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        self._pipelines.clear()
+        self.topology.close()

@@ -1,0 +1,114 @@
+"""Runs under torchrun for tests/test_pipeline.py: trains, validates and checkpoints a tiny T5 under one
+layout with the torch.distributed backend, and writes what it saw (rank 0) for the test to compare
+with one process.
+
+    python -m tests.pipeline_worker OUT STAGES REPLICAS RUN [RUN ...] [--resume-from CKPT]
+
+A RUN is SCHEDULE or SCHEDULE:DATA_PARALLEL (e.g. 1F1B:fsdp). Each run trains STEPS steps into
+OUT/<run>, then writes OUT/<run>/result.pt (losses, weights, predictions, accuracy); the first run
+also writes a checkpoint at OUT/<run>/checkpoint. With --resume-from, a last run loads that
+(one-process) checkpoint into the layout (run as --resume-run) and continues to RESUMED_STEPS,
+writing OUT/resumed/result.pt.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+STEPS = 5
+RESUMED_STEPS = 8
+
+
+def make_config(output_dir, stages=1, replicas=1, schedule="1F1B", data_parallel="ddp", backend="torch",
+                max_steps=STEPS):
+    """The tiny run every layout is compared on. Dropout is 0 (configs/tiny.yaml). The learning rate
+    is 1e-4: Adam turns fp32 rounding in near-zero gradients into updates of a fraction of the
+    learning rate, so even one process with another micro-batch split ends up 3e-5 apart after 5
+    steps at 1e-3, but 3e-6 apart at 1e-4, well inside the 1e-5 the comparison asks for."""
+    from ipu_t5.config import load_config
+
+    return load_config("tiny", overrides=[
+        "output.output_dir={}".format(output_dir), "output.report_to_tensorboard=false",
+        "data.demo_train_samples=64", "data.demo_eval_samples=21", "validation.per_device_eval_batch_size=8",
+        "training.global_batch_size=8", "training.learning_rate=1e-4", "training.logging_steps=1",
+        "training.max_steps={}".format(max_steps), "layout.stages={}".format(stages),
+        "layout.replicas={}".format(replicas), "layout.pipeline_schedule={}".format(schedule),
+        "layout.data_parallel={}".format(data_parallel), "layout.backend={}".format(backend)])
+
+
+def losses(output_dir) -> list:
+    """Per-step training losses from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def result(trainer, evaluated=None) -> dict:
+    """What the test compares: losses, weights by name, and (when validated) predictions; on the
+    main process only (the others take part in gathering the weights)."""
+    # A copy: a backend may hand out its live parameters, which later steps change.
+    weights = {k: v.clone() for k, v in trainer.backend.model_state_dict().items()}
+    if not trainer.is_main_process:
+        return {}
+    out = {"losses": losses(trainer.output_dir), "weights": weights}
+    if evaluated is not None:
+        out["accuracy"] = evaluated["accuracy"]
+        out["predictions"] = [json.loads(line)["generated"]
+                              for line in open(trainer.output_dir / "eval_predictions.jsonl")]
+    return out
+
+
+def resume(trainer, checkpoint, max_steps) -> None:
+    """Load a checkpoint's weights, optimizer state and data position into `trainer` (through the
+    backend, by parameter name) and train on to `max_steps`."""
+    from ipu_t5.checkpoint import read_checkpoint
+
+    saved = read_checkpoint(Path(checkpoint))
+    trainer.backend.load_model_state_dict(saved["model"])
+    trainer.backend.load_optimizer_state_dict(saved["optimizer"])
+    trainer.order.load_state_dict(saved["trainer_state"]["data_order"])
+    trainer.step = saved["trainer_state"]["step"]
+    trainer.config.training.max_steps = max_steps
+    trainer.train()
+
+
+def main() -> None:
+    from ipu_t5.trainer import T5Trainer
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("stages", type=int)
+    parser.add_argument("replicas", type=int)
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--resume-from")
+    parser.add_argument("--resume-run", default="1F1B", help="the RUN that continues the checkpoint")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    out = Path(args.out)
+    for index, run in enumerate(args.runs):
+        schedule, _, data_parallel = run.partition(":")
+        config = make_config(out / run.replace(":", "-"), args.stages, args.replicas, schedule, data_parallel or "ddp")
+        trainer = T5Trainer(config)
+        trainer.train()
+        evaluated = trainer.evaluate()
+        if index == 0:
+            trainer.save_checkpoint(config.output_dir / "checkpoint")
+        found = result(trainer, evaluated)
+        if trainer.is_main_process:
+            torch.save(found, str(config.output_dir / "result.pt"))
+        trainer.close()
+    if args.resume_from:
+        schedule, _, data_parallel = args.resume_run.partition(":")
+        config = make_config(out / "resumed", args.stages, args.replicas, schedule, data_parallel or "ddp")
+        trainer = T5Trainer(config)
+        resume(trainer, args.resume_from, RESUMED_STEPS)
+        found = result(trainer)
+        if trainer.is_main_process:
+            torch.save(found, str(config.output_dir / "result.pt"))
+        trainer.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
