@@ -388,8 +388,21 @@ class TorchPipelineBackend(Backend):
 
     # ----- processes -----
 
+    @property
+    def process_index(self) -> int:
+        return self.topology.rank
+
+    @property
+    def num_processes(self) -> int:
+        return self.topology.world_size
+
     def broadcast_object(self, obj):
         return broadcast_object(obj)
+
+    def gather_object(self, obj) -> List[Any]:
+        gathered: List[Any] = [None] * self.topology.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def barrier(self) -> None:
         dist.barrier()
