@@ -59,8 +59,9 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
         raise UserError("'{}' is not a complete ipu-t5 checkpoint (no {}): give a checkpoint directory "
                         "such as <output-dir>/checkpoints/step-N.".format(path, COMPLETE))
     state = load_file(str(path / "model.safetensors"))
-    state["encoder.embed_tokens.weight"] = state["shared.weight"]
-    state["decoder.embed_tokens.weight"] = state["shared.weight"]
+    if "shared.weight" in state:  # a LoRA checkpoint holds adapters only
+        state["encoder.embed_tokens.weight"] = state["shared.weight"]
+        state["decoder.embed_tokens.weight"] = state["shared.weight"]
     optimizer = path / "optimizer.pt"
     return {
         "model": state,

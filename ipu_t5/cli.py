@@ -18,6 +18,7 @@ FLAG_KEYS = {
     "stages": "layout.stages",
     "replicas": "layout.replicas",
     "pretrained": "model.pretrained",
+    "peft": "peft.method",
 }
 EXIT_USER_ERROR = 2
 
@@ -31,6 +32,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--task", help="task name (data.task)")
     group.add_argument("--data-files", help="local data as split=PATH pairs: train=a.jsonl,validation=b.jsonl")
     group.add_argument("--pretrained", help="hub id or directory of the starting weights (model.pretrained)")
+    group.add_argument("--peft", choices=["none", "lora"],
+                       help="lora: train only LoRA adapters (peft.method; rank etc. with --set peft.r=16 ...)")
     group.add_argument("--backend", help="auto, single, torch or ipu (layout.backend)")
     group.add_argument("--stages", type=int, help="pipeline stages per replica (layout.stages)")
     group.add_argument("--replicas", type=int, help="data-parallel replicas (layout.replicas)")
@@ -71,8 +74,27 @@ def _table(rows: List[List[str]]) -> str:
     return "\n".join("  {}  {}".format(r[0].ljust(width), r[1]) for r in rows)
 
 
+def _score(value: float) -> str:
+    # Scores in [0, 1] (accuracy, ROUGE, exact match) read best as percentages; others as they are.
+    return "{:.2%}".format(value) if 0.0 <= value <= 1.0 else "{:.4g}".format(value)
+
+
+def _results_row(results: Dict[str, Any]) -> List[str]:
+    """The summary line of an evaluation: the task's main score first, then the others."""
+    main = results["main_metric"]
+    others = ", ".join("{} {}".format(k, _score(results[k])) for k in results["metrics"] if k != main)
+    text = _score(results[main]) + (" ({})".format(others) if others else "")
+    text += " on {} samples".format(results["num_samples"])
+    if results.get("split"):
+        text += " of the {} split".format(results["split"])
+    if "invalid" in results:
+        text += ", {} invalid".format(results["invalid"])
+    return ["validation " + main, text]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune, validate, export, reload the export with plain transformers, print a summary."""
+    from . import lora
     from .export import reload_and_predict
     from .trainer import T5Trainer
 
@@ -88,20 +110,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows = [["steps", str(summary["steps"])],
                 ["train samples/s", "{:.1f}".format(summary["samples_per_second"])],
                 ["final loss", "{:.4f}".format(summary["final_loss"]) if summary["final_loss"] is not None else "-"]]
+        if lora.enabled(config):
+            adapter = config.output_dir / "adapter"
+            rows += [["trainable parameters", "{:,} of {:,} (LoRA adapters)".format(
+                         trainer.num_trainable, trainer.num_params)],
+                     ["adapter", "{} (peft.PeftModel.from_pretrained)".format(adapter)]]
+            summary.update({"trainable_parameters": trainer.num_trainable, "parameters": trainer.num_params,
+                            "adapter": str(adapter)})
         if results is not None:
             predictions = [json.loads(line) for line in open(config.output_dir / "eval_predictions.jsonl")]
             sample = predictions[:256]
             reloaded = reload_and_predict(hf_dir, [p["prompt"] for p in sample])
             same = sum(r == p["generated"] for r, p in zip(reloaded, sample))
             example = sample[0]
-            rows += [["validation accuracy", "{:.2%} of {} ({} split, {} invalid)".format(
-                         results["accuracy"], results["num_samples"], config.data.eval_split, results.get("invalid", 0))],
+            rows += [_results_row(results),
                      ["validation samples/s", "{:.1f}".format(results["samples_per_second"])],
                      ["export", "{} (reloaded with plain transformers: {}/{} predictions identical)".format(
                          hf_dir, same, len(sample))],
                      ["example", "{!r} -> {!r} (target {!r})".format(
                          example["prompt"], reloaded[0], example["target"])]]
-            summary.update({"accuracy": results["accuracy"], "export_predictions_identical": same,
+            summary.update({k: results[k] for k in results["metrics"]})
+            summary.update({"main_metric": results["main_metric"], "export_predictions_identical": same,
                             "export_predictions_checked": len(sample)})
         else:
             rows.append(["export", str(hf_dir)])
@@ -136,18 +165,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Turn a training checkpoint into a plain Hugging Face checkpoint."""
+    """Turn a training checkpoint into a plain Hugging Face checkpoint (and, for a LoRA run, the
+    adapter beside it)."""
     import torch
 
+    from . import lora
     from .checkpoint import read_checkpoint
+    from .config import config_from_dict
     from .export import write_hf_checkpoint
+    from .models import canonical_size
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     checkpoint = read_checkpoint(Path(args.checkpoint))
-    out = write_hf_checkpoint(Path(args.out), checkpoint["model"], checkpoint["hf_config"], checkpoint["tokenizer"],
+    run_config = config_from_dict(checkpoint["run_config"])
+    state = checkpoint["model"]
+    extra = ""
+    if lora.enabled(run_config):
+        # A LoRA checkpoint holds only the adapter; the base comes from the run's own starting point.
+        _offline_if_possible(run_config)
+        adapter_out = Path(args.adapter_out) if args.adapter_out else Path(args.out).with_name(Path(args.out).name + "-adapter")
+        state = lora.restore_full_state(run_config, state, len(checkpoint["tokenizer"]))
+        base = run_config.model.pretrained or canonical_size(run_config.model.name).hub_id
+        lora.write_adapter(adapter_out, state, run_config.peft, base, checkpoint["tokenizer"])
+        state = lora.merged_state(state, run_config.peft)
+        extra = " (LoRA merged; adapter in {})".format(adapter_out)
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = write_hf_checkpoint(Path(args.out), state, checkpoint["hf_config"], checkpoint["tokenizer"],
                               checkpoint["run_config"], dtype=dtypes[args.dtype])
-    print("exported {} (step {}) to {}".format(args.checkpoint, checkpoint["trainer_state"]["step"], out))
+    print("exported {} (step {}) to {}{}".format(args.checkpoint, checkpoint["trainer_state"]["step"], out, extra))
     return 0
 
 
@@ -165,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint directory (<output-dir>/checkpoints/step-N)")
     export.add_argument("--out", required=True, help="where to write the Hugging Face checkpoint")
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.add_argument("--adapter-out", help="where a LoRA run's adapter goes (default: <out>-adapter)")
     export.set_defaults(func=cmd_export)
     return parser
 

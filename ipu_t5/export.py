@@ -4,12 +4,13 @@ Writes config.json (untied head spelled so 4.x reads it right), model.safetensor
 files, generation_config.json and a model card, into a temporary directory beside the target that
 is renamed into place, so an interrupted export never leaves a half-written checkpoint.
 """
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import yaml
@@ -26,14 +27,22 @@ def export_tensors(state: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[s
             if k not in TIED_ALIASES}
 
 
-def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_model: str) -> str:
+def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_model: str,
+               example_prompt: Optional[str] = None) -> str:
     """README.md for the export: what it is, how it was trained, what it scored, how to load it."""
+    prompt = repr(example_prompt or "mnli hypothesis: ... premise: ...")
     lines = ["---", "library_name: transformers", "pipeline_tag: text2text-generation",
              "tags: [t5, flan-t5, ipu-t5, {}]".format(config["data"]["task"])]
     if base_model:
         lines.append("base_model: {}".format(base_model))
     lines += ["---", "", "# Flan-T5 fine-tuned with ipu-t5", "",
               "Task: **{}**, data source: {}.".format(config["data"]["task"], config["data"]["source"]), ""]
+    peft = config.get("peft") or {}
+    if peft.get("method") == "lora":
+        lines += ["Fine-tuned with LoRA (r={}, alpha={}, on {}); the adapters are merged into these weights, "
+                  "so this is a plain T5 checkpoint. The adapter alone was exported beside it (`adapter/`), "
+                  "for `peft.PeftModel.from_pretrained`.".format(
+                      peft["r"], peft["lora_alpha"], ", ".join(peft["target_modules"])), ""]
     if results:
         shown = {k: v for k, v in results.items() if isinstance(v, (int, float))}
         lines += ["## Validation (generation-based)", "", "| metric | value |", "|---|---|"]
@@ -43,10 +52,10 @@ def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_m
               "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(PATH)",
               "model = AutoModelForSeq2SeqLM.from_pretrained(PATH)",
-              "ids = tok(['mnli hypothesis: ... premise: ...'], return_tensors='pt')",
+              "ids = tok([{}], return_tensors='pt')".format(prompt),
               "print(tok.batch_decode(model.generate(**ids), skip_special_tokens=True))", "```", "",
               "transformers 4.x:", "", "```python", "from transformers import pipeline",
-              "print(pipeline('text2text-generation', model=PATH)('mnli hypothesis: ... premise: ...'))",
+              "print(pipeline('text2text-generation', model=PATH)({}))".format(prompt),
               "```", "", "## Training configuration", "", "```yaml",
               yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
@@ -61,16 +70,14 @@ def write_hf_checkpoint(
     results: Optional[Dict[str, Any]] = None,
     max_new_tokens: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
+    example_prompt: Optional[str] = None,
 ) -> Path:
     """Write the export atomically; an existing export at `out_dir` is replaced only once the new
     one is complete."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".{}.".format(out_dir.name), dir=str(out_dir.parent)))
-    try:
+    with staged_dir(out_dir) as staging:
         with open(staging / "config.json", "w") as f:
             json.dump(export_config_dict(hf_config, dtype), f, indent=2, sort_keys=True)
         save_file(export_tensors(state, dtype), str(staging / "model.safetensors"), metadata={"format": "pt"})
@@ -83,11 +90,22 @@ def write_hf_checkpoint(
             **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
         generation.save_pretrained(str(staging))
         base = run_config["model"].get("pretrained") or ""
-        (staging / "README.md").write_text(model_card(run_config, results, base))
+        (staging / "README.md").write_text(model_card(run_config, results, base, example_prompt))
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside `out_dir` to write into; it replaces `out_dir` only when the
+    block finishes without an error, so an interrupted write never leaves a half-written export."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".{}.".format(out_dir.name), dir=str(out_dir.parent)))
+    try:
+        yield staging
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(str(staging), ignore_errors=True)
-    return out_dir
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from . import run_dir
+from . import lora, run_dir
 from .backends import Backend, create_backend
 from .checkpoint import save_checkpoint
 from .config import RunConfig, ValidationConfig
@@ -24,8 +24,8 @@ from .errors import UserError
 from .export import write_hf_checkpoint
 from .layout import plan_from_config
 from .metrics_log import MetricsLog
-from .models import build_model, load_pretrained, set_dropout
-from .tasks import get_task
+from .models import build_model, canonical_size, load_pretrained, set_dropout
+from .tasks import build_task
 from .tokenizer import load_tokenizer
 
 
@@ -40,7 +40,8 @@ class T5Trainer:
             (`input_ids`, `labels`, `reference`); None loads them from the config.
         eval_config: validation settings; None uses `config.validation`.
         tokenizer: None loads the model's tokenizer (or trains the demo one for `tiny`).
-        accuracy_metric: an `evaluate` metric; None loads the task's local metric module.
+        accuracy_metric: an `evaluate` metric (Graphcore's name; any metric works); None loads the
+            task's local metric module (accuracy, ROUGE, exact match, ...).
         postprocess_predictions: generated texts -> metric predictions; None uses the task's.
         backend: an already built backend; None builds the configured one.
     """
@@ -59,7 +60,7 @@ class T5Trainer:
     ):
         self.config = config
         self.eval_config = eval_config or config.validation
-        self.task = get_task(config.data.task)
+        self.task = build_task(config)
         if dataset is None:
             dataset, loaded_eval = load_splits(config, self.task)
             eval_dataset = loaded_eval if eval_dataset is None else eval_dataset
@@ -70,10 +71,17 @@ class T5Trainer:
         self.train_features = tokenize(dataset, self.task, self.tokenizer, max_len, workers, "tokenizing training data")
         self.eval_features = None if eval_dataset is None else tokenize(
             eval_dataset, self.task, self.tokenizer, max_len, workers, "tokenizing evaluation data")
+        self.eval_split = None if eval_dataset is None or eval_dataset.split is None else str(eval_dataset.split)
         self.lengths: Lengths = lengths(self.train_features, self.eval_features)
         model = self._model(pretrained)
         self.hf_config = model.config
+        self.base_model = str(pretrained) if isinstance(pretrained, (str, Path)) else (
+            config.model.pretrained or canonical_size(config.model.name).hub_id)
+        if lora.enabled(config):
+            # Before the backend sees the model: every backend then trains only the adapters.
+            lora.apply_lora(model, config.peft)
         self.num_params = sum(p.numel() for p in model.parameters())
+        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
         self.backend = backend or create_backend(config, self.plan)
         torch.manual_seed(config.training.seed)
@@ -142,6 +150,14 @@ class T5Trainer:
             with open(self.output_dir / name, "w") as f:
                 json.dump(data, f, indent=2)
 
+    def _trainable_note(self) -> str:
+        if not lora.enabled(self.config):
+            return ""
+        peft = self.config.peft
+        return ", {:,} trainable ({:.2%}): LoRA r={} alpha={:g} on {}".format(
+            self.num_trainable, self.num_trainable / self.num_params, peft.r, peft.lora_alpha,
+            ", ".join(peft.target_modules))
+
     # ----- training -----
 
     def _train_rows(self) -> List[Dict[str, List[int]]]:
@@ -153,10 +169,10 @@ class T5Trainer:
         cfg = self.config.training
         log = self._claim()
         rows = self._train_rows()
-        self._say("{}\n{}\nmodel: {} ({:.1f}M parameters), task {}: {} training / {} validation examples, "
+        self._say("{}\n{}\nmodel: {} ({:.1f}M parameters{}), task {}: {} training / {} validation examples, "
                   "prompts up to {} tokens, targets up to {}".format(
                       self.backend.description, self.plan.describe(), self.config.model.name,
-                      self.num_params / 1e6,
+                      self.num_params / 1e6, self._trainable_note(),
                       self.task.name, len(rows), len(self.eval_features) if self.eval_features is not None else 0,
                       self.lengths.source, self.lengths.target))
         batches = iter(self.order)
@@ -216,8 +232,12 @@ class T5Trainer:
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         predictions = self.postprocess(texts)
         references = [r["reference"] for r in rows]
-        result: Dict[str, Any] = dict(self.metric.compute(predictions=predictions, references=references))
-        result.update({"num_samples": len(rows), "step": self.step, "eval_seconds": seconds,
+        scores = dict(self.metric.compute(predictions=predictions, references=references))
+        # Scores first and flat (results["accuracy"], results["rougeL"]), then what they mean.
+        result: Dict[str, Any] = dict(scores)
+        result.update({"main_metric": self.task.main_metric or next(iter(scores)), "metrics": list(scores),
+                       "task": self.task.name, "split": self.eval_split,
+                       "num_samples": len(rows), "step": self.step, "eval_seconds": seconds,
                        "samples_per_second": len(rows) / seconds if seconds else 0.0})
         result.update(self.task.report(predictions, references))
         self.last_eval = result
@@ -237,6 +257,9 @@ class T5Trainer:
         """A layout-free training checkpoint (weights, optimizer, step, data order) at `path`."""
         self._claim()
         model_state = self.backend.model_state_dict()
+        if lora.enabled(self.config):
+            # The base weights are the run's starting point, rebuilt from its config on load.
+            model_state = lora.adapter_state(model_state)
         optimizer_state = self.backend.optimizer_state_dict()
         if self.is_main_process:
             save_checkpoint(Path(path), model_state, optimizer_state,
@@ -246,15 +269,23 @@ class T5Trainer:
         return Path(path)
 
     def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
-                           ckpt_path: Union[str, Path, None] = None) -> Path:
+                           ckpt_path: Union[str, Path, None] = None,
+                           adapter_path: Union[str, Path, None] = None) -> Path:
         """Export a plain Hugging Face checkpoint to `hf_path` (default `<output-dir>/hf`) and,
-        when given, a training checkpoint to `ckpt_path`."""
+        when given, a training checkpoint to `ckpt_path`. With LoRA the export holds the merged
+        weights, and the adapter alone goes to `adapter_path` (default `<output-dir>/adapter`)."""
         self._claim()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
         state = self.backend.model_state_dict()
         if self.is_main_process:
+            if lora.enabled(self.config):
+                lora.write_adapter(Path(adapter_path) if adapter_path else self.output_dir / "adapter", state,
+                                   self.config.peft, self.base_model, self.tokenizer)
+                state = lora.merged_state(state, self.config.peft)
+            example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
             write_hf_checkpoint(hf_path, state, self.hf_config, self.tokenizer, self.config.to_dict(),
-                                self.last_eval, self.eval_config.max_new_tokens or self.lengths.target)
+                                self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
+                                example_prompt=example)
         if ckpt_path:
             self.save_checkpoint(ckpt_path)
         self.backend.barrier()
