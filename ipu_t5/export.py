@@ -40,7 +40,7 @@ def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_m
     peft = config.get("peft") or {}
     if peft.get("method") == "lora":
         lines += ["Fine-tuned with LoRA (r={}, alpha={}, on {}); the adapters are merged into these weights, "
-                  "so this is a plain T5 checkpoint. The adapter alone was exported beside it (`adapter/`), "
+                  "so this is a plain T5 checkpoint. The run exports the adapter alone as well (`<output-dir>/adapter/`), "
                   "for `peft.PeftModel.from_pretrained`.".format(
                       peft["r"], peft["lora_alpha"], ", ".join(peft["target_modules"])), ""]
     if results:
