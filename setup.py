@@ -30,9 +30,16 @@ setup(
         "tqdm>=4.64",
         "tensorboard>=2.10",
         "numpy",
+        # LoRA; 0.13 is the newest that the Poplar SDK's stack (torch 2.0.1) was tested with.
+        "peft>=0.13",
+        # The summarization task's ROUGE.
+        "rouge_score>=0.1.2",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "vermin>=1.6", "psutil>=5.9"],
+        # Running notebooks/flan-t5-mnli.ipynb and drawing its figures.
+        "notebook": ["matplotlib>=3.6", "ipykernel>=6", "papermill>=2.4"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "vermin>=1.6", "psutil>=5.9",
+                 "matplotlib>=3.6", "ipykernel>=6", "papermill>=2.4"],
     },
     entry_points={"console_scripts": ["ipu-t5=ipu_t5.cli:main"]},
 )

@@ -4,13 +4,14 @@ target, every file fsynced, then renamed into place.
 Shared by training checkpoints and Hugging Face exports, so a crash, a kill or a full disk never
 leaves either one looking complete.
 """
+import contextlib
 import errno
 import os
 import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 # A full disk, or a full quota.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -66,6 +67,19 @@ def file_crc32(f) -> str:
     for block in iter(lambda: f.read(CHUNK), b""):
         crc = zlib.crc32(block, crc)
     return "{:08x}".format(crc & 0xFFFFFFFF)
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """A staging directory beside `target` to write into; it replaces `target` only when the block
+    finishes without an error, so an interrupted write never leaves a half-written directory."""
+    staging = staging_dir(Path(target))
+    try:
+        yield staging
+        fsync_tree(staging)
+        replace_dir(staging, Path(target))
+    finally:
+        shutil.rmtree(str(staging), ignore_errors=True)
 
 
 def replace_dir(new: Path, target: Path) -> None:

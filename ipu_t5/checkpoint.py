@@ -107,23 +107,27 @@ def _agree(backend, work: Callable[[], Any]) -> Any:
 
 
 def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_config: Dict[str, Any],
-                    hf_config, tokenizer) -> Path:
+                    hf_config, tokenizer, select: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> Path:
     """Write `backend`'s training state as a checkpoint at `path`, atomically. Every process calls it.
 
     `trainer_state` is what the loop needs to continue (step, data order, ...). Nothing at `path`
     changes unless the whole checkpoint was written; a full disk raises CheckpointError naming the
-    path and the bytes needed.
+    path and the bytes needed. `select` picks the model weights to keep (a LoRA run keeps only its
+    adapters: the base is its starting point).
     """
     from . import rng
 
     path = Path(path)
     shares = backend.checkpoint_state()
+    if shares is not None and select is not None:
+        shares = dict(shares, model=select(shares["model"]))
     process_states = backend.gather_object({"rng": rng.capture(), "backend": backend.extra_state()})
     tensors: Dict[str, Dict[str, torch.Tensor]] = {}
     if shares is None:
         from .export import export_tensors
 
-        tensors = {MODEL_FILE: export_tensors(backend.model_state_dict(), torch.float32),
+        model_state = backend.model_state_dict()
+        tensors = {MODEL_FILE: export_tensors(select(model_state) if select else model_state, torch.float32),
                    OPTIMIZER_FILE: flatten_optimizer_state(backend.optimizer_state_dict())}
         needed = sum(_tensor_bytes(t) for t in tensors.values())
     else:

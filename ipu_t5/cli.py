@@ -22,6 +22,7 @@ FLAG_KEYS = {
     "pretrained": "model.pretrained",
     "resume": "output.resume_from_checkpoint",
     "save_every": "output.save_steps",
+    "peft": "peft.method",
 }
 EXIT_USER_ERROR = 2
 # MNLI's targets ("entailment", ...) with their end-of-sequence token are well under this.
@@ -37,6 +38,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--task", help="task name (data.task)")
     group.add_argument("--data-files", help="local data as split=PATH pairs: train=a.jsonl,validation=b.jsonl")
     group.add_argument("--pretrained", help="hub id or directory of the starting weights (model.pretrained)")
+    group.add_argument("--peft", choices=["none", "lora"],
+                       help="lora: train only LoRA adapters (peft.method; rank etc. with --set peft.r=16 ...)")
     group.add_argument("--backend", help="auto, single, torch or ipu (layout.backend)")
     group.add_argument("--stages", type=int, help="pipeline stages per replica (layout.stages)")
     group.add_argument("--replicas", type=int, help="data-parallel replicas (layout.replicas)")
@@ -91,8 +94,27 @@ def _table(rows: List[List[str]]) -> str:
     return "\n".join("  {}  {}".format(r[0].ljust(width), r[1]) for r in rows)
 
 
+def _score(value: float) -> str:
+    # Scores in [0, 1] (accuracy, ROUGE, exact match) read best as percentages; others as they are.
+    return "{:.2%}".format(value) if 0.0 <= value <= 1.0 else "{:.4g}".format(value)
+
+
+def _results_row(results: Dict[str, Any]) -> List[str]:
+    """The summary line of an evaluation: the task's main score first, then the others."""
+    main = results["main_metric"]
+    others = ", ".join("{} {}".format(k, _score(results[k])) for k in results["metrics"] if k != main)
+    text = _score(results[main]) + (" ({})".format(others) if others else "")
+    text += " on {} samples".format(results["num_samples"])
+    if results.get("split"):
+        text += " of the {} split".format(results["split"])
+    if "invalid" in results:
+        text += ", {} invalid".format(results["invalid"])
+    return ["validation " + main, text]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune, validate, export, reload the export with plain transformers, print a summary."""
+    from . import lora
     from .export import reload_and_predict
     from .trainer import T5Trainer
 
@@ -115,20 +137,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows = [["steps", str(summary["steps"])],
                 ["train samples/s", "{:.1f}".format(summary["samples_per_second"])],
                 ["final loss", "{:.4f}".format(summary["final_loss"]) if summary["final_loss"] is not None else "-"]]
+        if lora.enabled(config):
+            adapter = config.output_dir / "adapter"
+            rows += [["trainable parameters", "{:,} of {:,} (LoRA adapters)".format(
+                         trainer.num_trainable, trainer.num_params)],
+                     ["adapter", "{} (peft.PeftModel.from_pretrained)".format(adapter)]]
+            summary.update({"trainable_parameters": trainer.num_trainable, "parameters": trainer.num_params,
+                            "adapter": str(adapter)})
         if results is not None:
             predictions = [json.loads(line) for line in open(config.output_dir / "eval_predictions.jsonl")]
             sample = predictions[:256]
             reloaded = reload_and_predict(hf_dir, [p["prompt"] for p in sample])
             same = sum(r == p["generated"] for r, p in zip(reloaded, sample))
             example = sample[0]
-            rows += [["validation accuracy", "{:.2%} of {} ({} split, {} invalid)".format(
-                         results["accuracy"], results["num_samples"], config.data.eval_split, results.get("invalid", 0))],
+            rows += [_results_row(results),
                      ["validation samples/s", "{:.1f}".format(results["samples_per_second"])],
                      ["export", "{} (reloaded with plain transformers: {}/{} predictions identical)".format(
                          hf_dir, same, len(sample))],
                      ["example", "{!r} -> {!r} (target {!r})".format(
                          example["prompt"], reloaded[0], example["target"])]]
-            summary.update({"accuracy": results["accuracy"], "export_predictions_identical": same,
+            summary.update({k: results[k] for k in results["metrics"]})
+            summary.update({"main_metric": results["main_metric"], "export_predictions_identical": same,
                             "export_predictions_checked": len(sample)})
         else:
             rows.append(["export", str(hf_dir)])
@@ -182,11 +211,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Turn a training checkpoint (or a run's newest one) into a plain Hugging Face checkpoint,
-    reloaded and compared with the checkpoint's model before it is put in place."""
-    from . import checkpoint
+    reloaded and compared with the checkpoint's model before it is put in place; a LoRA run's
+    adapter goes beside it."""
+    from . import checkpoint, lora
+    from .config import config_from_dict
     from .export import DEFAULT_MAX_SHARD_SIZE, DTYPES, write_hf_checkpoint
+    from .models import canonical_size
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     source = Path(args.checkpoint)
     if (source / "run_config.yaml").is_file() and not (source / checkpoint.STATE_FILE).exists():
         found = checkpoint.newest_usable(source, lambda line: print(line, file=sys.stderr))
@@ -197,10 +228,24 @@ def cmd_export(args: argparse.Namespace) -> int:
         found = checkpoint.inspect(source)
     state = found.state
     results = state.get("last_eval") if state.get("last_eval_step") == found.step else None
-    exported = write_hf_checkpoint(Path(args.out), found.model_tensors(), found.hf_config(), found.tokenizer(),
-                                   found.run_config(), results, state.get("max_new_tokens"),
-                                   DTYPES[args.dtype], args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
-    print("{} (from {}, step {})".format(exported.describe(), found.path, found.step))
+    run_config = config_from_dict(found.run_config())
+    tensors, tokenizer, extra = found.model_tensors(), found.tokenizer(), ""
+    if lora.enabled(run_config):
+        # A LoRA checkpoint holds only the adapter; the base comes from the run's own starting point.
+        _offline_if_possible(run_config)
+        out = Path(args.out)
+        adapter_out = Path(args.adapter_out) if args.adapter_out else out.with_name(out.name + "-adapter")
+        full = lora.restore_full_state(run_config, dict(tensors), len(tokenizer))
+        base = run_config.model.pretrained or canonical_size(run_config.model.name).hub_id
+        lora.write_adapter(adapter_out, full, run_config.peft, base, tokenizer)
+        tensors = lora.merged_state(full, run_config.peft)
+        extra = " (LoRA merged; adapter in {})".format(adapter_out)
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    exported = write_hf_checkpoint(Path(args.out), tensors, found.hf_config(), tokenizer, found.run_config(),
+                                   results, state.get("max_new_tokens"), DTYPES[args.dtype],
+                                   args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    print("{}{} (from {}, step {})".format(exported.describe(), extra, found.path, found.step))
     return 0
 
 
@@ -235,8 +280,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_backend(args: argparse.Namespace) -> int:
-    """Print the backend the flags resolve to and how many processes it runs as (`run.sh`
-    launches by it: the IPU backend is one process driving every IPU, never torchrun)."""
+    """Print the backend the flags resolve to and how many processes it runs as (the IPU backend is
+    one process driving every IPU, never torchrun)."""
     from .backends import resolve_backend_name
     from .layout import plan_from_config
 
@@ -268,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-size", metavar="SIZE",
                         help="largest weight file; bigger models are sharded with an index file, as "
                              "save_pretrained does (default 5GB)")
+    export.add_argument("--adapter-out", help="where a LoRA run's adapter goes (default: <out>-adapter)")
     export.set_defaults(func=cmd_export)
     plan = commands.add_parser("plan", help="per-IPU placement and memory of a layout (no IPU, no weights)")
     _add_config_flags(plan)

@@ -42,7 +42,8 @@ class DataConfig:
     source: str = "demo"
     data_files: Dict[str, str] = field(default_factory=dict)
     train_split: str = "train"
-    eval_split: str = "validation_mismatched"
+    # None: the task's own (validation_mismatched for MNLI, validation for the others).
+    eval_split: Optional[str] = None
     # None: the longest tokenized prompt in the data, capped at the model's 512.
     max_source_length: Optional[int] = None
     max_train_samples: Optional[int] = None
@@ -75,6 +76,33 @@ class TrainingConfig:
     # overflows in it).
     fp16: Optional[bool] = None
     logging_steps: int = 10
+
+
+@dataclass
+class TaskConfig:
+    """Adjusts the task named by `data.task`, or defines one that is not registered; None keeps
+    the registered task's own setting."""
+
+    # A str.format template over the data's column names, e.g. "summarize: {document}".
+    input_template: Optional[str] = None
+    target_column: Optional[str] = None
+    # A local evaluate module under ipu_t5/metrics (rouge, exact_match) or a directory holding one.
+    metric: Optional[str] = None
+    # How generated text becomes a prediction: strip | lower.
+    postprocess: Optional[str] = None
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning through `peft`, named as in its LoraConfig."""
+
+    # none: every weight trains; lora: only low-rank adapters on `target_modules` train.
+    method: str = "none"
+    r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    # T5's attention projections are q, k, v, o; its feed-forward wi_0, wi_1, wo.
+    target_modules: List[str] = field(default_factory=lambda: ["q", "v"])
 
 
 @dataclass
@@ -153,7 +181,8 @@ class OutputConfig:
     save_steps: Optional[int] = 500
     # Periodic checkpoints kept (the newest ones), besides the best by `metric_for_best_model`.
     save_total_limit: int = 2
-    metric_for_best_model: str = "accuracy"
+    # None: the task's own lead score (accuracy for MNLI, rougeL for summarization, ...).
+    metric_for_best_model: Optional[str] = None
     # "auto": the newest intact checkpoint in output_dir (or start afresh); or a checkpoint path.
     resume_from_checkpoint: Optional[str] = None
     report_to_tensorboard: bool = True
@@ -165,6 +194,8 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
@@ -197,6 +228,10 @@ ALIASES = {
     "ipu.ipus_per_replica": "layout.stages",
     "ipu.replication_factor": "layout.replicas",
     "ipu.gradient_accumulation_steps": "layout.gradient_accumulation_steps",
+    "task.name": "data.task",
+    "peft.rank": "peft.r",
+    "peft.alpha": "peft.lora_alpha",
+    "peft.dropout": "peft.lora_dropout",
 }
 
 CHOICES = {
@@ -206,6 +241,7 @@ CHOICES = {
     "layout.pipeline_schedule": ("GPipe", "1F1B", "Interleaved1F1B"),
     "layout.data_parallel": ("ddp", "fsdp"),
     "ipu.execution_strategy": ("auto", "pipelined", "phased"),
+    "peft.method": ("none", "lora"),
 }
 
 POSITIVE = {
@@ -214,7 +250,7 @@ POSITIVE = {
     "layout.stages", "layout.replicas", "layout.micro_batch_size",
     "layout.gradient_accumulation_steps", "layout.ddp_timeout", "data.max_source_length", "data.max_train_samples",
     "data.max_eval_samples", "data.demo_train_samples", "data.demo_eval_samples",
-    "output.save_steps", "output.save_total_limit",
+    "output.save_steps", "output.save_total_limit", "peft.r",
     "ipu.embedding_serialization_factor", "ipu.inference_device_iterations",
 }
 NON_NEGATIVE = {
@@ -282,7 +318,8 @@ def _coerce(key: str, value: Any, tp: Any, from_text: bool) -> Any:
             return str(value)
     elif origin in (list, List):
         if isinstance(value, (int, str)) and from_text:
-            value = [int(v) for v in str(value).replace(",", " ").split()] if str(value).strip() else []
+            # "3,3", "3 3" or "q,v": one element per item, each parsed as the element type.
+            value = str(value).replace(",", " ").split()
         if isinstance(value, list):
             return [_coerce(key, v, tp.__args__[0], from_text) for v in value]
     elif origin in (dict, Dict):
@@ -377,10 +414,10 @@ def preset_path(model_name: str) -> Optional[Path]:
 def validate(config: RunConfig) -> RunConfig:
     """Check ranges, choices and cross-field rules; the types were checked as values were set."""
     from .models import canonical_size
-    from .tasks import get_task
+    from .tasks import build_task
 
     canonical_size(config.model.name)
-    get_task(config.data.task)
+    build_task(config)
     for key in all_keys():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
@@ -403,10 +440,18 @@ def validate(config: RunConfig) -> RunConfig:
         raise UserError("training.bf16 and training.fp16 are both set: choose one precision.")
     if config.data.source == "files" and not config.data.data_files:
         raise UserError("data.source is 'files' but no data files are given: use --data-files train=PATH,validation=PATH.")
+    if not config.peft.lora_alpha > 0:
+        raise UserError("peft.lora_alpha must be positive, got {}.".format(config.peft.lora_alpha))
+    if not 0.0 <= config.peft.lora_dropout < 1.0:
+        raise UserError("peft.lora_dropout must be in [0, 1), got {}.".format(config.peft.lora_dropout))
+    if config.peft.method != "none" and not config.peft.target_modules:
+        raise UserError("peft.target_modules is empty: name the T5 modules to adapt, e.g. q,v.")
     if config.layout.micro_batch_size and config.layout.gradient_accumulation_steps:
         raise UserError(
             "give layout.micro_batch_size or layout.gradient_accumulation_steps, not both: the other "
             "follows from training.global_batch_size ({}).".format(config.training.global_batch_size))
+    # The task's template, columns, metric and postprocessor are checked here, before any work.
+    build_task(config)
     return config
 
 

@@ -93,14 +93,22 @@ class ExportResult:
                     transformers.__version__, self.max_difference, TOLERANCE))
 
 
-def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_model: str) -> str:
+def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_model: str,
+               example_prompt: Optional[str] = None) -> str:
     """README.md for the export: what it is, how it was trained, what it scored, how to load it."""
+    prompt = repr(example_prompt or "mnli hypothesis: ... premise: ...")
     lines = ["---", "library_name: transformers", "pipeline_tag: text2text-generation",
              "tags: [t5, flan-t5, ipu-t5, {}]".format(config["data"]["task"])]
     if base_model:
         lines.append("base_model: {}".format(base_model))
     lines += ["---", "", "# Flan-T5 fine-tuned with ipu-t5", "",
               "Task: **{}**, data source: {}.".format(config["data"]["task"], config["data"]["source"]), ""]
+    peft = config.get("peft") or {}
+    if peft.get("method") == "lora":
+        lines += ["Fine-tuned with LoRA (r={}, alpha={}, on {}); the adapters are merged into these weights, "
+                  "so this is a plain T5 checkpoint. The run exports the adapter alone as well (`<output-dir>/adapter/`), "
+                  "for `peft.PeftModel.from_pretrained`.".format(
+                      peft["r"], peft["lora_alpha"], ", ".join(peft["target_modules"])), ""]
     if results:
         shown = {k: v for k, v in results.items() if isinstance(v, (int, float))}
         lines += ["## Validation (generation-based)", "", "| metric | value |", "|---|---|"]
@@ -110,10 +118,10 @@ def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_m
               "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(PATH)",
               "model = AutoModelForSeq2SeqLM.from_pretrained(PATH)",
-              "ids = tok(['mnli hypothesis: ... premise: ...'], return_tensors='pt')",
+              "ids = tok([{}], return_tensors='pt')".format(prompt),
               "print(tok.batch_decode(model.generate(**ids), skip_special_tokens=True))", "```", "",
               "transformers 4.x:", "", "```python", "from transformers import pipeline",
-              "print(pipeline('text2text-generation', model=PATH)('mnli hypothesis: ... premise: ...'))",
+              "print(pipeline('text2text-generation', model=PATH)({}))".format(prompt),
               "```", "", "## Training configuration", "", "```yaml",
               yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
@@ -129,6 +137,7 @@ def write_hf_checkpoint(
     max_new_tokens: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+    example_prompt: Optional[str] = None,
 ) -> ExportResult:
     """Write the export of the weights `state` (by Hugging Face name; a lazy mapping is read one
     shard at a time) atomically, once transformers has reloaded it as the same model.
@@ -170,7 +179,7 @@ def write_hf_checkpoint(
             **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
         generation.save_pretrained(str(staging))
         base = run_config["model"].get("pretrained") or ""
-        (staging / "README.md").write_text(model_card(run_config, results, base))
+        (staging / "README.md").write_text(model_card(run_config, results, base, example_prompt))
         difference = _check_reload(staging, batch, reference)
         atomic.fsync_tree(staging)
         atomic.replace_dir(staging, out_dir)

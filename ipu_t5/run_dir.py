@@ -9,8 +9,8 @@ from .errors import UserError
 
 RECORD = "run_config.yaml"
 # What a run writes; --overwrite removes exactly these and nothing else the user keeps there.
-ARTIFACTS = (RECORD, "metrics.jsonl", "eval_results.json", "eval_predictions.jsonl", "hf",
-             "checkpoints", "tensorboard", "summary.json")
+ARTIFACTS = (RECORD, "metrics.jsonl", "eval_results.json", "eval_predictions.jsonl", "hf", "adapter",
+             "checkpoints", "tensorboard", "summary.json", "loss_curve.png", "eval_scores.png")
 # Keys that may change between invocations of the same run (continuing, re-splitting, evaluating).
 MUTABLE = {"training": ("max_steps", "logging_steps"), "model": ("pretrained",)}
 MUTABLE_SECTIONS = ("validation", "layout", "output")

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, rng, run_dir
+from . import checkpoint, lora, rng, run_dir
 from .backends import Backend, create_backend
 from .config import RunConfig, ValidationConfig
 from .data.batching import BatchOrder, GlobalBatch
@@ -26,7 +26,7 @@ from .metrics_log import MetricsLog
 from .models import build_model, canonical_size, load_pretrained, model_from_config, parameter_shapes, set_dropout
 from .optim import lr_at
 from .signals import GracefulStop
-from .tasks import get_task
+from .tasks import build_task
 from .tokenizer import load_tokenizer
 
 
@@ -45,7 +45,8 @@ class T5Trainer:
             (`input_ids`, `labels`, `reference`); None loads them from the config.
         eval_config: validation settings; None uses `config.validation`.
         tokenizer: None loads the model's tokenizer (or trains the demo one for `tiny`).
-        accuracy_metric: an `evaluate` metric; None loads the task's local metric module.
+        accuracy_metric: an `evaluate` metric (Graphcore's name; any metric works); None loads the
+            task's local metric module (accuracy, ROUGE, exact match, ...).
         postprocess_predictions: generated texts -> metric predictions; None uses the task's.
         backend: an already built backend; None builds the configured one.
 
@@ -68,7 +69,7 @@ class T5Trainer:
     ):
         self.config = config
         self.eval_config = eval_config or config.validation
-        self.task = get_task(config.data.task)
+        self.task = build_task(config)
         resume = config.output.resume_from_checkpoint
         # Found before anything is built, without reading the tensors (the main process verifies them
         # later): a run that cannot resume fails fast, and a resumed run builds its model from the
@@ -91,12 +92,24 @@ class T5Trainer:
         self.train_features = tokenize(dataset, self.task, self.tokenizer, max_len, workers, "tokenizing training data")
         self.eval_features = None if eval_dataset is None else tokenize(
             eval_dataset, self.task, self.tokenizer, max_len, workers, "tokenizing evaluation data")
+        self.eval_split = None if eval_dataset is None or eval_dataset.split is None else str(eval_dataset.split)
         self.lengths: Lengths = lengths(self.train_features, self.eval_features)
-        if pretrained is None and candidate is not None:
-            pretrained = candidate.hf_config()  # the architecture; its weights are loaded by _resume
+        if pretrained is None and candidate is not None and not lora.enabled(config):
+            # The architecture; its weights are loaded by _resume. A LoRA checkpoint holds only the
+            # adapters, so the base is the run's own starting point, built as before.
+            pretrained = candidate.hf_config()
         model = self._model(pretrained)
         self.hf_config = model.config
+        self.base_model = str(pretrained) if isinstance(pretrained, (str, Path)) else (
+            config.model.pretrained or canonical_size(config.model.name).hub_id)
+        if lora.enabled(config):
+            # Before the backend sees the model: every backend then trains only the adapters. The
+            # A matrices start from the run's seed, whatever ran before in this process.
+            torch.manual_seed(config.training.seed)
+            lora.apply_lora(model, config.peft)
+            self.adapter_shapes = {k: tuple(v.shape) for k, v in lora.adapter_state(model.state_dict()).items()}
         self.num_params = sum(p.numel() for p in model.parameters())
+        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
         self.backend = backend or create_backend(config, self.plan, self.lengths)
         if self.backend.lengths is None:
@@ -198,6 +211,14 @@ class T5Trainer:
             with open(self.output_dir / name, "w") as f:
                 json.dump(data, f, indent=2)
 
+    def _trainable_note(self) -> str:
+        if not lora.enabled(self.config):
+            return ""
+        peft = self.config.peft
+        return ", {:,} trainable ({:.2%}): LoRA r={} alpha={:g} on {}".format(
+            self.num_trainable, self.num_trainable / self.num_params, peft.r, peft.lora_alpha,
+            ", ".join(peft.target_modules))
+
     # ----- training -----
 
     def _train_rows(self) -> List[Dict[str, List[int]]]:
@@ -218,10 +239,10 @@ class T5Trainer:
         cfg = self.config.training
         log = self._claim()
         rows = self._train_rows()
-        self._say("{}\n{}\nmodel: {} ({:.1f}M parameters), task {}: {} training / {} validation examples, "
+        self._say("{}\n{}\nmodel: {} ({:.1f}M parameters{}), task {}: {} training / {} validation examples, "
                   "prompts up to {} tokens, targets up to {}".format(
                       self.backend.description, self.plan.describe(), self.config.model.name,
-                      self.num_params / 1e6,
+                      self.num_params / 1e6, self._trainable_note(),
                       self.task.name, len(rows), len(self.eval_features) if self.eval_features is not None else 0,
                       self.lengths.source, self.lengths.target))
         batches = iter(self.order)
@@ -318,7 +339,10 @@ class T5Trainer:
         if found is None:
             return
         checkpoint.check_architecture(found, canonical_size(self.config.model.name))
-        checkpoint.check_tensors(found, parameter_shapes(self.hf_config))
+        expected = parameter_shapes(self.hf_config)
+        if lora.enabled(self.config):
+            expected = self.adapter_shapes
+        checkpoint.check_tensors(found, expected)
         checkpoint.check_data_order(found, self.order.state_dict())
         found.load_into(self.backend)
         state = found.state
@@ -368,8 +392,12 @@ class T5Trainer:
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         predictions = self.postprocess(texts)
         references = [r["reference"] for r in rows]
-        result: Dict[str, Any] = dict(self.metric.compute(predictions=predictions, references=references))
-        result.update({"num_samples": len(rows), "step": self.step, "eval_seconds": seconds,
+        scores = dict(self.metric.compute(predictions=predictions, references=references))
+        # Scores first and flat (results["accuracy"], results["rougeL"]), then what they mean.
+        result: Dict[str, Any] = dict(scores)
+        result.update({"main_metric": self.task.main_metric or next(iter(scores)), "metrics": list(scores),
+                       "task": self.task.name, "split": self.eval_split,
+                       "num_samples": len(rows), "step": self.step, "eval_seconds": seconds,
                        "samples_per_second": len(rows) / seconds if seconds else 0.0})
         result.update(self.task.report(predictions, references))
         self.last_eval = result
@@ -387,7 +415,7 @@ class T5Trainer:
     def _track_best(self, result: Dict[str, Any]) -> None:
         """Remember the best validation so far; a checkpoint of this step, written before this
         validation finished, records it too (and the best one is kept by rotation)."""
-        metric = self.config.output.metric_for_best_model
+        metric = self.config.output.metric_for_best_model or result["main_metric"]
         if metric not in result:
             raise UserError("output.metric_for_best_model is '{}' but validation reports {}: choose one of "
                             "those.".format(metric, ", ".join(k for k, v in result.items() if isinstance(v, (int, float)))))
@@ -424,8 +452,10 @@ class T5Trainer:
         """A layout-free training checkpoint at `path`: weights, optimizer, random generators of
         every process, data order and step. Written atomically; `--resume PATH` continues it."""
         self._claim()
+        # Under LoRA the base weights are the run's starting point, rebuilt from its config on load.
+        select = lora.adapter_state if lora.enabled(self.config) else None
         return checkpoint.save_checkpoint(Path(path), self.backend, self._trainer_state(), self.config.to_dict(),
-                                          self.hf_config, self.tokenizer)
+                                          self.hf_config, self.tokenizer, select)
 
     def _save_periodic(self) -> Path:
         """`<output-dir>/checkpoints/step-N`, then keep the newest `output.save_total_limit` and the best."""
@@ -436,16 +466,26 @@ class T5Trainer:
         return path
 
     def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
-                           ckpt_path: Union[str, Path, None] = None) -> Path:
+                           ckpt_path: Union[str, Path, None] = None,
+                           adapter_path: Union[str, Path, None] = None) -> Path:
         """Export a plain Hugging Face checkpoint to `hf_path` (default `<output-dir>/hf`), checked
-        by reloading it with transformers, and, when given, a training checkpoint to `ckpt_path`."""
+        by reloading it with transformers, and, when given, a training checkpoint to `ckpt_path`.
+        With LoRA the export holds the merged weights, and the adapter alone goes to `adapter_path`
+        (default `<output-dir>/adapter`)."""
         self._claim()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
         state = self.backend.model_state_dict()
 
         def export() -> None:
-            exported = write_hf_checkpoint(hf_path, state, self.hf_config, self.tokenizer, self.config.to_dict(),
-                                           self.last_eval, self.eval_config.max_new_tokens or self.lengths.target)
+            merged = state
+            if lora.enabled(self.config):
+                lora.write_adapter(Path(adapter_path) if adapter_path else self.output_dir / "adapter", state,
+                                   self.config.peft, self.base_model, self.tokenizer)
+                merged = lora.merged_state(state, self.config.peft)
+            example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
+            exported = write_hf_checkpoint(hf_path, merged, self.hf_config, self.tokenizer, self.config.to_dict(),
+                                           self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
+                                           example_prompt=example)
             self._say(exported.describe())
 
         self._on_main(export)

@@ -128,7 +128,7 @@ def test_files_source_needs_files():
 
 
 def test_unknown_task():
-    assert "unknown task 'nli'" in _error(overrides=["data.task=nli"])
+    assert "task 'nli' is not registered" in _error(overrides=["data.task=nli"])
 
 
 def test_conflicting_precisions_and_micro_batch_spec():

@@ -65,7 +65,7 @@ def _available(config: RunConfig, task: Task) -> Dict[str, Callable[[], datasets
     if source == "demo":
         rows = task.demo_splits(config.training.seed, config.data.demo_train_samples,
                                 config.data.demo_eval_samples)
-        return {split: (lambda r=r: datasets.Dataset.from_list(r)) for split, r in rows.items()}
+        return {split: (lambda r=r, s=split: datasets.Dataset.from_list(r, split=s)) for split, r in rows.items()}
     if source == "hub":
         hub = _load_hub(task)
         return {split: (lambda s=split: hub[s]) for split in hub}
@@ -86,7 +86,7 @@ def check_examples(dataset: datasets.Dataset, task: Task, where: str, limit: Opt
 def load_splits(config: RunConfig, task: Task) -> Tuple[datasets.Dataset, Optional[datasets.Dataset]]:
     """The run's training split and (when validating) its evaluation split, checked against the task."""
     available = _available(config, task)
-    eval_split = config.data.eval_split
+    eval_split = config.data.eval_split or task.eval_split
     if config.data.source == "files" and eval_split not in available and "validation" in available:
         eval_split = "validation"
     wanted = [("training", config.data.train_split, config.data.max_train_samples)]

@@ -1,6 +1,7 @@
 """MNLI as text to text, the way Flan-T5 was fine-tuned on it."""
 from typing import Any, Dict, List
 
+from ..data.demo_mnli import generate_splits
 from ..errors import UserError
 from .base import Task
 
@@ -31,6 +32,8 @@ def postprocess_mnli_predictions(generated: List[str]) -> List[int]:
 class MnliTask(Task):
     """premise + hypothesis -> entailment | neutral | contradiction."""
 
+    label_targets = True
+
     def normalize(self, example: Dict[str, Any], where: str) -> Dict[str, Any]:
         example = super().normalize(example, where)
         try:
@@ -60,11 +63,6 @@ class MnliTask(Task):
             }
         return {"per_class": per_class, "invalid": sum(1 for p in predictions if p == INVALID)}
 
-    def demo_splits(self, seed: int, train_size: int, eval_size: int) -> Dict[str, List[Dict[str, Any]]]:
-        from ..data.demo_mnli import generate_splits
-
-        return generate_splits(seed, train_size, eval_size)
-
 
 def mnli() -> Task:
     return MnliTask(
@@ -73,4 +71,7 @@ def mnli() -> Task:
         target_column="label",
         metric="accuracy",
         hub_dataset=("glue", "mnli"),
+        main_metric="accuracy",
+        eval_split="validation_mismatched",
+        demo=generate_splits,
     )

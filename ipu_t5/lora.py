@@ -1,0 +1,162 @@
+"""LoRA through `peft`: adapters injected into the model before a backend takes it, so every
+backend trains only them; then adapter-only checkpoints, the merged export and the adapter export.
+
+Everything after injection works on state dicts by name, never on a backend's modules. peft
+renames each adapted Linear's weight, `...SelfAttention.q.weight` becoming
+`...SelfAttention.q.base_layer.weight`, and adds `...q.lora_A.default.weight` (r x in) and
+`...q.lora_B.default.weight` (out x r) beside it. Backends hand weights over by those names; this
+module turns them back into Hugging Face names (merged) and into peft's saved-adapter names.
+"""
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .errors import UserError
+
+ADAPTER_NAME = "default"
+# How PeftModel.save_pretrained names a seq2seq model's adapter tensors.
+SAVED_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# LoraConfig fields that peft 0.13 (the Poplar SDK's stack) and today's peft both read; newer peft
+# writes fields 0.13 rejects, so the adapter config holds only these and both load it.
+PORTABLE_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "inference_mode", "r", "lora_alpha",
+                   "lora_dropout", "target_modules", "bias", "fan_in_fan_out", "modules_to_save",
+                   "init_lora_weights")
+T5_LINEARS = "q, k, v, o (attention), wi_0, wi_1, wo (feed-forward), lm_head"
+
+
+def enabled(config) -> bool:
+    """Whether the run trains LoRA adapters instead of every weight."""
+    return config.peft.method == "lora"
+
+
+def lora_config(peft_cfg, base_model: Optional[str] = None, inference_mode: bool = False):
+    """The `peft.LoraConfig` of the run's `peft` section."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise UserError("peft.method=lora needs the peft package: pip install 'peft>=0.13'.") from None
+    return LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.lora_alpha, lora_dropout=peft_cfg.lora_dropout,
+                      target_modules=list(peft_cfg.target_modules), bias="none", task_type="SEQ_2_SEQ_LM",
+                      base_model_name_or_path=base_model, inference_mode=inference_mode)
+
+
+def apply_lora(model: torch.nn.Module, peft_cfg) -> torch.nn.Module:
+    """Inject LoRA adapters into `model` in place and freeze everything else.
+
+    The model stays a `T5ForConditionalGeneration` (no PeftModel wrapper), so a backend splits,
+    wraps and places it as it does any T5; only the adapted Linear layers change.
+    """
+    from peft import inject_adapter_in_model
+
+    config = lora_config(peft_cfg)
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    except ValueError as err:
+        raise UserError("peft.target_modules {} does not name layers of this model ({}). T5's linear "
+                        "layers are {}.".format(list(peft_cfg.target_modules), str(err).splitlines()[0],
+                                                T5_LINEARS)) from None
+    return model
+
+
+def is_adapter_key(name: str) -> bool:
+    """Whether a state-dict name is a LoRA adapter matrix."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def adapter_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The adapter tensors of a full state dict: all that a LoRA checkpoint needs to hold."""
+    return {k: v for k, v in state.items() if is_adapter_key(k)}
+
+
+def merged_state(state: Dict[str, torch.Tensor], peft_cfg) -> Dict[str, torch.Tensor]:
+    """Hugging Face names and plain weights: W + (alpha / r) * B @ A for every adapted layer,
+    without adapter tensors. The merged model computes what the adapted model computes in eval
+    mode (LoRA dropout is then the identity)."""
+    scaling = peft_cfg.lora_alpha / peft_cfg.r
+    merged = {k.replace(".base_layer.", "."): v for k, v in state.items() if not is_adapter_key(k)}
+    suffix = ".lora_A.{}.weight".format(ADAPTER_NAME)
+    for name, a in state.items():
+        if name.endswith(suffix):
+            module = name[:-len(suffix)]
+            b = state["{}.lora_B.{}.weight".format(module, ADAPTER_NAME)]
+            weight = merged[module + ".weight"]
+            delta = scaling * (b.detach().float().cpu() @ a.detach().float().cpu())
+            merged[module + ".weight"] = (weight.detach().float().cpu() + delta).to(weight.dtype)
+    return merged
+
+
+def saved_adapter_tensors(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Adapter tensors under the names `PeftModel.save_pretrained` writes (no adapter name)."""
+    infix = ".{}.".format(ADAPTER_NAME)
+    return {SAVED_PREFIX + k.replace(infix, "."): v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in adapter_state(state).items()}
+
+
+def portable_config_dict(peft_cfg, base_model: Optional[str]) -> Dict[str, Any]:
+    """adapter_config.json contents that both stacks' peft load."""
+    data = lora_config(peft_cfg, base_model, inference_mode=True).to_dict()
+    out = {}
+    for key in PORTABLE_FIELDS:
+        value = data.get(key)
+        if isinstance(value, (set, frozenset)):
+            value = sorted(value)
+        out[key] = getattr(value, "value", value)
+    return out
+
+
+def write_adapter(out_dir: Path, state: Dict[str, torch.Tensor], peft_cfg, base_model: Optional[str],
+                  tokenizer) -> Path:
+    """Export the adapter where `PeftModel.from_pretrained(base, out_dir)` loads it; atomic."""
+    from safetensors.torch import save_file
+
+    from .atomic import staged_dir
+
+    tensors = saved_adapter_tensors(state)
+    if not tensors:
+        raise UserError("the model holds no LoRA adapter weights to export: was it trained with peft.method=lora?")
+    with staged_dir(out_dir) as staging:
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with open(staging / ADAPTER_CONFIG, "w") as f:
+            json.dump(portable_config_dict(peft_cfg, base_model), f, indent=2, sort_keys=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / "README.md").write_text(adapter_card(peft_cfg, base_model, len(tensors)))
+    return Path(out_dir)
+
+
+def adapter_card(peft_cfg, base_model: Optional[str], num_tensors: int) -> str:
+    """README.md for the adapter export: what it adapts and how to load it."""
+    base = base_model or "BASE"
+    lines = ["---", "library_name: peft", "tags: [t5, flan-t5, ipu-t5, lora]"]
+    if base_model:
+        lines.append("base_model: {}".format(base_model))
+    lines += ["---", "", "# LoRA adapter trained with ipu-t5", "",
+              "r={}, alpha={}, dropout={}, on {} ({} tensors).".format(
+                  peft_cfg.r, peft_cfg.lora_alpha, peft_cfg.lora_dropout, ", ".join(peft_cfg.target_modules),
+                  num_tensors), ""]
+    if not base_model:
+        lines += ["The base model was a seeded random initialisation (the tiny demo), not a saved checkpoint: "
+                  "rebuild it with the run's config to apply this adapter.", ""]
+    lines += ["```python", "from peft import PeftModel", "from transformers import AutoModelForSeq2SeqLM",
+              "base = AutoModelForSeq2SeqLM.from_pretrained({!r})".format(base),
+              "model = PeftModel.from_pretrained(base, PATH)",
+              "merged = model.merge_and_unload()  # a plain T5, as the run's hf/ export", "```", ""]
+    return "\n".join(lines)
+
+
+def restore_full_state(run_config, adapter: Dict[str, torch.Tensor], vocab_size: int) -> Dict[str, torch.Tensor]:
+    """The whole adapted model's state from an adapter-only checkpoint: the run's base weights
+    rebuilt from its config, with the adapter loaded into them."""
+    from .models import build_model
+
+    model = apply_lora(build_model(run_config, vocab_size), run_config.peft)
+    result = model.load_state_dict(adapter, strict=False)
+    missing = [k for k in result.missing_keys if is_adapter_key(k)]
+    if result.unexpected_keys or missing:
+        raise UserError("the checkpoint's adapter does not fit the model its config builds ({} unexpected, {} "
+                        "missing adapter tensors): was the checkpoint written by this run?".format(
+                            len(result.unexpected_keys), len(missing)))
+    return {k: v.detach() for k, v in model.state_dict().items()}
