@@ -2,6 +2,7 @@
 (tests/poptorch_standin.py: the SDK's poptorch cannot be installed here)."""
 import copy
 import json
+import math
 import random
 
 import pytest
@@ -239,6 +240,135 @@ def test_trainer_runs_end_to_end_through_the_ipu_backend(standin, tmp_path):
     assert trainer.plan is trainer.backend.plan
     calls = [name for name, _ in standin.calls]
     assert "poptorch.trainingModel" in calls and "poptorch.inferenceModel" in calls
+
+
+# ----- LoRA: the adapters injected before the backend takes the model -----
+
+LORA = {"peft.method": "lora", "peft.r": 4, "peft.lora_alpha": 8, "peft.lora_dropout": 0}
+
+
+def lora_model(config):
+    from ipu_t5 import lora
+
+    model = build_model(config, 512)
+    torch.manual_seed(config.training.seed)
+    return lora.apply_lora(model, config.peft)
+
+
+def test_lora_trains_only_the_adapters_and_matches_the_single_process(standin, tmp_path):
+    from ipu_t5 import lora
+
+    # As in test_ipu_step_matches_the_single_process_step: 2 IPUs x 2 replicas, AdamW following
+    # the gradient's scale.
+    common = dict(LORA, **{"training.warmup_steps": 4, "training.learning_rate": 0.01, "training.adam_epsilon": 1.0})
+    config = tiny_config(tmp_path, **dict(common, **{"layout.stages": 2, "layout.replicas": 2}))
+    single_config = tiny_config(tmp_path, **dict(common, **{"layout.backend": "single"}))
+    model = lora_model(config)
+    before = copy.deepcopy(model.state_dict())
+    adapters = {n for n in before if lora.is_adapter_key(n)}
+    reference = SingleProcessBackend(single_config, plan_from_config(single_config, SOURCE, TARGET), device="cpu")
+    reference.setup(copy.deepcopy(model))
+    backend = ipu_backend(config, model)
+    # poptorch gets an optimizer over the adapters alone, and every other weight is frozen for it.
+    (compiled,) = standin.named("poptorch.trainingModel")
+    assert compiled["optimizer"] is backend.optimizer
+    optimized = {id(p) for group in backend.optimizer.param_groups for p in group["params"]}
+    trainable = {n: p for n, p in backend.train_module.named_parameters() if p.requires_grad}
+    assert optimized == {id(p) for p in trainable.values()}
+    assert {n[len("t5."):] for n in trainable} == adapters
+    for step, seed in enumerate((1, 2)):
+        batch = GlobalBatch(samples(16, seed))
+        expected, got = reference.train_step(batch, step), backend.train_step(batch, step)
+        assert got.loss == pytest.approx(expected.loss, rel=1e-5)
+    want, have = reference.model_state_dict(), backend.model_state_dict()
+    assert list(have) == list(before)  # peft's names: ...q.base_layer.weight, ...q.lora_A.default.weight
+    for name in before:
+        if name in adapters:
+            torch.testing.assert_close(have[name], want[name], rtol=1e-3, atol=1e-6)
+        else:
+            assert torch.equal(have[name], before[name]), "frozen weight {} changed".format(name)
+    assert sum(not torch.equal(have[n], before[n]) for n in adapters if ".lora_B." in n) == len(adapters) // 2
+    moments = backend.optimizer_state_dict()
+    assert set(moments) == adapters and set(moments[min(adapters)]) == {"exp_avg", "exp_avg_sq", "step"}
+    # The merged weights are a plain T5 that computes what the adapted model computes (up to the
+    # rounding of W + BA, as in test_lora).
+    plain = build_model(config, 512)
+    plain.load_state_dict(lora.merged_state(have, config.peft))
+    adapted = copy.deepcopy(reference.model)
+    adapted.load_state_dict(have)
+    ids = torch.tensor([samples(1, 7)[0]["input_ids"]])
+    inputs = {"input_ids": ids, "decoder_input_ids": torch.tensor([[0, 5, 9]])}
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(**inputs).logits, adapted.eval()(**inputs).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def _cpu_has_float16_matmul() -> bool:
+    try:
+        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _cpu_has_float16_matmul(), reason="the stand-in executes on the CPU, and this torch (the SDK's "
+                                                           "2.0.1) has no float16 matmul there")
+def test_lora_float16_step_keeps_the_base_frozen(standin, tmp_path):
+    """The IPU's own precision: float16 weights and adapters, loss scaling, only adapters move."""
+    from ipu_t5 import lora
+
+    config = tiny_config(tmp_path, **dict(LORA, **{"training.fp16": True}))
+    model = lora_model(config)
+    before = copy.deepcopy(model.state_dict())
+    backend = ipu_backend(config, model)
+    assert backend.ipu_plan.half and next(backend.t5.parameters()).dtype == torch.float16
+    result = backend.train_step(GlobalBatch(samples(16)), 0)
+    assert math.isfinite(result.loss) and result.loss > 0
+    after = backend.model_state_dict()
+    moved = [n for n in before if not torch.equal(after[n].float(), before[n].half().float())]
+    assert all(lora.is_adapter_key(n) for n in moved)
+    assert {n for n in moved if ".lora_B." in n} == {n for n in before if ".lora_B." in n}
+
+
+def test_lora_run_end_to_end_on_the_ipu_backend(standin, tmp_path):
+    from safetensors.torch import load_file
+
+    from ipu_t5 import lora
+    from ipu_t5.export import reload_and_predict
+    from ipu_t5.trainer import T5Trainer
+
+    def config(where, **values):
+        settings = dict(LORA, **{"layout.stages": 2, "training.max_steps": 2, "data.demo_train_samples": 200,
+                                 "data.demo_eval_samples": 8, "training.global_batch_size": 8,
+                                 "training.learning_rate": 0.01})
+        settings.update(values)
+        return tiny_config(where, **settings)
+
+    trainer = T5Trainer(config(tmp_path))
+    trainer.train()
+    trainer.evaluate()
+    hf_dir = trainer.save_hf_checkpoint()
+    checkpoint = trainer.save_checkpoint(tmp_path / "run" / "checkpoints" / "final")
+    trainer.config.training.max_steps = 3
+    straight = trainer.train()["final_loss"]
+    trainer.close()
+    assert trainer.backend.name == "ipu"
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    assert len(saved) == 2 * 12 and all(lora.is_adapter_key(n) for n in saved)
+    predictions = [json.loads(line) for line in open(tmp_path / "run" / "eval_predictions.jsonl")]
+    assert reload_and_predict(hf_dir, [p["prompt"] for p in predictions]) == [p["generated"] for p in predictions]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # The adapter checkpoint resumes on the IPU: the base rebuilt, adapters and AdamW state loaded.
+    resumed = T5Trainer(config(tmp_path / "again", **{"training.max_steps": 3,
+                                                      "output.resume_from_checkpoint": str(checkpoint)}))
+    assert resumed.train()["final_loss"] == pytest.approx(straight, rel=1e-6)
+    resumed.close()
+
+
+def test_lora_on_the_vocabulary_slices_is_refused(standin, tmp_path):
+    config = tiny_config(tmp_path, **dict(LORA, **{"peft.target_modules": "q,lm_head"}))
+    with pytest.raises(UserError, match=r"adapts lm_head, which the IPU backend splits into vocabulary slices"):
+        ipu_backend(config, lora_model(config))
 
 
 # ----- choosing and refusing -----

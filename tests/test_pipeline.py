@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_cli
-from tests.pipeline_worker import RESUMED_STEPS, STEPS, losses, make_config, result, resume
+from tests.pipeline_worker import RESUMED_STEPS, STEPS, losses, make_config, result
 
 # Tied aliases of shared.weight that HF's state_dict adds; the weights are the same tensor.
 ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -37,13 +37,13 @@ def _env():
     return env
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One process: 5 steps, validation, a checkpoint at step 5, then on to step 8."""
+def _one_process(out, lora=False):
+    """One process: the starting weights, 5 steps, validation, a checkpoint at step 5, then on to
+    step 8."""
     from ipu_t5.trainer import T5Trainer
 
-    out = tmp_path_factory.mktemp("single") / "run"
-    trainer = T5Trainer(make_config(out, backend="single"))
+    trainer = T5Trainer(make_config(out, backend="single", lora=lora))
+    start = {k: v.clone() for k, v in trainer.backend.model_state_dict().items()}
     trainer.train()
     at_five = result(trainer, trainer.evaluate())
     trainer.save_checkpoint(out / "checkpoint")
@@ -51,7 +51,28 @@ def reference(tmp_path_factory):
     trainer.train()
     at_eight = result(trainer)
     trainer.close()
-    return {"five": at_five, "eight": at_eight, "checkpoint": out / "checkpoint", "root": out.parent}
+    return {"start": start, "five": at_five, "eight": at_eight, "checkpoint": out / "checkpoint", "root": out.parent}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _one_process(tmp_path_factory.mktemp("single") / "run")
+
+
+def _run_worker(out, stages, replicas, runs, *options):
+    """tests/pipeline_worker.py under torchrun: its results by run name (and "resumed", with
+    --resume-from), plus the first run's checkpoint path."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(stages * replicas), "-m", "tests.pipeline_worker",
+               str(out), str(stages), str(replicas)] + list(runs) + list(options)
+    done = subprocess.run(command, cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = {run: torch.load(str(out / run.replace(":", "-") / "result.pt")) for run in runs}
+    if "--resume-from" in options:
+        found["resumed"] = torch.load(str(out / "resumed" / "result.pt"))
+    found["checkpoint"] = out / runs[0] / "checkpoint"
+    found["out"] = out
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -60,25 +81,13 @@ def launched(reference, tmp_path_factory):
     cache = {}
 
     def launch(layout):
-        if layout in cache:
-            return cache[layout]
-        stages, replicas = layout
-        out = tmp_path_factory.mktemp("layout{}x{}".format(stages, replicas))
-        runs = LAYOUTS[layout]
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node", str(stages * replicas), "-m", "tests.pipeline_worker",
-                   str(out), str(stages), str(replicas)] + runs
-        if layout == (2, 2):
+        if layout not in cache:
+            stages, replicas = layout
+            out = tmp_path_factory.mktemp("layout{}x{}".format(stages, replicas))
             # Loading into FSDP2 shards is the harder path: take it.
-            command += ["--resume-from", str(reference["checkpoint"]), "--resume-run", "1F1B:fsdp"]
-        done = subprocess.run(command, cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-4000:]
-        found = {run: torch.load(str(out / run.replace(":", "-") / "result.pt")) for run in runs}
-        if layout == (2, 2):
-            found["resumed"] = torch.load(str(out / "resumed" / "result.pt"))
-            found["checkpoint"] = out / runs[0] / "checkpoint"
-        cache[layout] = found
-        return found
+            resume_from = ["--resume-from", str(reference["checkpoint"]), "--resume-run", "1F1B:fsdp"]
+            cache[layout] = _run_worker(out, stages, replicas, LAYOUTS[layout], *(resume_from if layout == (2, 2) else []))
+        return cache[layout]
 
     return launch
 
@@ -132,17 +141,117 @@ def test_one_process_checkpoint_continues_under_2x2(launched, reference):
     _assert_weights_equal(found["resumed"]["weights"], reference["eight"]["weights"])
 
 
-@pytest.mark.slow
-def test_2x2_checkpoint_continues_in_one_process(launched, reference, tmp_path):
+def _assert_continues_in_one_process(checkpoint, reference, output_dir, lora=False):
+    """`--resume checkpoint` in one process continues to step 8 as the uninterrupted `reference`."""
     from ipu_t5.trainer import T5Trainer
 
-    found = launched((2, 2))
-    trainer = T5Trainer(make_config(tmp_path / "run", backend="single"))
-    resume(trainer, found["checkpoint"], RESUMED_STEPS)
+    trainer = T5Trainer(make_config(output_dir, backend="single", lora=lora, max_steps=RESUMED_STEPS,
+                                    extra=["output.resume_from_checkpoint={}".format(checkpoint)]))
+    trainer.train()
     continued = result(trainer)
     trainer.close()
     _assert_losses_equal(continued["losses"], reference["eight"]["losses"][STEPS:])
     _assert_weights_equal(continued["weights"], reference["eight"]["weights"])
+
+
+@pytest.mark.slow
+def test_2x2_checkpoint_continues_in_one_process(launched, reference, tmp_path):
+    _assert_continues_in_one_process(launched((2, 2))["checkpoint"], reference, tmp_path / "run")
+
+
+# ----- LoRA under the split: the adapters train, the base stays as it was -----
+
+LORA_RUNS = ["1F1B", "GPipe", "1F1B:fsdp", "Interleaved1F1B"]
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory):
+    """As `reference`, with LoRA: the checkpoint holds the adapters."""
+    return _one_process(tmp_path_factory.mktemp("lora-single") / "run", lora=True)
+
+
+@pytest.fixture(scope="module")
+def lora_launched(lora_reference, tmp_path_factory):
+    """2 stages x 2 replicas with LoRA: 1F1B, GPipe and Interleaved1F1B under DDP, 1F1B under FSDP2,
+    each exported; then the one-process adapter checkpoint resumed under FSDP2."""
+    return _run_worker(tmp_path_factory.mktemp("lora2x2"), 2, 2, LORA_RUNS, "--lora", "--resume-from",
+                       str(lora_reference["checkpoint"]), "--resume-run", "1F1B:fsdp")
+
+
+def _adapters(names):
+    from ipu_t5 import lora
+
+    return sorted(n for n in names if lora.is_adapter_key(n))
+
+
+@pytest.mark.slow
+def test_lora_under_2x2_matches_one_process_and_trains_only_the_adapters(lora_launched, lora_reference):
+    start = lora_reference["start"]
+    adapters = _adapters(start)
+    assert len(adapters) == 2 * 12  # A and B of q and v in 2 encoder, 2 decoder self- and 2 cross-attentions
+    for run in LORA_RUNS:
+        found = lora_launched[run]
+        _assert_losses_equal(found["losses"], lora_reference["five"]["losses"][:STEPS])
+        _assert_weights_equal(found["weights"], lora_reference["five"]["weights"])
+        assert found["optimized"] == adapters, run
+        for name, value in found["weights"].items():
+            if name not in adapters:
+                assert torch.equal(value, start[name]), "{}: frozen weight {} changed".format(run, name)
+        assert all(not torch.equal(found["weights"][n], start[n]) for n in adapters if ".lora_B." in n), run
+
+
+@pytest.mark.slow
+def test_lora_merged_export_under_2x2_predicts_what_validation_predicted(lora_launched, lora_reference):
+    from safetensors import safe_open
+
+    from ipu_t5.export import reload_and_predict
+
+    for run in LORA_RUNS:
+        assert lora_launched[run]["predictions"] == lora_reference["five"]["predictions"], run
+        run_dir = lora_launched["out"] / run.replace(":", "-")
+        with safe_open(str(run_dir / "hf" / "model.safetensors"), "pt") as f:
+            names = list(f.keys())
+        assert not [n for n in names if ".lora_" in n or ".base_layer." in n]
+        rows = [json.loads(line) for line in open(run_dir / "eval_predictions.jsonl")]
+        assert len(rows) == 21
+        assert reload_and_predict(run_dir / "hf", [r["prompt"] for r in rows]) == [r["generated"] for r in rows], run
+        assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_lora_2x2_checkpoint_holds_only_adapters_and_resumes_in_one_process(lora_launched, lora_reference, tmp_path):
+    from ipu_t5 import checkpoint
+
+    saved = checkpoint.inspect(lora_launched["checkpoint"])
+    adapters = _adapters(lora_reference["start"])
+    assert sorted(saved.model_tensors()) == adapters
+    assert sorted(saved.optimizer_state()) == adapters
+    _assert_continues_in_one_process(lora_launched["checkpoint"], lora_reference, tmp_path / "run", lora=True)
+
+
+@pytest.mark.slow
+def test_lora_one_process_checkpoint_continues_under_2x2(lora_launched, lora_reference):
+    found = lora_launched["resumed"]
+    _assert_losses_equal(found["losses"], lora_reference["eight"]["losses"][STEPS:])
+    _assert_weights_equal(found["weights"], lora_reference["eight"]["weights"])
+
+
+@pytest.mark.slow
+def test_cli_lora_under_2x2_finishes(tmp_path):
+    """The command that hung (ranks waiting in different collectives), adapting only the LM head so
+    that stage 0 has nothing to train at all. A short collective timeout keeps a regression from
+    hanging the suite: it would end the run with that rank's message."""
+    out = tmp_path / "run"
+    done = run_cli(["train", "--model", "tiny", "--peft", "lora", "--stages", "2", "--replicas", "2", "--max-steps", "4",
+                    "--output-dir", str(out), "--set", "output.report_to_tensorboard=false", "--set", "peft.r=4",
+                    "--set", "peft.target_modules=lm_head", "--set", "layout.ddp_timeout=120",
+                    "--set", "data.demo_train_samples=200", "--set", "data.demo_eval_samples=16",
+                    "--set", "training.global_batch_size=8"], env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "stage 0: embedding, encoder.0\n" in done.stdout + done.stderr
+    assert "reloaded with plain transformers: 16/16 predictions identical" in done.stdout
+    assert "(LoRA adapters)" in done.stdout
+    assert len(losses(out)) == 4
 
 
 @pytest.mark.slow
@@ -310,6 +419,36 @@ def test_stage_chunks_compose_to_the_hf_model(counts):
                 hidden, bias = out
         produced.append(tokens)
     assert torch.equal(torch.cat(produced, 1), wanted[:, 1:])
+
+
+def test_stage_chunks_of_a_lora_model_keep_its_adapters_and_its_frozen_weights():
+    """The cause of the LoRA hang: the decoder side's copy of the frozen shared embedding trained,
+    so only its rank entered the all-reduce of the embedding's gradients."""
+    from ipu_t5 import lora
+    from ipu_t5.backends.stages import build_chunks
+    from ipu_t5.config import load_config
+    from ipu_t5.layout import plan_layout
+    from ipu_t5.models import build_model, canonical_size
+
+    config = load_config("tiny", overrides=["peft.method=lora", "peft.r=4"])
+    model = lora.apply_lora(build_model(config, 512), config.peft).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:  # B starts at zero: make the adapters change the logits
+                param.normal_(0, 0.1)
+    plan = plan_layout(canonical_size("tiny"), 16, 2, 1, layers_per_stage=[2, 2])
+    chunks = [c.eval() for c in build_chunks(model, plan.stage_blocks)]
+    assert not chunks[1].shared.weight.requires_grad  # the decoder side's copy
+    trainable = [n for chunk in chunks for n, p in chunk.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable and all(lora.is_adapter_key(n) for n in trainable)
+    ids = torch.randint(2, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    carried = (ids, torch.ones_like(ids), torch.tensor([[0, 5, 7], [0, 3, 3]]))
+    for chunk in chunks:
+        carried = chunk(*carried)
+    with torch.no_grad():
+        expected = model(input_ids=ids, decoder_input_ids=torch.tensor([[0, 5, 7], [0, 3, 3]])).logits
+    torch.testing.assert_close(carried, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_stage_chunks_name_parameters_as_hf():

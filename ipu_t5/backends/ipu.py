@@ -30,13 +30,16 @@ from ..errors import UserError
 from ..ipu_plan import IpuPlan, plan_ipu
 from ..optim import adamw_kwargs, lr_at, param_groups
 from .base import Backend, StepResult, trim_at_eos
-from .ipu_model import (T5ForIpuGeneration, T5ForIpuTraining, hf_state_dict, join_slices, load_hf_state_dict, place,
-                        slice_vocabulary, split_like_slices)
+from .ipu_model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, hf_state_dict, join_slices,
+                        load_hf_state_dict, place, slice_vocabulary, split_like_slices)
 
 # PopART's names for AdamW's state of a weight: prefix + the weight's name in the wrapped model
 # (its first and second moments, and the step count bias correction uses).
 STATE_PREFIXES = {"exp_avg": "Accl1___", "exp_avg_sq": "Accl2___", "step": "Step___"}
 WRAPPER_PREFIX = "t5."
+# The modules `slice_vocabulary` replaces by vocabulary slices, and their plain weights.
+SLICED = ("shared", "lm_head")
+SLICED_KEYS = ("shared.weight", LM_HEAD_KEY)
 # Each micro-batch's loss is a small share of the global token mean: scaled by this, its float16
 # gradients stay clear of underflow while the scaled loss stays far below float16's 65504.
 DEFAULT_LOSS_SCALING = 1024.0
@@ -112,6 +115,12 @@ class IpuBackend(Backend):
         self.eos_id = model.config.eos_token_id
         self.start_id = model.config.decoder_start_token_id
         self.hf_keys = list(model.state_dict().keys())
+        # A wrapped (LoRA-adapted) embedding or LM head has other names than its plain weight.
+        sliced = sorted({k.split(".")[0] for k in self.hf_keys if k.split(".")[0] in SLICED and k not in SLICED_KEYS})
+        if sliced:
+            raise UserError("peft.target_modules adapts {}, which the IPU backend splits into vocabulary slices that "
+                            "carry no LoRA adapter: adapt the attention or feed-forward layers (q, k, v, o, wi_0, "
+                            "wi_1, wo), or use --backend torch or single.".format(", ".join(sliced)))
         slice_vocabulary(model, self.ipu_plan.embedding_serialization_factor)
         if self.ipu_plan.half:
             from .fp16_t5 import use_float16_numerics

@@ -26,9 +26,9 @@ LM_HEAD_KEY = "lm_head.weight"
 class EmbeddingSlice(torch.nn.Module):
     """Rows [offset, offset + rows) of the vocabulary; other ids contribute zeros."""
 
-    def __init__(self, weight: torch.Tensor, offset: int):
+    def __init__(self, weight: torch.Tensor, offset: int, requires_grad: bool = True):
         super().__init__()
-        self.weight = torch.nn.Parameter(weight.detach().clone())
+        self.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
         self.offset = offset
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -48,11 +48,11 @@ class EmbeddingSlice(torch.nn.Module):
 class SlicedEmbedding(torch.nn.Module):
     """The shared embedding as vocabulary slices; embeds source and target ids together."""
 
-    def __init__(self, weight: torch.Tensor, slices: int):
+    def __init__(self, weight: torch.Tensor, slices: int, requires_grad: bool = True):
         super().__init__()
         rows = weight.shape[0] // slices
         self.slices = torch.nn.ModuleList(
-            [EmbeddingSlice(weight[i * rows:(i + 1) * rows], i * rows) for i in range(slices)])
+            [EmbeddingSlice(weight[i * rows:(i + 1) * rows], i * rows, requires_grad) for i in range(slices)])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -68,13 +68,14 @@ class SlicedEmbedding(torch.nn.Module):
 class SlicedLMHead(torch.nn.Module):
     """The LM head as vocabulary slices; logits are their concatenation."""
 
-    def __init__(self, weight: torch.Tensor, slices: int):
+    def __init__(self, weight: torch.Tensor, slices: int, requires_grad: bool = True):
         super().__init__()
         rows, d_model = weight.shape[0] // slices, weight.shape[1]
         self.slices = torch.nn.ModuleList()
         for i in range(slices):
             linear = torch.nn.Linear(d_model, rows, bias=False)
-            linear.weight = torch.nn.Parameter(weight[i * rows:(i + 1) * rows].detach().clone())
+            linear.weight = torch.nn.Parameter(weight[i * rows:(i + 1) * rows].detach().clone(),
+                                               requires_grad=requires_grad)
             self.slices.append(linear)
 
     @property
@@ -87,9 +88,10 @@ class SlicedLMHead(torch.nn.Module):
 
 def slice_vocabulary(t5: torch.nn.Module, slices: int) -> None:
     """Replace a T5's shared embedding and LM head by sliced ones (in place). The stacks are fed
-    embeddings, so their aliases of the shared embedding are dropped."""
-    t5.shared = SlicedEmbedding(t5.shared.weight.data, slices)
-    t5.lm_head = SlicedLMHead(t5.lm_head.weight.data, slices)
+    embeddings, so their aliases of the shared embedding are dropped. The slices train exactly
+    when the weights they replace did (frozen under LoRA)."""
+    t5.shared = SlicedEmbedding(t5.shared.weight.data, slices, t5.shared.weight.requires_grad)
+    t5.lm_head = SlicedLMHead(t5.lm_head.weight.data, slices, t5.lm_head.weight.requires_grad)
     t5.encoder.embed_tokens = None
     t5.decoder.embed_tokens = None
 

@@ -101,13 +101,19 @@ class TorchPipelineBackend(Backend):
         # Parameters by HF name; FSDP2 replaces them, so they are looked up after wrapping.
         self.named = [(name, p) for c in self.chunk_ids for name, p in self.chunks[c].named_parameters()]
         # The copy of the shared embedding in the chunk with `decoder.0` is not the owner of that name.
-        self.tied = [self.chunks[c].shared.weight for c in self.chunk_ids if hasattr(self.chunks[c], "shared")]
+        # Only trainable copies are summed: whether the embedding trains is the same on every rank
+        # (a LoRA run freezes it everywhere), so the ranks of the tied group all meet in that sum.
+        self.tied = [self.chunks[c].shared.weight for c in self.chunk_ids
+                     if hasattr(self.chunks[c], "shared") and self.chunks[c].shared.weight.requires_grad]
         self.owned = [(name, p) for c in self.chunk_ids for name, p in self.chunks[c].named_parameters()
                       if not (name == "shared.weight" and not self.chunks[c].embeds_input)]
         self.optimizer = build_optimizer(self.named, self.config.training)
 
     def _data_parallel(self, chunk: torch.nn.Module) -> torch.nn.Module:
-        if self.plan.replicas == 1:
+        # A chunk with nothing to train (LoRA adapting layers elsewhere) has no gradients to
+        # reduce, and DDP refuses such a module; FSDP2 still shards its frozen weights.
+        trains = any(p.requires_grad for p in chunk.parameters())
+        if self.plan.replicas == 1 or (not trains and self.config.layout.data_parallel != "fsdp"):
             return chunk
         group = self.topology.replica_group
         if self.config.layout.data_parallel == "fsdp":
@@ -195,10 +201,17 @@ class TorchPipelineBackend(Backend):
         return StepResult(loss=loss, grad_norm=grad_norm.item(), lr=lr)
 
     def _sync_tied_gradients(self) -> None:
-        """Add up the gradients of the shared embedding's copies (encoder side, decoder side)."""
-        grads = [_local(p.grad) for p in self.tied if p.grad is not None]
-        if not grads or (len(grads) == 1 and self.topology.tied_group is None):
+        """Add up the gradients of the shared embedding's copies (encoder side, decoder side).
+
+        Whether a rank joins the all-reduce depends only on which copies train (fixed at setup),
+        never on which gradients this step happened to produce: a rank that skipped it while
+        another entered it would leave both waiting in different collectives."""
+        if not self.tied or (len(self.tied) == 1 and self.topology.tied_group is None):
             return
+        for param in self.tied:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        grads = [_local(p.grad) for p in self.tied]
         total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0].clone()
         if self.topology.tied_group is not None:
             dist.all_reduce(total, group=self.topology.tied_group)
@@ -359,13 +372,16 @@ class TorchPipelineBackend(Backend):
         return gather_tensors_to_main(self.topology, local)
 
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        missing = [name for name, _ in self.named if name not in state]
+        # Every trained weight must be there; frozen ones (a LoRA run's base, which its checkpoints
+        # leave out) keep the values the run started from when absent.
+        missing = [name for name, p in self.named if p.requires_grad and name not in state]
         if missing:
             raise UserError("the weights to load lack {} of this stage's parameters (first: {}): they are not "
                             "from this model size.".format(len(missing), missing[0]))
         with torch.no_grad():
             for name, param in self.named:
-                _local(param).copy_(_local(self._shard_like(state[name], param)))
+                if name in state:
+                    _local(param).copy_(_local(self._shard_like(state[name], param)))
 
     def optimizer_state_dict(self) -> Dict:
         local = {}

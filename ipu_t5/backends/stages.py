@@ -290,11 +290,14 @@ def carried_shapes(kind: str, batch: int, source: int, target: int, d_model: int
 def build_chunks(model: nn.Module, chunk_blocks: Sequence[Sequence[str]],
                  amp_dtype: Optional[torch.dtype] = None) -> List[StageChunk]:
     """One `StageChunk` per entry of `chunk_blocks`; the shared embedding is copied for the chunk
-    that holds `decoder.0` when that is not the chunk holding the encoder embedding."""
+    that holds `decoder.0` when that is not the chunk holding the encoder embedding. The copy
+    trains exactly when the original does: a frozen embedding (LoRA) stays frozen on both sides,
+    and every rank holding a copy agrees on whether its gradients are summed."""
     chunks = []
     for blocks in chunk_blocks:
         copy = None
         if "decoder.0" in blocks and "embedding" not in blocks:
-            copy = nn.Embedding.from_pretrained(model.shared.weight.detach().clone(), freeze=False)
+            copy = nn.Embedding.from_pretrained(model.shared.weight.detach().clone(),
+                                                freeze=not model.shared.weight.requires_grad)
         chunks.append(StageChunk(model, blocks, amp_dtype, copy))
     return chunks
