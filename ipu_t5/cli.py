@@ -81,7 +81,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = T5Trainer(config)
     try:
         summary = trainer.train()
-        results = trainer.evaluate() if trainer.eval_features is not None else None
+        results = None
+        if trainer.eval_features is not None:
+            # Training that stopped early has just validated this very step.
+            last = trainer.last_eval
+            results = last if last is not None and last["step"] == trainer.step else trainer.evaluate()
         hf_dir = trainer.save_hf_checkpoint()
         if not trainer.is_main_process:
             return 0

@@ -49,8 +49,16 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     demo_train_samples: int = 6000
     demo_eval_samples: int = 600
+    # Processes that tokenize (datasets.map num_proc); None tokenizes in this process.
     preprocessing_num_workers: Optional[int] = None
+    # Tokenized splits are cached under $IPU_T5_CACHE/features; true tokenizes again.
+    overwrite_cache: bool = False
+    # Batches of similar prompt lengths (Hugging Face's group_by_length): MNLI prompts vary
+    # several-fold in length, so batches padded to their longest waste far less compute.
+    group_by_length: bool = True
     dataloader_num_workers: int = 0
+    # Page-locked host batches, copied to a GPU without blocking (ignored off the GPU).
+    dataloader_pin_memory: bool = True
 
 
 @dataclass
@@ -74,6 +82,9 @@ class TrainingConfig:
     # float16 is the IPU's training precision; off the IPU T5 overflows in it.
     fp16: bool = False
     logging_steps: int = 10
+    # torch.compile the training forward (single-process backend). Off by default: on CPUs it
+    # compiles for minutes before it pays back, and torch 2.0.1 cannot compile on Python 3.11+.
+    torch_compile: bool = False
 
 
 @dataclass
@@ -86,6 +97,13 @@ class ValidationConfig:
     max_new_tokens: Optional[int] = None
     # Validate every N training steps as well as at the end; None: only at the end.
     eval_steps: Optional[int] = None
+    # The validation result that ranks evaluations (`trainer.best_metric`); None: the task's metric.
+    metric_for_best_model: Optional[str] = None
+    greater_is_better: bool = True
+    # Stop training after this many evaluations in a row without improvement; None: never.
+    early_stopping_patience: Optional[int] = None
+    # How much the metric must improve to count as an improvement.
+    early_stopping_threshold: float = 0.0
 
 
 @dataclass
@@ -162,6 +180,7 @@ CHOICES = {
 POSITIVE = {
     "training.max_steps", "training.global_batch_size", "training.logging_steps",
     "validation.per_device_eval_batch_size", "validation.max_new_tokens", "validation.eval_steps",
+    "validation.early_stopping_patience",
     "layout.stages", "layout.replicas", "layout.micro_batch_size",
     "layout.gradient_accumulation_steps", "data.max_source_length", "data.max_train_samples",
     "data.max_eval_samples", "data.demo_train_samples", "data.demo_eval_samples",
@@ -170,6 +189,7 @@ POSITIVE = {
 NON_NEGATIVE = {
     "training.learning_rate", "training.weight_decay", "training.warmup_steps",
     "training.max_grad_norm", "training.adam_epsilon", "data.dataloader_num_workers",
+    "validation.early_stopping_threshold",
 }
 
 
@@ -347,6 +367,10 @@ def validate(config: RunConfig) -> RunConfig:
         raise UserError("training.bf16 and training.fp16 are both set: choose one precision.")
     if config.data.source == "files" and not config.data.data_files:
         raise UserError("data.source is 'files' but no data files are given: use --data-files train=PATH,validation=PATH.")
+    if config.validation.early_stopping_patience and not (config.validation.do_eval and config.validation.eval_steps):
+        raise UserError("validation.early_stopping_patience={} needs validation during training: set "
+                        "validation.eval_steps (and keep validation.do_eval=true).".format(
+                            config.validation.early_stopping_patience))
     if config.layout.micro_batch_size and config.layout.gradient_accumulation_steps:
         raise UserError(
             "give layout.micro_batch_size or layout.gradient_accumulation_steps, not both: the other "

@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 
 from . import run_dir
 from .backends import Backend, create_backend
+from .best_metric import BestMetric
 from .checkpoint import save_checkpoint
 from .config import RunConfig, ValidationConfig
 from .data.batching import BatchOrder, GlobalBatch
-from .data.features import Lengths, lengths, tokenize
+from .data.features import Lengths, TokenColumns, lengths, tokenize
 from .data.sources import check_examples, load_splits
 from .errors import UserError
 from .export import write_hf_checkpoint
@@ -26,7 +27,7 @@ from .layout import plan_from_config
 from .metrics_log import MetricsLog
 from .models import build_model, load_pretrained, set_dropout
 from .tasks import get_task
-from .tokenizer import load_tokenizer
+from .tokenizer import cache_root, load_tokenizer
 
 
 class T5Trainer:
@@ -69,11 +70,10 @@ class T5Trainer:
         else:
             dataset = self._checked(dataset, "training data")
         self.tokenizer = tokenizer or load_tokenizer(config, corpus=self._corpus(dataset))
-        workers, max_len = config.data.preprocessing_num_workers, config.data.max_source_length
-        self.train_features = tokenize(dataset, self.task, self.tokenizer, max_len, workers, "tokenizing training data")
-        self.eval_features = None if eval_dataset is None else tokenize(
-            eval_dataset, self.task, self.tokenizer, max_len, workers, "tokenizing evaluation data")
+        self.train_features = self._tokenize(dataset, "training")
+        self.eval_features = None if eval_dataset is None else self._tokenize(eval_dataset, "evaluation")
         self.lengths: Lengths = lengths(self.train_features, self.eval_features)
+        self.train_tokens = TokenColumns(self.train_features)
         model = self._model(pretrained)
         self.hf_config = model.config
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -88,8 +88,14 @@ class T5Trainer:
             self.metric = evaluate.load(self.task.metric_path)
         self.postprocess = postprocess_predictions or self.task.postprocess
         self.step = 0
-        self.order = BatchOrder(len(self.train_features), config.training.global_batch_size, config.training.seed)
+        self.order = BatchOrder(len(self.train_features), config.training.global_batch_size, config.training.seed,
+                                self.train_tokens.lengths() if config.data.group_by_length else None)
         self.last_eval: Optional[Dict[str, Any]] = None
+        # The best validation so far (`best_metric`, `best_step`, `last_eval_is_best`): checkpointing
+        # keeps the best by it, and training stops early on it.
+        self.best = BestMetric(self.eval_config.metric_for_best_model or self.task.metric,
+                               self.eval_config.greater_is_better, self.eval_config.early_stopping_patience,
+                               self.eval_config.early_stopping_threshold)
         self._claimed = False
         self._log: Optional[MetricsLog] = None
 
@@ -102,6 +108,11 @@ class T5Trainer:
                 raise UserError("{} is tokenized but has no {} column(s).".format(where, ", ".join(missing)))
             return dataset
         return check_examples(dataset, self.task, where, None)
+
+    def _tokenize(self, dataset, role: str):
+        data = self.config.data
+        return tokenize(dataset, self.task, self.tokenizer, data.max_source_length, data.preprocessing_num_workers,
+                        "tokenizing {} data".format(role), cache_root() / "features", data.overwrite_cache)
 
     def _corpus(self, dataset) -> List[str]:
         if "input_ids" in dataset.column_names:
@@ -147,28 +158,23 @@ class T5Trainer:
 
     # ----- training -----
 
-    def _train_rows(self) -> List[Dict[str, List[int]]]:
-        return [{"input_ids": a, "labels": b} for a, b in
-                zip(self.train_features["input_ids"], self.train_features["labels"])]
-
     def train(self) -> Dict[str, Any]:
         """Run optimizer steps up to `training.max_steps`; returns a summary of the run."""
         cfg = self.config.training
         log = self._claim()
-        rows = self._train_rows()
         self._say("{}\n{}\nmodel: {} ({:.1f}M parameters), task {}: {} training / {} validation examples, "
                   "prompts up to {} tokens, targets up to {}".format(
                       self.backend.description, self.plan.describe(), self.config.model.name,
                       self.num_params / 1e6,
-                      self.task.name, len(rows), len(self.eval_features) if self.eval_features is not None else 0,
+                      self.task.name, len(self.train_tokens), len(self.eval_features) if self.eval_features is not None else 0,
                       self.lengths.source, self.lengths.target))
         batches = iter(self.order)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", unit="step",
                    disable=not self.is_main_process, dynamic_ncols=True)
         started, samples_done, first_step = time.perf_counter(), 0, self.step
-        result = None
+        result, stopped_early = None, False
         while self.step < cfg.max_steps:
-            batch = GlobalBatch([rows[i] for i in next(batches)])
+            batch = GlobalBatch([self.train_tokens.sample(i) for i in next(batches)])
             tick = time.perf_counter()
             result = self.backend.train_step(batch, self.step)
             elapsed = time.perf_counter() - tick
@@ -186,12 +192,34 @@ class T5Trainer:
             eval_steps = self.eval_config.eval_steps
             if eval_steps and self.step % eval_steps == 0 and self.step < cfg.max_steps and self.eval_features is not None:
                 self.evaluate()
+                if self.best.should_stop:
+                    stopped_early = True
+                    self._say("early stopping at step {}: {} has not improved on {:.4f} (step {}) for {} "
+                              "evaluations".format(self.step, self.best.metric, self.best.best,
+                                                   self.best.best_step, self.best.evals_without_improvement))
+                    break
         bar.close()
         seconds = time.perf_counter() - started
         summary = {"steps": self.step, "steps_this_run": self.step - first_step, "train_seconds": seconds,
                    "samples_per_second": samples_done / seconds if seconds else 0.0,
-                   "final_loss": result.loss if result else None}
+                   "final_loss": result.loss if result else None, "stopped_early": stopped_early,
+                   "best_metric": self.best_metric, "best_step": self.best_step}
         return summary
+
+    @property
+    def best_metric(self) -> Optional[float]:
+        """The best value of `validation.metric_for_best_model` so far (None before any validation)."""
+        return self.best.best
+
+    @property
+    def best_step(self) -> Optional[int]:
+        """The step of the best validation so far."""
+        return self.best.best_step
+
+    @property
+    def last_eval_is_best(self) -> bool:
+        """Whether the latest validation improved on every earlier one."""
+        return self.best.last_is_best
 
     # ----- validation -----
 
@@ -223,6 +251,8 @@ class T5Trainer:
         result.update({"num_samples": len(rows), "step": self.step, "eval_seconds": seconds,
                        "samples_per_second": len(rows) / seconds if seconds else 0.0})
         result.update(self.task.report(predictions, references))
+        self.best.update(result, self.step)
+        result.update({"best_metric": self.best_metric, "best_step": self.best_step, "is_best": self.last_eval_is_best})
         self.last_eval = result
         self._write_json("eval_results.json", result)
         if self.is_main_process:
@@ -243,7 +273,8 @@ class T5Trainer:
         optimizer_state = self.backend.optimizer_state_dict()
         if self.is_main_process:
             save_checkpoint(Path(path), model_state, optimizer_state,
-                            {"step": self.step, "data_order": self.order.state_dict()},
+                            {"step": self.step, "data_order": self.order.state_dict(),
+                             "best_metric": self.best.state_dict()},
                             self.config.to_dict(), self.hf_config, self.tokenizer)
         self.backend.barrier()
         return Path(path)
