@@ -17,6 +17,7 @@ The peer runs with its best ordinary settings (length grouping on, its default o
 scripts run it. The ratios are always against the best-settings peer.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per side; figures are medians")
     parser.add_argument("--steps", type=int, help="timed training steps (overrides the per-model default)")
     parser.add_argument("--eval-samples", type=int, help="validation samples (overrides the per-model default)")
+    parser.add_argument("--prepare-steps", type=int, help="fine-tuning steps of the shared checkpoint")
     parser.add_argument("--peer-workers", type=int, default=0, help="the peer's dataloader_num_workers")
     parser.add_argument("--peer-defaults", action="store_true",
                         help="also run Seq2SeqTrainer without length grouping (its default)")
@@ -233,9 +235,12 @@ def main(argv=None) -> int:
             settings["steps"] = args.steps
         if args.eval_samples:
             settings["eval_samples"] = args.eval_samples
+        if args.prepare_steps:
+            settings["prepare_steps"] = args.prepare_steps
         directory = workdir / model
         directory.mkdir(exist_ok=True)
-        spec = dict(prepare(model, settings, directory, ours_extra), threads=args.threads)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the table or the JSON
+            spec = dict(prepare(model, settings, directory, ours_extra), threads=args.threads)
         sides = ["ours", "peer"] + (["peer-defaults"] if args.peer_defaults else [])
         report["models"][model] = measure(spec, directory, args.repeats, sides)
     report["machine"]["load_average_end"] = list(os.getloadavg())

@@ -45,7 +45,8 @@ def build_optimizer(named_params: Iterable[Tuple[str, torch.nn.Parameter]], conf
     device (CUDA since torch 2.0, CPU since 2.4), which updates every parameter in one pass."""
     groups = param_groups(named_params, config.weight_decay)
     try:
-        return torch.optim.AdamW(groups, fused=True, **adamw_kwargs(config))
+        # Copies: a refused optimizer has already written its defaults (fused=True) into the groups.
+        return torch.optim.AdamW([dict(g) for g in groups], fused=True, **adamw_kwargs(config))
     except (RuntimeError, ValueError, TypeError):
         return torch.optim.AdamW(groups, **adamw_kwargs(config))
 
