@@ -18,6 +18,8 @@ from ..tasks import Task
 # T5 was pre-trained on 512-token inputs; longer prompts are truncated there.
 MODEL_MAX_SOURCE_LENGTH = 512
 FEATURE_COLUMNS = ("input_ids", "labels", "reference", "prompt")
+# Bump when `tokenize` changes what it writes, so old cache files are not read.
+FEATURES_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,6 @@ def features_fingerprint(dataset: datasets.Dataset, task: Task, tokenizer, max_s
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-# Bump when `tokenize` changes what it writes, so old cache files are not read.
-FEATURES_VERSION = 1
-
-
 def tokenize(dataset: datasets.Dataset, task: Task, tokenizer, max_source_length: Optional[int],
              num_proc: Optional[int] = None, desc: str = "tokenizing", cache_dir: Optional[Path] = None,
              overwrite_cache: bool = False) -> datasets.Dataset:
@@ -89,10 +87,15 @@ def tokenize(dataset: datasets.Dataset, task: Task, tokenizer, max_source_length
                        **cache)
 
 
+def _token_lists(split: datasets.Dataset, column: str):
+    """One list column of the split's rows (after any select or shuffle) as a pyarrow ListArray."""
+    return split.select_columns([column]).with_format("arrow")[:].column(column).combine_chunks()
+
+
 def _longest(split: datasets.Dataset, column: str) -> int:
     import pyarrow.compute as pc
 
-    return pc.max(pc.list_value_length(split.select_columns([column]).with_format("arrow")[:].column(column))).as_py()
+    return pc.max(pc.list_value_length(_token_lists(split, column))).as_py()
 
 
 def lengths(*splits: Optional[datasets.Dataset]) -> Lengths:
@@ -105,19 +108,18 @@ def lengths(*splits: Optional[datasets.Dataset]) -> Lengths:
 class TokenColumns:
     """The `input_ids` and `labels` of a feature split as flat int32 arrays plus offsets.
 
-    A few bytes per token, where Python lists spend an int object per token (about a gigabyte
-    for GLUE MNLI's training split); `sample(i)` rebuilds one example's lists on demand.
+    Four bytes per token, where Python lists spend an int object and a pointer per token (most of
+    a gigabyte for GLUE MNLI's training split); `sample(i)` rebuilds one example's lists on demand.
     """
 
     def __init__(self, features: datasets.Dataset, columns: Sequence[str] = ("input_ids", "labels")):
         import pyarrow.compute as pc
 
-        table = features.select_columns(list(columns)).with_format("arrow")[:]
         self.columns = tuple(columns)
         self._values: Dict[str, np.ndarray] = {}
         self._offsets: Dict[str, np.ndarray] = {}
         for name in self.columns:
-            array = table.column(name).combine_chunks()
+            array = _token_lists(features, name)
             counts = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
             self._values[name] = array.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
             self._offsets[name] = np.concatenate([[0], np.cumsum(counts)])
