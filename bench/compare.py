@@ -43,7 +43,7 @@ MODELS = {
 }
 QUICK = {"tiny": {"steps": 24, "eval_samples": 600, "prepare_steps": 100}}
 METRICS = ("train_tokens_per_second", "train_tokens_per_cpu_second", "eval_samples_per_second",
-           "eval_samples_per_cpu_second", "peak_rss_mb", "accuracy", "mean_loss")
+           "eval_samples_per_cpu_second", "peak_rss_mb", "peak_gpu_mb", "accuracy", "mean_loss")
 LABELS = {"ours": "ipu-t5", "peer": "Seq2SeqTrainer", "peer-defaults": "Seq2SeqTrainer, no length grouping"}
 
 
@@ -103,11 +103,11 @@ def prepare(model: str, settings: Dict[str, Any], workdir: Path, ours_extra: Dic
                          "model.pretrained": str(checkpoint), "model.tokenizer": str(checkpoint),
                          "validation.per_device_eval_batch_size": settings["eval_batch_size"],
                          "validation.max_new_tokens": cap})
-    ours.update({"training." + k: v for k, v in training.items()})
     ours.update(ours_extra)
     return {"model": model, "checkpoint": str(checkpoint), "train_file": str(train_file), "eval_file": str(eval_file),
-            "training": training, "eval_batch_size": settings["eval_batch_size"],
-            "max_new_tokens": cap, "device": "cpu", "peer_dataloader_workers": settings.get("peer_workers", 0),
+            "training": training, "eval_batch_size": settings["eval_batch_size"], "max_new_tokens": cap,
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "bf16": settings["bf16"],
+            "peer_dataloader_workers": settings["peer_workers"],
             "ours_overrides": {k: v for k, v in ours.items() if v is not None}}
 
 
@@ -130,28 +130,33 @@ def run_side(side: str, spec_path: Path) -> Dict[str, Any]:
 
 def measure(spec: Dict[str, Any], workdir: Path, repeats: int, sides: List[str]) -> Dict[str, Any]:
     """Every side `repeats` times, rotating which goes first; medians and ratios to the peer."""
-    spec_path = workdir / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
     runs: Dict[str, List[Dict[str, Any]]] = {side: [] for side in sides}
     for repeat in range(repeats):
+        # A seed per repeat: each side's batch order (and so its padding) is that seed's luck,
+        # and the medians average over several orders, not one.
+        spec_path = workdir / "spec-{}.json".format(repeat)
+        training = dict(spec["training"], seed=spec["training"]["seed"] + repeat)
+        spec_path.write_text(json.dumps(dict(spec, training=training), indent=2))
         for side in sides[repeat % len(sides):] + sides[:repeat % len(sides)]:
             result = run_side(side, spec_path)
             _log("[{}] repeat {} {}: {}".format(spec["model"], repeat + 1, side, json.dumps(
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})))
             runs[side].append(result)
-    report: Dict[str, Any] = {side: {m: statistics.median(r[m] for r in results) for m in METRICS}
+    report: Dict[str, Any] = {side: {m: statistics.median(r[m] for r in results) for m in METRICS if m in results[0]}
                               for side, results in runs.items()}
     ours, peer = report["ours"], report["peer"]
+    memory = "peak_gpu_mb" if spec["device"] == "cuda" else "peak_rss_mb"
     report.update({
         "runs": runs,
         "train_speedup": ours["train_tokens_per_second"] / peer["train_tokens_per_second"],
         "eval_speedup": ours["eval_samples_per_second"] / peer["eval_samples_per_second"],
-        "memory_ratio": ours["peak_rss_mb"] / peer["peak_rss_mb"],
+        # On a GPU the memory that limits a run is the GPU's.
+        "memory_ratio": ours[memory] / peer[memory],
         "train_speedup_cpu": ours["train_tokens_per_cpu_second"] / peer["train_tokens_per_cpu_second"],
         "eval_speedup_cpu": ours["eval_samples_per_cpu_second"] / peer["eval_samples_per_cpu_second"],
         "same_accuracy": len({r["accuracy"] for results in runs.values() for r in results}) == 1,
         "same_train_tokens": len({r["train_tokens"] for results in runs.values() for r in results}) == 1,
-        "settings": {k: spec[k] for k in ("training", "eval_batch_size", "max_new_tokens")}})
+        "settings": {k: spec[k] for k in ("training", "eval_batch_size", "max_new_tokens", "device", "bf16")}})
     return report
 
 
@@ -203,6 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--peer-defaults", action="store_true",
                         help="also run Seq2SeqTrainer without length grouping (its default)")
     parser.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's, one per core)")
+    parser.add_argument("--bf16", action="store_true", help="both sides in bfloat16 autocast (default: float32)")
     parser.add_argument("--set", dest="ours", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an extra ipu-t5 setting for our side (repeatable)")
     parser.add_argument("--workdir", help="keep data, checkpoints and specs here (default: a temporary directory)")
@@ -230,7 +236,8 @@ def main(argv=None) -> int:
     for model in models:
         if model not in MODELS:
             parser.error("--models takes {}, got '{}'".format(", ".join(MODELS), model))
-        settings = dict(MODELS[model], **(QUICK.get(model, {}) if args.quick else {}), peer_workers=args.peer_workers)
+        settings = dict(MODELS[model], **(QUICK.get(model, {}) if args.quick else {}), peer_workers=args.peer_workers,
+                        bf16=args.bf16)
         if args.steps:
             settings["steps"] = args.steps
         if args.eval_samples:

@@ -73,6 +73,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def peak_memory() -> Dict[str, float]:
+    """Peak host memory, and on a GPU the peak memory torch allocated there."""
+    import torch
+
+    peaks = {"peak_rss_mb": peak_rss_mb()}
+    if torch.cuda.is_available():
+        peaks["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return peaks
+
+
 def _checkpoint_weights(spec: Dict[str, Any]):
     from safetensors.torch import load_file
 
@@ -84,8 +94,9 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     from ipu_t5.config import load_config
     from ipu_t5.trainer import T5Trainer
 
-    overrides = ["{}={}".format(k, v) for k, v in spec["ours_overrides"].items()]
-    trainer = T5Trainer(load_config(spec["model"], overrides=overrides))
+    settings = dict(spec["ours_overrides"], **{"training." + k: v for k, v in spec["training"].items()})
+    settings["training.bf16"] = "true" if spec["bf16"] else "false"
+    trainer = T5Trainer(load_config(spec["model"], overrides=["{}={}".format(k, v) for k, v in settings.items()]))
     steps = Steps()
     inner = trainer.backend.train_step
 
@@ -105,8 +116,7 @@ def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     results = trainer.evaluate()
     clock.stop()
     trainer.close()
-    return dict(steps.figures(), **eval_figures(clock, results["num_samples"], results["accuracy"]),
-                peak_rss_mb=peak_rss_mb())
+    return dict(steps.figures(), **eval_figures(clock, results["num_samples"], results["accuracy"]), **peak_memory())
 
 
 def peer_arguments(spec: Dict[str, Any], output_dir: str, group_by_length: bool):
@@ -130,7 +140,7 @@ def peer_arguments(spec: Dict[str, Any], output_dir: str, group_by_length: bool)
         adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"], adam_epsilon=t["adam_epsilon"],
         logging_steps=t["logging_steps"], save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=spec["peer_dataloader_workers"], predict_with_generate=True,
-        use_cpu=spec["device"] == "cpu",
+        use_cpu=spec["device"] == "cpu", bf16=spec["bf16"],
     )
     if group_by_length:
         if "train_sampling_strategy" in fields:
@@ -204,7 +214,7 @@ def run_peer(spec: Dict[str, Any], group_by_length: bool = True) -> Dict[str, An
     references = task.postprocess(texts(predicted.label_ids))
     accuracy = metric.compute(predictions=predictions, references=references)["accuracy"]
     clock.stop()
-    return dict(steps.figures(), **eval_figures(clock, len(references), accuracy), peak_rss_mb=peak_rss_mb())
+    return dict(steps.figures(), **eval_figures(clock, len(references), accuracy), **peak_memory())
 
 
 SIDES = {"ours": run_ours, "peer": run_peer,
