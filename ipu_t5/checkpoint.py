@@ -508,11 +508,13 @@ def check_tensors(checkpoint: Checkpoint, expected: Dict[str, tuple]) -> None:
 def check_data_order(checkpoint: Checkpoint, current: Dict[str, int]) -> None:
     """Refuse to continue a data order over other data, batch size or seed."""
     saved = checkpoint.state["data_order"]
-    keys = ("num_examples", "global_batch_size", "seed")
+    # Checkpoints from before length grouping existed continued an ungrouped order.
+    saved = dict(saved, group_by_length=saved.get("group_by_length", False))
+    keys = ("num_examples", "global_batch_size", "seed", "group_by_length")
     differences = ["{} {} (now {})".format(k, saved[k], current[k]) for k in keys if saved[k] != current[k]]
     if differences:
         raise CheckpointError("checkpoint {} continues a data order over other data: {}. Resume with the "
-                              "same training data, training.global_batch_size and training.seed.".format(
+                              "same training data, training.global_batch_size, training.seed and data.group_by_length.".format(
                                   checkpoint.path, ", ".join(differences)))
 
 

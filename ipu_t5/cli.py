@@ -130,7 +130,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             if trainer.is_main_process:
                 print("ipu-t5: resume with: {}".format(resume_command(args.argv)))
             return 0
-        results = trainer.evaluate() if trainer.eval_features is not None else None
+        results = None
+        if trainer.eval_features is not None:
+            # Training that stopped early has just validated this very step.
+            last = trainer.last_eval
+            results = last if last is not None and last["step"] == trainer.step else trainer.evaluate()
         hf_dir = trainer.save_hf_checkpoint()
         if not trainer.is_main_process:
             return 0

@@ -50,8 +50,16 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     demo_train_samples: int = 6000
     demo_eval_samples: int = 600
+    # Processes that tokenize (datasets.map num_proc); None tokenizes in this process.
     preprocessing_num_workers: Optional[int] = None
+    # Tokenized splits are cached under $IPU_T5_CACHE/features; true tokenizes again.
+    overwrite_cache: bool = False
+    # Batches of similar prompt lengths (Hugging Face's group_by_length): MNLI prompts vary
+    # several-fold in length, so batches padded to their longest waste far less compute.
+    group_by_length: bool = True
     dataloader_num_workers: int = 0
+    # Page-locked host batches, copied to a GPU without blocking (ignored off the GPU).
+    dataloader_pin_memory: bool = True
 
 
 @dataclass
@@ -76,6 +84,9 @@ class TrainingConfig:
     # overflows in it).
     fp16: Optional[bool] = None
     logging_steps: int = 10
+    # torch.compile the training forward (single-process backend). Off by default: on CPUs it
+    # compiles for minutes before it pays back, and torch 2.0.1 cannot compile on Python 3.11+.
+    torch_compile: bool = False
 
 
 @dataclass
@@ -115,6 +126,15 @@ class ValidationConfig:
     max_new_tokens: Optional[int] = None
     # Validate every N training steps as well as at the end; None: only at the end.
     eval_steps: Optional[int] = None
+    # The validation result that ranks evaluations (`trainer.best_metric`) and keeps the best
+    # checkpoint; None: the task's lead score (accuracy for MNLI, rougeL for summarization, ...).
+    metric_for_best_model: Optional[str] = None
+    # None: greater is better unless the metric is a loss (Hugging Face's rule).
+    greater_is_better: Optional[bool] = None
+    # Stop training after this many validations in a row without improvement; None: never.
+    early_stopping_patience: Optional[int] = None
+    # How much the metric must improve to count as an improvement.
+    early_stopping_threshold: float = 0.0
 
 
 @dataclass
@@ -168,6 +188,10 @@ class IpuConfig:
     executable_cache_dir: Optional[str] = None
     # Reserve the next power of two IPUs when stages x replicas is not one (the extra IPUs idle).
     auto_round_num_ipus: bool = False
+    # The compiled graphs pad every prompt to one length: the smallest multiple of 8 holding this
+    # share of the data's prompts (1.0: all; 0.999 truncates the longest 0.1% instead of padding
+    # every batch to them).
+    source_length_coverage: float = 1.0
 
 
 @dataclass
@@ -179,10 +203,8 @@ class OutputConfig:
     overwrite_output_dir: bool = False
     # A checkpoint every N steps and at the end of training; None: only when stopped by a signal.
     save_steps: Optional[int] = 500
-    # Periodic checkpoints kept (the newest ones), besides the best by `metric_for_best_model`.
+    # Periodic checkpoints kept (the newest ones), besides the best by validation.metric_for_best_model.
     save_total_limit: int = 2
-    # None: the task's own lead score (accuracy for MNLI, rougeL for summarization, ...).
-    metric_for_best_model: Optional[str] = None
     # "auto": the newest intact checkpoint in output_dir (or start afresh); or a checkpoint path.
     resume_from_checkpoint: Optional[str] = None
     report_to_tensorboard: bool = True
@@ -223,6 +245,7 @@ ALIASES = {
     "validation.eval_batch_size": "validation.per_device_eval_batch_size",
     "validation.evaluation_steps": "validation.eval_steps",
     "output.overwrite": "output.overwrite_output_dir",
+    "output.metric_for_best_model": "validation.metric_for_best_model",
     # optimum-graphcore's IPUConfig names, written under `ipu:` as its users do.
     "ipu.layers_per_ipu": "layout.layers_per_stage",
     "ipu.ipus_per_replica": "layout.stages",
@@ -247,6 +270,7 @@ CHOICES = {
 POSITIVE = {
     "training.max_steps", "training.global_batch_size", "training.logging_steps",
     "validation.per_device_eval_batch_size", "validation.max_new_tokens", "validation.eval_steps",
+    "validation.early_stopping_patience",
     "layout.stages", "layout.replicas", "layout.micro_batch_size",
     "layout.gradient_accumulation_steps", "layout.ddp_timeout", "data.max_source_length", "data.max_train_samples",
     "data.max_eval_samples", "data.demo_train_samples", "data.demo_eval_samples",
@@ -256,6 +280,7 @@ POSITIVE = {
 NON_NEGATIVE = {
     "training.learning_rate", "training.weight_decay", "training.warmup_steps",
     "training.max_grad_norm", "training.adam_epsilon", "data.dataloader_num_workers",
+    "validation.early_stopping_threshold",
 }
 
 
@@ -446,6 +471,13 @@ def validate(config: RunConfig) -> RunConfig:
         raise UserError("peft.lora_dropout must be in [0, 1), got {}.".format(config.peft.lora_dropout))
     if config.peft.method != "none" and not config.peft.target_modules:
         raise UserError("peft.target_modules is empty: name the T5 modules to adapt, e.g. q,v.")
+    if not 0.0 < config.ipu.source_length_coverage <= 1.0:
+        raise UserError("ipu.source_length_coverage must be in (0, 1], got {}: the share of prompts the IPU's static "
+                        "prompt length holds whole.".format(config.ipu.source_length_coverage))
+    if config.validation.early_stopping_patience and not (config.validation.do_eval and config.validation.eval_steps):
+        raise UserError("validation.early_stopping_patience={} needs validation during training: set "
+                        "validation.eval_steps (and keep validation.do_eval=true).".format(
+                            config.validation.early_stopping_patience))
     if config.layout.micro_batch_size and config.layout.gradient_accumulation_steps:
         raise UserError(
             "give layout.micro_batch_size or layout.gradient_accumulation_steps, not both: the other "

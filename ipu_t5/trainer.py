@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, lora, rng, run_dir
 from .backends import Backend, create_backend
+from .best_metric import BestMetric
 from .config import RunConfig, ValidationConfig
 from .data.batching import BatchOrder, GlobalBatch
-from .data.features import Lengths, lengths, tokenize
+from .data.features import Lengths, TokenColumns, lengths, tokenize
 from .data.sources import check_examples, load_splits
 from .errors import UserError
 from .export import write_hf_checkpoint
@@ -27,7 +28,7 @@ from .models import build_model, canonical_size, load_pretrained, model_from_con
 from .optim import lr_at
 from .signals import GracefulStop
 from .tasks import build_task
-from .tokenizer import load_tokenizer
+from .tokenizer import cache_root, load_tokenizer
 
 
 class _Stopped(Exception):
@@ -88,12 +89,12 @@ class T5Trainer:
         if tokenizer is None and candidate is not None:
             tokenizer = candidate.tokenizer()
         self.tokenizer = tokenizer or load_tokenizer(config, corpus=self._corpus(dataset))
-        workers, max_len = config.data.preprocessing_num_workers, config.data.max_source_length
-        self.train_features = tokenize(dataset, self.task, self.tokenizer, max_len, workers, "tokenizing training data")
-        self.eval_features = None if eval_dataset is None else tokenize(
-            eval_dataset, self.task, self.tokenizer, max_len, workers, "tokenizing evaluation data")
+        self.train_features = self._tokenize(dataset, "training")
+        self.eval_features = None if eval_dataset is None else self._tokenize(eval_dataset, "evaluation")
         self.eval_split = None if eval_dataset is None or eval_dataset.split is None else str(eval_dataset.split)
-        self.lengths: Lengths = lengths(self.train_features, self.eval_features)
+        self.lengths: Lengths = lengths(self.train_features, self.eval_features,
+                                        static_coverage=config.ipu.source_length_coverage)
+        self.train_tokens = TokenColumns(self.train_features)
         if pretrained is None and candidate is not None and not lora.enabled(config):
             # The architecture; its weights are loaded by _resume. A LoRA checkpoint holds only the
             # adapters, so the base is the run's own starting point, built as before.
@@ -125,9 +126,13 @@ class T5Trainer:
             self.metric = evaluate.load(self.task.metric_path)
         self.postprocess = postprocess_predictions or self.task.postprocess
         self.step = 0
-        self.order = BatchOrder(len(self.train_features), config.training.global_batch_size, config.training.seed)
+        self.order = BatchOrder(len(self.train_features), config.training.global_batch_size, config.training.seed,
+                                self.train_tokens.lengths() if config.data.group_by_length else None)
         self.last_eval: Optional[Dict[str, Any]] = None
-        self.best: Optional[Dict[str, Any]] = None
+        # The best validation so far (`best_metric`, `best_step`, `last_eval_is_best`): checkpoints
+        # keep the best by it, and training stops early on it.
+        self.best = BestMetric(self.eval_config.metric_for_best_model, self.eval_config.greater_is_better,
+                               self.eval_config.early_stopping_patience, self.eval_config.early_stopping_threshold)
         self.resumed_from: Optional[Path] = None
         self._last_eval_step: Optional[int] = None
         self._saved_step: Optional[int] = None
@@ -146,6 +151,11 @@ class T5Trainer:
                 raise UserError("{} is tokenized but has no {} column(s).".format(where, ", ".join(missing)))
             return dataset
         return check_examples(dataset, self.task, where, None)
+
+    def _tokenize(self, dataset, role: str):
+        data = self.config.data
+        return tokenize(dataset, self.task, self.tokenizer, data.max_source_length, data.preprocessing_num_workers,
+                        "tokenizing {} data".format(role), cache_root() / "features", data.overwrite_cache)
 
     def _corpus(self, dataset) -> List[str]:
         if "input_ids" in dataset.column_names:
@@ -221,33 +231,30 @@ class T5Trainer:
 
     # ----- training -----
 
-    def _train_rows(self) -> List[Dict[str, List[int]]]:
-        return [{"input_ids": a, "labels": b} for a, b in
-                zip(self.train_features["input_ids"], self.train_features["labels"])]
-
     def train(self, resume_from_checkpoint: Optional[str] = None) -> Dict[str, Any]:
         """Run optimizer steps up to `training.max_steps`; returns a summary of the run.
 
         `resume_from_checkpoint` ("auto" or a checkpoint path, as in HF's Trainer) first restores
         that checkpoint. Checkpoints are written every `output.save_steps` steps, at a new best
         validation result and at the end. SIGTERM or SIGINT finishes the current step, writes a
-        checkpoint and returns early with `summary["interrupted"]` naming the signal.
+        checkpoint and returns early with `summary["interrupted"]` naming the signal. With
+        `validation.early_stopping_patience` training ends once validation stops improving
+        (`summary["stopped_early"]`).
         """
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
         self._refuse_restart_over_checkpoints()
         cfg = self.config.training
         log = self._claim()
-        rows = self._train_rows()
         self._say("{}\n{}\nmodel: {} ({:.1f}M parameters{}), task {}: {} training / {} validation examples, "
                   "prompts up to {} tokens, targets up to {}".format(
                       self.backend.description, self.plan.describe(), self.config.model.name,
                       self.num_params / 1e6, self._trainable_note(),
-                      self.task.name, len(rows), len(self.eval_features) if self.eval_features is not None else 0,
+                      self.task.name, len(self.train_tokens), len(self.eval_features) if self.eval_features is not None else 0,
                       self.lengths.source, self.lengths.target))
         batches = iter(self.order)
         started, samples_done, first_step = time.perf_counter(), 0, self.step
-        result, stopped = None, None
+        result, stopped, stopped_early = None, None, False
         with GracefulStop() as self._stop, tqdm(
                 total=cfg.max_steps, initial=self.step, desc="training", unit="step",
                 disable=not self.is_main_process, dynamic_ncols=True) as bar:
@@ -259,7 +266,7 @@ class T5Trainer:
                     stopped = self._stop_requested()
                     if stopped:
                         break
-                    batch = GlobalBatch([rows[i] for i in next(batches)])
+                    batch = GlobalBatch([self.train_tokens.sample(i) for i in next(batches)])
                     tick = time.perf_counter()
                     result = self.backend.train_step(batch, self.step)
                     elapsed = time.perf_counter() - tick
@@ -278,6 +285,12 @@ class T5Trainer:
                     save_steps = self.config.output.save_steps
                     if save_steps and (self.step % save_steps == 0 or improved):
                         self._save_periodic()
+                    if self.best.should_stop:
+                        stopped_early = True
+                        self._say("ipu-t5: early stopping at step {}: {} has not improved on {:.4f} (step {}) in {} "
+                                  "validations".format(self.step, self.best.metric, self.best.best,
+                                                       self.best.best_step, self.best.evals_without_improvement))
+                        break
                 if stopped is None:
                     stopped = self._stop_requested()
             except _Stopped as during_validation:
@@ -289,7 +302,8 @@ class T5Trainer:
         seconds = time.perf_counter() - started
         summary = {"steps": self.step, "steps_this_run": self.step - first_step, "train_seconds": seconds,
                    "samples_per_second": samples_done / seconds if seconds else 0.0,
-                   "final_loss": result.loss if result else None}
+                   "final_loss": result.loss if result else None, "stopped_early": stopped_early,
+                   "best_metric": self.best_metric, "best_step": self.best_step}
         if self._saved_step == self.step:
             summary["checkpoint"] = str(checkpoint.step_path(self.output_dir, self.step))
         if stopped:
@@ -297,6 +311,21 @@ class T5Trainer:
             self._say("ipu-t5: stopped by {} after step {} of {}; checkpoint {}".format(
                 stopped, self.step, cfg.max_steps, summary["checkpoint"]))
         return summary
+
+    @property
+    def best_metric(self) -> Optional[float]:
+        """The best value of `validation.metric_for_best_model` so far (None before any validation)."""
+        return self.best.best
+
+    @property
+    def best_step(self) -> Optional[int]:
+        """The step of the best validation so far."""
+        return self.best.best_step
+
+    @property
+    def last_eval_is_best(self) -> bool:
+        """Whether the latest validation improved on every earlier one."""
+        return self.best.last_is_best
 
     def _refuse_restart_over_checkpoints(self) -> None:
         """A run started afresh in a directory that holds its checkpoints would replace them as it
@@ -326,9 +355,8 @@ class T5Trainer:
 
     def _evaluate_in_loop(self) -> bool:
         """Validate inside the loop; whether the result is the best so far."""
-        before = self.best
         self.evaluate()
-        return self.best is not before
+        return self.last_eval_is_best
 
     # ----- resuming -----
 
@@ -348,7 +376,7 @@ class T5Trainer:
         state = found.state
         self.step = int(state["step"])
         self.order.load_state_dict(state["data_order"])
-        self.best = state.get("best")
+        self.best.load_state_dict(state.get("best"))
         self.last_eval = state.get("last_eval")
         self._last_eval_step = state.get("last_eval_step")
         self._saved_step = self.step
@@ -400,6 +428,7 @@ class T5Trainer:
                        "num_samples": len(rows), "step": self.step, "eval_seconds": seconds,
                        "samples_per_second": len(rows) / seconds if seconds else 0.0})
         result.update(self.task.report(predictions, references))
+        self._track_best(result)
         self.last_eval = result
         self._write_json("eval_results.json", result)
         if self.is_main_process:
@@ -409,31 +438,26 @@ class T5Trainer:
                     f.write(json.dumps({"prompt": row["prompt"], "generated": text, "target": target,
                                         "prediction": prediction, "reference": row["reference"]}) + "\n")
         log.log({"step": self.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}, prefix="eval")
-        self._track_best(result)
+        self._on_main(self._record_best)
         return result
 
     def _track_best(self, result: Dict[str, Any]) -> None:
-        """Remember the best validation so far; a checkpoint of this step, written before this
-        validation finished, records it too (and the best one is kept by rotation)."""
-        metric = self.config.output.metric_for_best_model or result["main_metric"]
-        if metric not in result:
-            raise UserError("output.metric_for_best_model is '{}' but validation reports {}: choose one of "
-                            "those.".format(metric, ", ".join(k for k, v in result.items() if isinstance(v, (int, float)))))
-        value = result[metric]
-        # As in HF's Trainer: greater is better, unless the metric is a loss.
-        better = (lambda a, b: a < b) if metric.endswith("loss") else (lambda a, b: a > b)
-        if self.best is None or better(value, self.best["value"]):
-            self.best = {"metric": metric, "value": value, "step": self.step}
+        """Rank this validation against the earlier ones (`best_metric`, `best_step`, `is_best`)."""
+        self.best.update(result, self.step)
+        result.update({"best_metric": self.best_metric, "best_step": self.best_step, "is_best": self.last_eval_is_best})
         self._last_eval_step = self.step
+
+    def _record_best(self) -> None:
+        """A checkpoint of this step, written before its validation finished, records the ranking
+        too, and the best checkpoint is kept by rotation."""
         path = checkpoint.step_path(self.output_dir, self.step)
+        if (path / checkpoint.STATE_FILE).is_file():
+            checkpoint.update_trainer_state(path, best=self.best.state_dict(), last_eval=self.last_eval,
+                                            last_eval_step=self.step)
+            checkpoint.rotate(self.output_dir, self.config.output.save_total_limit, self._protected_steps())
 
-        def record() -> None:
-            if (path / checkpoint.STATE_FILE).is_file():
-                checkpoint.update_trainer_state(path, best=self.best, last_eval=self.last_eval,
-                                                last_eval_step=self.step)
-                checkpoint.rotate(self.output_dir, self.config.output.save_total_limit, [self.best["step"]])
-
-        self._on_main(record)
+    def _protected_steps(self) -> List[int]:
+        return [self.best.best_step] if self.best.best_step is not None else []
 
     # ----- checkpoints and export -----
 
@@ -443,7 +467,7 @@ class T5Trainer:
         plan = self.plan
         return {"step": self.step, "max_steps": cfg.max_steps, "data_order": self.order.state_dict(),
                 "lr_scheduler": {"type": cfg.lr_scheduler_type, "last_lr": lr_at(max(self.step - 1, 0), cfg)},
-                "best": self.best, "last_eval": self.last_eval, "last_eval_step": self._last_eval_step,
+                "best": self.best.state_dict(), "last_eval": self.last_eval, "last_eval_step": self._last_eval_step,
                 "max_new_tokens": self.eval_config.max_new_tokens or self.lengths.target,
                 "layout": {"backend": self.backend.name, "stages": plan.stages, "replicas": plan.replicas,
                            "micro_batch_size": plan.micro_batch_size, "micro_batches": plan.micro_batches}}
@@ -462,7 +486,7 @@ class T5Trainer:
         path = self.save_checkpoint(checkpoint.step_path(self.output_dir, self.step))
         self._saved_step = self.step
         self._on_main(lambda: checkpoint.rotate(self.output_dir, self.config.output.save_total_limit,
-                                                [self.best["step"]] if self.best else []))
+                                                self._protected_steps()))
         return path
 
     def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,

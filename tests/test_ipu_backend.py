@@ -242,6 +242,31 @@ def test_trainer_runs_end_to_end_through_the_ipu_backend(standin, tmp_path):
     assert "poptorch.trainingModel" in calls and "poptorch.inferenceModel" in calls
 
 
+@pytest.mark.parametrize("coverage", [1.0, 0.5])
+def test_static_prompt_length_comes_from_the_data(standin, tmp_path, coverage):
+    """The compiled shapes pad prompts to one length chosen from the data's prompt lengths: a
+    multiple of 8 holding all of them, or the given share (the rest truncated), never a fixed 512."""
+    import numpy as np
+
+    from ipu_t5.trainer import T5Trainer
+
+    config = tiny_config(tmp_path, **{"training.max_steps": 1, "data.demo_train_samples": 200,
+                                      "data.demo_eval_samples": 8, "training.global_batch_size": 8,
+                                      "ipu.source_length_coverage": coverage})
+    trainer = T5Trainer(config)
+    prompts = sorted(len(ids) for ids in list(trainer.train_features["input_ids"]) + list(trainer.eval_features["input_ids"]))
+    static = trainer.backend.ipu_plan.source_length
+    trainer.train()
+    trainer.close()
+    assert static % 8 == 0
+    held = sum(n <= static for n in prompts) / len(prompts)
+    assert held >= coverage and static - 8 < int(np.quantile(prompts, coverage, method="inverted_cdf"))
+    if coverage == 1.0:
+        assert static >= trainer.lengths.source
+    else:
+        assert static < trainer.lengths.source
+
+
 # ----- LoRA: the adapters injected before the backend takes the model -----
 
 LORA = {"peft.method": "lora", "peft.r": 4, "peft.lora_alpha": 8, "peft.lora_dropout": 0}

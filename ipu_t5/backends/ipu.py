@@ -102,7 +102,8 @@ class IpuBackend(Backend):
         if self.lengths is None:
             raise UserError("the IPU backend compiles static shapes and needs the data's token lengths: build it "
                             "with create_backend(config, plan, lengths) (T5Trainer does).")
-        self.ipu_plan = plan_ipu(self.config, self.plan, self.lengths.source, self.lengths.target)
+        self.ipu_plan = plan_ipu(self.config, self.plan, self.lengths.static_source or self.lengths.source,
+                                 self.lengths.target)
         self.plan = self.ipu_plan.layout
         poptorch = import_poptorch()
         self.poptorch = poptorch

@@ -6,6 +6,7 @@ import torch
 
 from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
+from ..fast_ops import fuse_gelu
 from ..optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
                      set_lr, token_loss)
 from .base import Backend, StepResult, trim_at_eos
@@ -16,6 +17,15 @@ def autocast_dtype(bf16, device: torch.device):
     if bf16 is None:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.bfloat16 if bf16 else None
+
+
+def compiled(model: torch.nn.Module):
+    """`torch.compile(model)`, or a UserError naming the fix where this torch cannot compile."""
+    try:
+        return torch.compile(model)
+    except (AttributeError, RuntimeError) as err:  # torch.compile is missing or refuses this Python
+        raise UserError("training.torch_compile is set but torch {} cannot compile here ({}): set "
+                        "training.torch_compile=false.".format(torch.__version__, str(err).splitlines()[0])) from None
 
 
 class SingleProcessBackend(Backend):
@@ -45,21 +55,32 @@ class SingleProcessBackend(Backend):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def setup(self, model: torch.nn.Module) -> None:
+        fuse_gelu(model)
         self.model = model.to(self.device)
         self.pad_id = model.config.pad_token_id
         self.eos_id = model.config.eos_token_id
         self.optimizer = build_optimizer(self.model.named_parameters(), self.config.training)
+        self.forward = compiled(self.model) if self.config.training.torch_compile else self.model
+        self.pin_memory = self.device.type == "cuda" and self.config.data.dataloader_pin_memory
+
+    def _on_device(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        # Page-locked host memory lets the copy run asynchronously, behind the queued GPU work.
+        if self.pin_memory:
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
 
     def train_step(self, batch: GlobalBatch, step: int) -> StepResult:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_tokens = batch.num_target_tokens
         loss = torch.zeros((), device=self.device)
-        for micro in self.plan.split(batch.samples)[0]:
-            tensors = {k: v.to(self.device, non_blocking=True) for k, v in collate(micro, self.pad_id).items()}
+        # Every micro-batch is collated and its copy queued before the first forward, so no copy
+        # waits behind the previous micro-batch's backward.
+        micro_batches = [self._on_device(collate(micro, self.pad_id)) for micro in self.plan.split(batch.samples)[0]]
+        for tensors in micro_batches:
             with self._autocast():
-                logits = self.model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                                    decoder_input_ids=tensors["decoder_input_ids"], use_cache=False).logits
+                logits = self.forward(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                                      decoder_input_ids=tensors["decoder_input_ids"], use_cache=False).logits
             micro_loss = token_loss(logits, tensors["labels"], total_tokens)
             micro_loss.backward()
             loss += micro_loss.detach()
@@ -72,11 +93,10 @@ class SingleProcessBackend(Backend):
     @torch.no_grad()
     def generate(self, samples: List[Dict], max_new_tokens: int) -> List[List[int]]:
         self.model.eval()
-        tensors = collate(samples, self.pad_id)
+        tensors = self._on_device(collate(samples, self.pad_id))
         with self._autocast():
             output = self.model.generate(
-                input_ids=tensors["input_ids"].to(self.device),
-                attention_mask=tensors["attention_mask"].to(self.device),
+                input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 decoder_start_token_id=self.model.config.decoder_start_token_id,
                 eos_token_id=self.eos_id, pad_token_id=self.pad_id)

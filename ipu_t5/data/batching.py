@@ -40,23 +40,61 @@ def collate(samples: Sequence[Sample], pad_id: int, source_length: Optional[int]
             "decoder_input_ids": decoder_input_ids, "labels": labels}
 
 
+# Length grouping sorts within windows of this many global batches (as Hugging Face's
+# LengthGroupedSampler): wide enough that each batch holds similar lengths, narrow enough that
+# every part of the epoch still mixes short and long examples.
+MEGABATCH_BATCHES = 50
+
+
+def megabatch_batches(num_examples: int, global_batch_size: int) -> int:
+    """Global batches per length-sorting window: 50, or fewer so an epoch has at least four windows."""
+    return max(1, min(num_examples // (global_batch_size * 4), MEGABATCH_BATCHES))
+
+
+def group_by_length(indices: Sequence[int], lengths: Sequence[int], batch_size: int, windows: int,
+                    generator: torch.Generator) -> List[List[int]]:
+    """Cut `indices` (already shuffled) into batches of similar lengths.
+
+    Each window of `windows` batches is sorted by length, longest first, and cut into batches;
+    the batches are then shuffled, so length does not trend within the epoch, and the batch
+    holding the longest example goes first, so a batch that does not fit in memory fails at once.
+    """
+    size = windows * batch_size
+    batches: List[List[int]] = []
+    for start in range(0, len(indices), size):
+        window = sorted(indices[start:start + size], key=lambda i: (-lengths[i], i))
+        batches.extend(window[b:b + batch_size] for b in range(0, len(window), batch_size))
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
+
+
 class BatchOrder:
     """Which examples make each global batch: a fresh seeded permutation every epoch, the last
     incomplete batch dropped so every step sees the configured global batch.
 
-    Its state (epoch, position) is all a resumed run needs to continue the same order.
+    Given `lengths` (prompt token counts per example), batches hold examples of similar length
+    (`group_by_length`), so dynamic padding wastes little compute.
+
+    Each epoch's batches are a pure function of the seed, the epoch and the lengths, so its state
+    (epoch, position) is all a resumed run needs to continue the same order.
     """
 
-    def __init__(self, num_examples: int, global_batch_size: int, seed: int):
+    def __init__(self, num_examples: int, global_batch_size: int, seed: int,
+                 lengths: Optional[Sequence[int]] = None):
         if num_examples < global_batch_size:
             from ..errors import UserError
 
             raise UserError("the training split has {} examples, fewer than one global batch of {}: "
                             "lower training.global_batch_size or give more data.".format(
                                 num_examples, global_batch_size))
+        if lengths is not None and len(lengths) != num_examples:
+            raise ValueError("{} lengths for {} examples".format(len(lengths), num_examples))
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
         self.seed = seed
+        self.lengths = lengths
         self.epoch = 0
         self.position = 0
 
@@ -64,23 +102,32 @@ class BatchOrder:
     def batches_per_epoch(self) -> int:
         return self.num_examples // self.global_batch_size
 
-    def _permutation(self) -> List[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(self.num_examples, generator=generator).tolist()
+    @property
+    def grouped(self) -> bool:
+        return self.lengths is not None
+
+    def epoch_batches(self, epoch: int) -> List[List[int]]:
+        """The global batches of `epoch`, in order."""
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        kept = torch.randperm(self.num_examples, generator=generator).tolist()[:self.batches_per_epoch * self.global_batch_size]
+        if self.lengths is None:
+            return [kept[start:start + self.global_batch_size] for start in range(0, len(kept), self.global_batch_size)]
+        windows = megabatch_batches(self.num_examples, self.global_batch_size)
+        return group_by_length(kept, self.lengths, self.global_batch_size, windows, generator)
 
     def __iter__(self) -> Iterator[List[int]]:
         while True:
-            order = self._permutation()
+            batches = self.epoch_batches(self.epoch)
             while self.position < self.batches_per_epoch:
-                start = self.position * self.global_batch_size
                 self.position += 1
-                yield order[start:start + self.global_batch_size]
+                yield batches[self.position - 1]
             self.epoch += 1
             self.position = 0
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_examples": self.num_examples, "global_batch_size": self.global_batch_size}
+                "num_examples": self.num_examples, "global_batch_size": self.global_batch_size,
+                "group_by_length": self.grouped}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
