@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from ipu_t5.data.batching import BatchOrder, megabatch_batches
+from ipu_t5.data.batching import BatchOrder
 from ipu_t5.data.buckets import bucket_length, length_buckets, padded_tokens
 
 pytestmark = pytest.mark.core
@@ -86,10 +86,17 @@ def test_ungrouped_order_is_the_plain_seeded_permutation():
     assert order.state_dict()["group_by_length"] is False
 
 
-def test_megabatch_window_follows_hugging_face_rule():
-    assert megabatch_batches(392702, 32) == 50
-    assert megabatch_batches(1280, 32) == 10  # at least four windows per epoch
-    assert megabatch_batches(40, 32) == 1
+def test_an_epoch_of_up_to_50_batches_is_sorted_whole_as_hugging_face_does():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randrange(5, 200) for _ in range(1280)]
+    order = BatchOrder(len(lengths), 32, seed=1, lengths=lengths)
+    batches = take(order, order.batches_per_epoch)
+    # One window of 40 batches: sorted as a whole, no two batches' length ranges interleave.
+    spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
+    assert all(high <= next_low for (_, high), (next_low, _) in zip(spans, spans[1:]))
+    assert sorted(i for b in batches for i in b) == list(range(1280))
 
 
 def _best_padding(lengths, max_buckets, multiple_of):

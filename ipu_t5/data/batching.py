@@ -40,15 +40,10 @@ def collate(samples: Sequence[Sample], pad_id: int, source_length: Optional[int]
             "decoder_input_ids": decoder_input_ids, "labels": labels}
 
 
-# Length grouping sorts within windows of this many global batches (as Hugging Face's
-# LengthGroupedSampler): wide enough that each batch holds similar lengths, narrow enough that
-# every part of the epoch still mixes short and long examples.
+# Length grouping sorts within windows of this many global batches, as Hugging Face's
+# LengthGroupedSampler does: wide enough that each batch holds similar lengths, narrow enough
+# that every part of a large epoch still mixes short and long examples.
 MEGABATCH_BATCHES = 50
-
-
-def megabatch_batches(num_examples: int, global_batch_size: int) -> int:
-    """Global batches per length-sorting window: 50, or fewer so an epoch has at least four windows."""
-    return max(1, min(num_examples // (global_batch_size * 4), MEGABATCH_BATCHES))
 
 
 def group_by_length(indices: Sequence[int], lengths: Sequence[int], batch_size: int, windows: int,
@@ -112,8 +107,7 @@ class BatchOrder:
         kept = torch.randperm(self.num_examples, generator=generator).tolist()[:self.batches_per_epoch * self.global_batch_size]
         if self.lengths is None:
             return [kept[start:start + self.global_batch_size] for start in range(0, len(kept), self.global_batch_size)]
-        windows = megabatch_batches(self.num_examples, self.global_batch_size)
-        return group_by_length(kept, self.lengths, self.global_batch_size, windows, generator)
+        return group_by_length(kept, self.lengths, self.global_batch_size, MEGABATCH_BATCHES, generator)
 
     def __iter__(self) -> Iterator[List[int]]:
         while True:
