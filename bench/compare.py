@@ -99,7 +99,9 @@ def prepare(model: str, settings: Dict[str, Any], workdir: Path, ours_extra: Dic
     checkpoint = trainer.save_hf_checkpoint(workdir / "checkpoint")
     cap = lengths(trainer.train_features).target
     trainer.close()
+    # Length grouping on, as the peer runs it (both default to off).
     ours = dict(base, **{"output.output_dir": str(workdir / "ours"), "output.overwrite_output_dir": "true",
+                         "data.group_by_length": "true",
                          "model.pretrained": str(checkpoint), "model.tokenizer": str(checkpoint),
                          "validation.per_device_eval_batch_size": settings["eval_batch_size"],
                          "validation.max_new_tokens": cap})
