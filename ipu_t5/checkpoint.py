@@ -92,20 +92,6 @@ def _no_space(path: Path, needed: int) -> CheckpointError:
             "no earlier checkpoint was touched"))
 
 
-def _agree(backend, work: Callable[[], Any]) -> Any:
-    """Run `work` on the main process and give every process its result, or the same error."""
-    result, error = None, None
-    if backend.is_main_process:
-        try:
-            result = work()
-        except UserError as err:
-            error = str(err)
-    result, error = backend.broadcast_object((result, error))
-    if error is not None:
-        raise CheckpointError(error)
-    return result
-
-
 def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_config: Dict[str, Any],
                     hf_config, tokenizer, select: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> Path:
     """Write `backend`'s training state as a checkpoint at `path`, atomically. Every process calls it.
@@ -142,7 +128,7 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
                 raise _no_space(path, needed) from None
             raise
 
-    staging = Path(_agree(backend, begin))
+    staging = Path(backend.on_main(begin))
     if shares is not None:
         try:
             _dcp("save", shares, staging / SHARDED_DIR)
@@ -167,7 +153,7 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
                 raise _no_space(path, needed) from None
             raise
 
-    _agree(backend, finish)
+    backend.on_main(finish)
     return path
 
 
@@ -194,10 +180,12 @@ def _write_main_files(staging: Path, tensors: Dict[str, Dict[str, torch.Tensor]]
         "versions": {"ipu_t5": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "files": atomic.fsync_tree(staging, checksum=True),
     })
-    # Written last and synced: its presence marks the checkpoint complete.
+    # Written last and synced (the other files already are): its presence marks the checkpoint complete.
     with open(str(staging / STATE_FILE), "w") as f:
         json.dump(state, f, indent=2)
-    atomic.fsync_tree(staging)
+        f.flush()
+        os.fsync(f.fileno())
+    atomic.fsync_path(staging)
 
 
 def update_trainer_state(path: Path, **values: Any) -> None:
@@ -206,12 +194,7 @@ def update_trainer_state(path: Path, **values: Any) -> None:
     state_file = Path(path) / STATE_FILE
     state = json.loads(state_file.read_text())
     state.update(values)
-    temporary = state_file.with_name("." + STATE_FILE)
-    with open(str(temporary), "w") as f:
-        json.dump(state, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(str(temporary), str(state_file))
+    atomic.write_file(state_file, json.dumps(state, indent=2))
 
 
 def rotate(output_dir: Path, keep: int, protect: Sequence[int] = ()) -> List[int]:
@@ -458,7 +441,7 @@ def resolve(spec: str, output_dir: Path, say: Callable[[str], None], verify_data
 def find_for_resume(backend, spec: str, output_dir: Path, say: Callable[[str], None]) -> Optional[Checkpoint]:
     """`resolve` with every file's checksum verified, by the main process alone; every process gets
     the same answer."""
-    path = _agree(backend, lambda: _path_of(resolve(spec, output_dir, say)))
+    path = backend.on_main(lambda: _path_of(resolve(spec, output_dir, say)))
     return inspect(Path(path), verify_data=False) if path is not None else None
 
 

@@ -112,7 +112,7 @@ class T5Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
-        self.backend = backend or create_backend(config, self.plan, self.lengths)
+        self.backend = backend or create_backend(config, self.plan)
         if self.backend.lengths is None:
             self.backend.lengths = self.lengths
         torch.manual_seed(config.training.seed)
@@ -194,22 +194,9 @@ class T5Trainer:
         if self.is_main_process:
             tqdm.write(message)
 
-    def _on_main(self, action: Callable[[], Any]) -> None:
-        """Run `action` on the main process only; a UserError there is raised on every process, so
-        no other rank is left waiting for one that has given up."""
-        error = None
-        if self.is_main_process:
-            try:
-                action()
-            except UserError as err:
-                error = str(err)
-        error = self.backend.broadcast_object(error)
-        if error:
-            raise UserError(error)
-
     def _claim(self) -> MetricsLog:
         if not self._claimed:
-            self._on_main(lambda: run_dir.claim(self.output_dir, self.config.to_dict(),
+            self.backend.on_main(lambda: run_dir.claim(self.output_dir, self.config.to_dict(),
                                                 self.config.output.overwrite_output_dir))
             self._claimed = True
             self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard,
@@ -339,9 +326,7 @@ class T5Trainer:
         if not self.config.output.overwrite_output_dir:
             raise UserError("output directory '{}' holds checkpoints of this run up to step {}: continue it with "
                             "--resume auto, or start it over with --overwrite.".format(self.output_dir, steps[-1]))
-        if self.is_main_process:
-            run_dir.clear(self.output_dir)
-        self.backend.barrier()
+        self.backend.on_main(lambda: run_dir.clear(self.output_dir))
 
     def _stop_requested(self) -> Optional[str]:
         """The signal that asked the run to stop, as the main process saw it (so every process stops
@@ -438,7 +423,7 @@ class T5Trainer:
                     f.write(json.dumps({"prompt": row["prompt"], "generated": text, "target": target,
                                         "prediction": prediction, "reference": row["reference"]}) + "\n")
         log.log({"step": self.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}, prefix="eval")
-        self._on_main(self._record_best)
+        self.backend.on_main(self._record_best)
         return result
 
     def _track_best(self, result: Dict[str, Any]) -> None:
@@ -485,7 +470,7 @@ class T5Trainer:
         """`<output-dir>/checkpoints/step-N`, then keep the newest `output.save_total_limit` and the best."""
         path = self.save_checkpoint(checkpoint.step_path(self.output_dir, self.step))
         self._saved_step = self.step
-        self._on_main(lambda: checkpoint.rotate(self.output_dir, self.config.output.save_total_limit,
+        self.backend.on_main(lambda: checkpoint.rotate(self.output_dir, self.config.output.save_total_limit,
                                                 self._protected_steps()))
         return path
 
@@ -512,7 +497,7 @@ class T5Trainer:
                                            example_prompt=example)
             self._say(exported.describe())
 
-        self._on_main(export)
+        self.backend.on_main(export)
         if ckpt_path:
             self.save_checkpoint(ckpt_path)
         return hf_path

@@ -4,9 +4,8 @@ Each engine is imported only when its backend is chosen, so the package imports 
 lack it (the Poplar SDK has no torch.distributed.pipelining; nothing else has poptorch).
 """
 import importlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
-from ..data.features import Lengths
 from ..errors import UserError
 from .base import Backend, StepResult
 
@@ -31,16 +30,14 @@ def resolve_backend_name(config, plan) -> str:
     return "single" if plan.world_size == 1 else "torch"
 
 
-def create_backend(config, plan, lengths: Optional[Lengths] = None) -> Backend:
-    """Build the configured backend for a plan and the data's token lengths."""
+def create_backend(config, plan) -> Backend:
+    """Build the configured backend for a plan (its `lengths` are the caller's to set)."""
     name = resolve_backend_name(config, plan)
     if name not in REGISTRY:
         raise UserError("backend '{}' is not available in this installation (available: {}).".format(
             name, ", ".join(sorted(REGISTRY))))
     module, cls = REGISTRY[name]
-    backend = getattr(importlib.import_module(module), cls)(config, plan)
-    backend.lengths = lengths
-    return backend
+    return getattr(importlib.import_module(module), cls)(config, plan)
 
 
 __all__ = ["Backend", "StepResult", "create_backend", "resolve_backend_name"]

@@ -1,13 +1,14 @@
 """The one small interface every backend implements; the trainer sees nothing else."""
 import abc
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
 from ..config import RunConfig
 from ..data.batching import GlobalBatch
 from ..data.features import Lengths
+from ..errors import UserError
 from ..layout import LayoutPlan
 
 
@@ -29,7 +30,7 @@ class Backend(abc.ABC):
     """
 
     name = "backend"
-    # The data's longest prompt and target, set by `create_backend`: backends that compile static
+    # The data's token lengths, set by the trainer before `setup`: backends that compile static
     # shapes (the IPU) pad to them. A backend may also refine `plan` in `setup` (the IPU picks
     # its micro-batch); the trainer reports the backend's plan.
     lengths: Optional[Lengths] = None
@@ -134,6 +135,20 @@ class Backend(abc.ABC):
 
     def barrier(self) -> None:
         """Wait for every process (no-op in one process)."""
+
+    def on_main(self, work: Callable[[], Any]) -> Any:
+        """Run `work` on the main process only and give every process its result. A UserError
+        there is raised on every process alike, so no process waits for one that has given up."""
+        result, error = None, None
+        if self.is_main_process:
+            try:
+                result = work()
+            except UserError as err:
+                error = err
+        result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise error
+        return result
 
     def close(self) -> None:
         """Release devices and process groups."""

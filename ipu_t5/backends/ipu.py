@@ -28,7 +28,7 @@ import torch
 from ..data.batching import IGNORE_INDEX, GlobalBatch, collate
 from ..errors import UserError
 from ..ipu_plan import IpuPlan, plan_ipu
-from ..optim import adamw_kwargs, lr_at, param_groups
+from ..optim import adamw_kwargs, lr_at, param_groups, set_lr
 from .base import Backend, StepResult, trim_at_eos
 from .ipu_model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, hf_state_dict, join_slices,
                         load_hf_state_dict, place, slice_vocabulary, split_like_slices)
@@ -101,7 +101,7 @@ class IpuBackend(Backend):
     def setup(self, model: torch.nn.Module) -> None:
         if self.lengths is None:
             raise UserError("the IPU backend compiles static shapes and needs the data's token lengths: build it "
-                            "with create_backend(config, plan, lengths) (T5Trainer does).")
+                            "set backend.lengths before setup (T5Trainer does).")
         self.ipu_plan = plan_ipu(self.config, self.plan, self.lengths.static_source or self.lengths.source,
                                  self.lengths.target)
         self.plan = self.ipu_plan.layout
@@ -213,17 +213,23 @@ class IpuBackend(Backend):
 
     # ----- executors share the IPUs -----
 
+    def _compiled(self) -> List:
+        """The executors poptorch has compiled."""
+        return [e for e in (self.training_model, self.inference_model) if e is not None and e.isCompiled()]
+
+    def _attached(self) -> List:
+        """The compiled executors that hold the IPUs now."""
+        return [e for e in self._compiled() if e.isAttachedToDevice()]
+
     def _activate(self, wanted) -> None:
         """Detach whichever executor is not `wanted`; poptorch attaches `wanted` on its next call."""
-        for executor in (self.training_model, self.inference_model):
-            if executor is not None and executor is not wanted and executor.isCompiled() \
-                    and executor.isAttachedToDevice():
+        for executor in self._attached():
+            if executor is not wanted:
                 executor.detachFromDevice()
 
     def _sync_weights_to_host(self) -> None:
-        model = self.training_model
-        if model is not None and model.isCompiled() and model.isAttachedToDevice():
-            model.copyWeightsToHost()
+        if self.training_model in self._attached():
+            self.training_model.copyWeightsToHost()
 
     # ----- training -----
 
@@ -233,8 +239,7 @@ class IpuBackend(Backend):
         counts = torch.full((len(batch.samples),), float(batch.num_target_tokens))
         lr = lr_at(step, self.config.training)
         if lr != self._lr:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             self.training_model.setOptimizer(self.optimizer)
             self._lr = lr
         loss = self.training_model(tensors["input_ids"], tensors["attention_mask"], tensors["decoder_input_ids"],
@@ -282,9 +287,8 @@ class IpuBackend(Backend):
 
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         load_hf_state_dict(self.t5, state)
-        for executor in (self.training_model, self.inference_model):
-            if executor is not None and executor.isCompiled() and executor.isAttachedToDevice():
-                executor.copyWeightsToDevice()
+        for executor in self._attached():
+            executor.copyWeightsToDevice()
 
     def optimizer_state_dict(self) -> Dict:
         state = self.optimizer.state_dict().get("ipu_state") or {}
@@ -318,6 +322,5 @@ class IpuBackend(Backend):
         self.optimizer.load_state_dict(full)
 
     def close(self) -> None:
-        for executor in (self.training_model, self.inference_model):
-            if executor is not None and executor.isCompiled():
-                executor.destroy()
+        for executor in self._compiled():
+            executor.destroy()
