@@ -33,7 +33,8 @@ def remove_stale(parent: Path, prefixes: Iterable[str]) -> None:
             shutil.rmtree(str(entry), ignore_errors=True)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync one file or directory (a directory's fsync makes the names in it durable)."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -57,8 +58,19 @@ def fsync_tree(root: Path, checksum: bool = False) -> Dict[str, Dict[str, object
                     entry["crc32"] = file_crc32(f)
                 os.fsync(f.fileno())
             manifest[str(path.relative_to(root))] = entry
-        _fsync_path(Path(directory))
+        fsync_path(Path(directory))
     return manifest
+
+
+def write_file(path: Path, text: str) -> None:
+    """Replace the file at `path` with `text` in one step: written beside it, fsynced, renamed."""
+    path = Path(path)
+    temporary = path.with_name("." + path.name + ".tmp")
+    with open(str(temporary), "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(str(temporary), str(path))
 
 
 def file_crc32(f) -> str:
@@ -94,7 +106,7 @@ def replace_dir(new: Path, target: Path) -> None:
         if old is not None:
             os.rename(str(old / "previous"), str(target))
         raise
-    _fsync_path(target.parent)
+    fsync_path(target.parent)
     if old is not None:
         shutil.rmtree(str(old), ignore_errors=True)
 

@@ -8,7 +8,6 @@ compared with the trainer's: an export that would load "fine" and compute someth
 head, a missing weight) is never put in place.
 """
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -157,38 +156,31 @@ def write_hf_checkpoint(
     reference = logits_on(with_weights(hf_config, state, None if dtype == torch.float32 else dtype), batch)
     needed = split.metadata["total_size"]
     try:
-        staging = atomic.staging_dir(out_dir)
-    except OSError as err:
-        raise _no_space(out_dir, needed) if atomic.is_no_space(err) else err
-    try:
-        with open(str(staging / "config.json"), "w") as f:
-            json.dump(export_config_dict(hf_config, dtype), f, indent=2, sort_keys=True)
-        for filename, names in split.filename_to_tensors.items():
-            save_file(export_tensors({n: state[n] for n in names}, dtype), str(staging / filename),
-                      metadata={"format": "pt"})
-        if split.is_sharded:
-            with open(str(staging / "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f,
-                          indent=2, sort_keys=True)
-        tokenizer.save_pretrained(str(staging))
-        generation = GenerationConfig(
-            decoder_start_token_id=hf_config.decoder_start_token_id, eos_token_id=hf_config.eos_token_id,
-            pad_token_id=hf_config.pad_token_id,
-            # Validation capped new tokens at the longest target; the export does the same, so plain
-            # transformers predicts exactly what validation measured.
-            **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
-        generation.save_pretrained(str(staging))
-        base = run_config["model"].get("pretrained") or ""
-        (staging / "README.md").write_text(model_card(run_config, results, base, example_prompt))
-        difference = _check_reload(staging, batch, reference)
-        atomic.fsync_tree(staging)
-        atomic.replace_dir(staging, out_dir)
+        with atomic.staged_dir(out_dir) as staging:
+            with open(str(staging / "config.json"), "w") as f:
+                json.dump(export_config_dict(hf_config, dtype), f, indent=2, sort_keys=True)
+            for filename, names in split.filename_to_tensors.items():
+                save_file(export_tensors({n: state[n] for n in names}, dtype), str(staging / filename),
+                          metadata={"format": "pt"})
+            if split.is_sharded:
+                with open(str(staging / "model.safetensors.index.json"), "w") as f:
+                    json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f,
+                              indent=2, sort_keys=True)
+            tokenizer.save_pretrained(str(staging))
+            generation = GenerationConfig(
+                decoder_start_token_id=hf_config.decoder_start_token_id, eos_token_id=hf_config.eos_token_id,
+                pad_token_id=hf_config.pad_token_id,
+                # Validation capped new tokens at the longest target; the export does the same, so plain
+                # transformers predicts exactly what validation measured.
+                **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
+            generation.save_pretrained(str(staging))
+            base = run_config["model"].get("pretrained") or ""
+            (staging / "README.md").write_text(model_card(run_config, results, base, example_prompt))
+            difference = _check_reload(staging, batch, reference)
     except Exception as err:
         if not isinstance(err, UserError) and atomic.is_no_space(err):
             raise _no_space(out_dir, needed) from None
         raise
-    finally:
-        shutil.rmtree(str(staging), ignore_errors=True)
     return ExportResult(out_dir, sorted(split.filename_to_tensors), dtype, difference)
 
 

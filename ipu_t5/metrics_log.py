@@ -1,8 +1,9 @@
 """Per-step metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard."""
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from . import atomic
 
 
 class MetricsLog:
@@ -37,9 +38,7 @@ class MetricsLog:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(str(temporary), str(self.path))
+        atomic.write_file(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: Dict[str, Any], prefix: str = "train") -> None:
         """Write one record that has a `step`."""
