@@ -444,6 +444,7 @@ def validate(config: RunConfig) -> RunConfig:
     from .tasks import build_task
 
     canonical_size(config.model.name)
+    # The task's template, columns, metric and postprocessor are checked here, before any work.
     build_task(config)
     for key in all_keys():
         section, name = key.split(".")
@@ -484,8 +485,6 @@ def validate(config: RunConfig) -> RunConfig:
         raise UserError(
             "give layout.micro_batch_size or layout.gradient_accumulation_steps, not both: the other "
             "follows from training.global_batch_size ({}).".format(config.training.global_batch_size))
-    # The task's template, columns, metric and postprocessor are checked here, before any work.
-    build_task(config)
     return config
 
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .errors import UserError
 from .ipu_memory import (SRAM_BYTES, IpuMemory, Piece, Shapes, StateBytes, phased_ipu, phased_pieces,
                          pipelined_ipu, pipelined_pieces)
-from .layout import LayoutPlan, _compact, _partition, plan_layout
+from .layout import LayoutPlan, _compact, _partition, pipeline_accumulation_needed, plan_layout
 
 # Automatic choices aim below the full SRAM: the estimate is not a compile.
 HEADROOM = 0.85
@@ -149,11 +149,6 @@ class IpuPlan:
             "pieces": [{"name": p.name, "ipu": p.ipu, "blocks": list(p.blocks), "params": p.params}
                        for p in self.pieces],
         }
-
-
-def pipeline_accumulation_needed(stages: int) -> int:
-    """Gradient accumulation poptorch requires for a training pipeline over `stages` IPUs."""
-    return 2 * stages - 1 if stages > 1 else 1
 
 
 def check_ipu_count(stages: int, replicas: int, auto_round: bool) -> None:

@@ -123,6 +123,13 @@ def _compact(blocks: Sequence[str]) -> str:
     return ", ".join(r[0] if len(r) == 1 else "{} .. {}".format(r[0], r[-1]) for r in runs)
 
 
+def pipeline_accumulation_needed(stages: int) -> int:
+    """Micro-batches a training pipeline over `stages` stages needs at least: as many as its
+    forward and backward stages (poptorch requires it on IPUs; it keeps the torch schedules'
+    bubble small)."""
+    return 2 * stages - 1 if stages > 1 else 1
+
+
 def _split_batch(global_batch: int, replicas: int, stages: int, micro_batch_size: Optional[int],
                  accumulation: Optional[int]) -> Tuple[int, int]:
     if global_batch % replicas:
@@ -141,10 +148,8 @@ def _split_batch(global_batch: int, replicas: int, stages: int, micro_batch_size
         return per_replica // accumulation, accumulation
     if stages == 1:
         return per_replica, 1
-    # A pipeline wants at least as many micro-batches as forward and backward stages (the IPU
-    # requires it, and it keeps the torch schedules' bubble small): the fewest that divide evenly.
-    wanted = 2 * stages - 1
-    for count in range(wanted, per_replica + 1):
+    # The fewest micro-batches a pipeline needs that divide the replica's batch evenly.
+    for count in range(pipeline_accumulation_needed(stages), per_replica + 1):
         if per_replica % count == 0:
             return per_replica // count, count
     return 1, per_replica

@@ -99,10 +99,12 @@ def slice_vocabulary(t5: torch.nn.Module, slices: int) -> None:
 def hf_state_dict(t5: torch.nn.Module, keys: Sequence[str]) -> Dict[str, torch.Tensor]:
     """The weights of a sliced T5 under the Hugging Face `keys` it had before slicing."""
     own = t5.state_dict()
+    # Joining the slices copies the whole vocabulary matrix: once, for all three tied names.
+    embedding = t5.shared.weight.detach()
     state = {}
     for key in keys:
         if key in EMBEDDING_KEYS:
-            state[key] = t5.shared.weight.detach()
+            state[key] = embedding
         elif key == LM_HEAD_KEY:
             state[key] = t5.lm_head.weight.detach()
         else:
@@ -115,10 +117,12 @@ def load_hf_state_dict(t5: torch.nn.Module, state: Dict[str, torch.Tensor]) -> N
     with torch.no_grad():
         for key, sliced in (("shared.weight", t5.shared), (LM_HEAD_KEY, t5.lm_head)):
             if key in state:
+                # Read once: a lazy checkpoint view reads a tensor from disk at every lookup.
+                whole = state[key]
                 rows = sliced.slices[0].weight.shape[0]
                 for i, piece in enumerate(sliced.slices):
-                    piece.weight.copy_(state[key][i * rows:(i + 1) * rows])
-        rest = {k: v for k, v in state.items() if k not in EMBEDDING_KEYS and k != LM_HEAD_KEY}
+                    piece.weight.copy_(whole[i * rows:(i + 1) * rows])
+        rest = {k: state[k] for k in state if k not in EMBEDDING_KEYS and k != LM_HEAD_KEY}
         t5.load_state_dict(rest, strict=False)
 
 

@@ -25,7 +25,7 @@ from ..fast_ops import fuse_gelu
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
 from .base import Backend, StepResult, trim_at_eos
 from .distributed import Topology, broadcast_object, connect, gather_tensors_to_main
-from .single import autocast_dtype
+from .single import autocast_dtype, refuse_fp16
 from .stages import ENCODER, boundary_kind, build_chunks, carried_shapes
 
 MIN_TORCH = (2, 6)
@@ -66,9 +66,7 @@ class TorchPipelineBackend(Backend):
     def __init__(self, config, plan):
         super().__init__(config, plan)
         _require_torch()
-        if config.training.fp16:
-            raise UserError("training.fp16 is the IPU's precision; T5 overflows in float16 on CPUs and GPUs. "
-                            "Use training.bf16=true instead.")
+        refuse_fp16(config.training)
         self.topology: Topology = connect(plan, config.layout.ddp_timeout)
         self.device = self.topology.device
         self.amp_dtype = autocast_dtype(config.training.bf16, self.device)

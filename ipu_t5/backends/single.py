@@ -12,6 +12,13 @@ from ..optim import (build_optimizer, load_named_optimizer_state, lr_at, named_o
 from .base import Backend, StepResult, trim_at_eos
 
 
+def refuse_fp16(training) -> None:
+    """float16 training is the IPU backend's alone: off the IPU, T5 overflows in it."""
+    if training.fp16:
+        raise UserError("training.fp16 is the IPU's precision; T5 overflows in float16 on CPUs and GPUs. "
+                        "Use training.bf16=true instead.")
+
+
 def autocast_dtype(bf16, device: torch.device):
     """bfloat16 where asked, or by default on GPUs that have it; None means float32."""
     if bf16 is None:
@@ -38,9 +45,7 @@ class SingleProcessBackend(Backend):
         if plan.world_size != 1:
             raise UserError("the single-process backend runs 1 stage x 1 replica, but the layout asks for "
                             "{} x {}: use --backend torch (run.sh launches it).".format(plan.stages, plan.replicas))
-        if config.training.fp16:
-            raise UserError("training.fp16 is the IPU's precision; T5 overflows in float16 on CPUs and GPUs. "
-                            "Use training.bf16=true instead.")
+        refuse_fp16(config.training)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp_dtype = autocast_dtype(config.training.bf16, self.device)
 

@@ -96,10 +96,15 @@ def _token_lists(split: datasets.Dataset, column: str):
     return split.select_columns([column]).with_format("arrow")[:].column(column).combine_chunks()
 
 
-def _counts(split: datasets.Dataset, column: str) -> np.ndarray:
+def _list_lengths(array) -> np.ndarray:
+    """The length of every list in a pyarrow ListArray."""
     import pyarrow.compute as pc
 
-    return pc.list_value_length(_token_lists(split, column)).to_numpy(zero_copy_only=False)
+    return pc.list_value_length(array).to_numpy(zero_copy_only=False)
+
+
+def _counts(split: datasets.Dataset, column: str) -> np.ndarray:
+    return _list_lengths(_token_lists(split, column))
 
 
 def lengths(*splits: Optional[datasets.Dataset], static_coverage: float = 1.0) -> Lengths:
@@ -119,14 +124,12 @@ class TokenColumns:
     """
 
     def __init__(self, features: datasets.Dataset, columns: Sequence[str] = ("input_ids", "labels")):
-        import pyarrow.compute as pc
-
         self.columns = tuple(columns)
         self._values: Dict[str, np.ndarray] = {}
         self._offsets: Dict[str, np.ndarray] = {}
         for name in self.columns:
             array = _token_lists(features, name)
-            counts = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
+            counts = _list_lengths(array).astype(np.int64)
             self._values[name] = array.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
             self._offsets[name] = np.concatenate([[0], np.cumsum(counts)])
 

@@ -2,6 +2,7 @@
 postprocessor that turns generated text into what the metric compares."""
 import string
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -100,8 +101,9 @@ class Task:
             raise UserError("task.postprocess must be one of {}, got '{}'.".format(
                 ", ".join(sorted(POSTPROCESSORS)), self.postprocessor))
 
-    @property
+    @cached_property
     def input_columns(self) -> List[str]:
+        # Cached: `normalize` asks for every example.
         return template_columns(self.input_template)
 
     @property
