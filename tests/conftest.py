@@ -4,9 +4,11 @@
 - `slow`: multi-process or long; still run by `./run.sh test` and CI, deselect with `-m "not slow"`.
 - `ipu`: needs Graphcore IPUs (poptorch reporting hardware); skipped, with that reason, elsewhere.
 """
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Dict
 
 import pytest
 
@@ -27,6 +29,26 @@ def pytest_configure(config):
 def _isolated_caches(tmp_path_factory):
     """Trained demo tokenizers go to a per-session cache, never the user's."""
     os.environ["IPU_T5_CACHE"] = str(tmp_path_factory.mktemp("ipu_t5_cache"))
+
+
+def cpu_has_float16_matmul() -> bool:
+    """Whether this torch multiplies float16 matrices on the CPU (torch 2.0.1 does not)."""
+    import torch
+
+    try:
+        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
+    except RuntimeError:
+        return False
+    return True
+
+
+def losses(output_dir) -> Dict[int, float]:
+    """Training loss by step, from a run's metrics.jsonl (validation records have no learning
+    rate); a step logged twice fails the test."""
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "lr" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in records if "lr" in r}
 
 
 def tiny_overrides(output_dir, **values):
@@ -73,15 +95,20 @@ def trained(tmp_path_factory):
     return {"trainer": trainer, "results": results, "hf_dir": hf_dir, "output_dir": out}
 
 
+def subprocess_env(**extra: str) -> Dict[str, str]:
+    """This process's environment for a child that imports this checkout's ipu_t5 (and tests)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
 def run_cli(args, cwd=None, env=None, timeout=600):
     """Run `python -m ipu_t5 ARGS` in a subprocess; returns the CompletedProcess."""
     import subprocess
 
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "ipu_t5"] + list(args), cwd=str(cwd or ROOT), env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "ipu_t5"] + list(args), cwd=str(cwd or ROOT),
+                          env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 def sdk_python():

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tests.conftest import losses
+
 STEPS = 5
 RESUMED_STEPS = 8
 
@@ -48,12 +50,6 @@ def make_config(output_dir, stages=1, replicas=1, schedule="1F1B", data_parallel
         "layout.ddp_timeout=300"] + (LORA if lora else []) + list(extra))
 
 
-def losses(output_dir) -> list:
-    """Per-step training losses from a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 def result(trainer, evaluated=None) -> dict:
     """What the test compares: losses, weights by name, and (when validated) predictions; on the
     main process only (the others take part in gathering the weights)."""
@@ -62,7 +58,7 @@ def result(trainer, evaluated=None) -> dict:
     optimized = sorted(trainer.backend.optimizer_state_dict())
     if not trainer.is_main_process:
         return {}
-    out = {"losses": losses(trainer.output_dir), "weights": weights, "optimized": optimized}
+    out = {"losses": list(losses(trainer.output_dir).values()), "weights": weights, "optimized": optimized}
     if evaluated is not None:
         out["accuracy"] = evaluated["accuracy"]
         out["predictions"] = [json.loads(line)["generated"]

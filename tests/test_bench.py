@@ -1,19 +1,17 @@
 """bench/compare.py end to end in a smoke-sized run (figures are not checked: timings never are)."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, subprocess_env
 
 pytestmark = [pytest.mark.core, pytest.mark.slow]
 
 
 def test_compare_quick_json_smoke(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               IPU_T5_CACHE=str(tmp_path / "cache"))
+    env = subprocess_env(IPU_T5_CACHE=str(tmp_path / "cache"))
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "compare.py"), "--quick", "--json", "--repeats", "1", "--steps", "4",
          "--eval-samples", "40", "--prepare-steps", "4", "--threads", "1", "--workdir", str(tmp_path / "work")],

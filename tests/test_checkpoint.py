@@ -17,7 +17,7 @@ from ipu_t5.config import load_config
 from ipu_t5.errors import UserError
 from ipu_t5.trainer import T5Trainer
 
-from .conftest import ROOT, run_cli, tiny_overrides
+from .conftest import ROOT, losses, run_cli, subprocess_env, tiny_overrides
 
 # One thread per process: on a machine shared with other work, OpenMP threads that wait on busy
 # cores make CPU steps many times slower. Results do not depend on it.
@@ -34,14 +34,6 @@ def train(output_dir, **values) -> T5Trainer:
     trainer = T5Trainer(config_for(output_dir, **values))
     trainer.train()
     return trainer
-
-
-def losses(output_dir) -> dict:
-    """Training loss by step, from metrics.jsonl (evaluation records have no learning rate)."""
-    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "lr" in r]
-    assert len(steps) == len(set(steps)), "a step was logged twice"
-    return {r["step"]: r["loss"] for r in records if "lr" in r}
 
 
 def snapshot(directory) -> dict:
@@ -151,9 +143,7 @@ def cli_args(output_dir, *extra, **values):
 
 
 def start(args, stderr_path):
-    env = dict(os.environ, **ENV)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "ipu_t5"] + args, cwd=str(ROOT), env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "ipu_t5"] + args, cwd=str(ROOT), env=subprocess_env(**ENV), text=True,
                             stdout=subprocess.PIPE, stderr=open(str(stderr_path), "w"))
 
 

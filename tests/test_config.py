@@ -137,4 +137,7 @@ def test_conflicting_precisions_and_micro_batch_spec():
 
 
 def test_dataclass_defaults_are_valid():
-    assert isinstance(RunConfig(), RunConfig)
+    from ipu_t5.config import validate
+
+    config = RunConfig()
+    assert validate(config) is config

@@ -8,16 +8,10 @@ from ipu_t5.backends.fp16_t5 import use_float16_numerics
 from ipu_t5.config import load_config
 from ipu_t5.models import build_model
 
-
-def _half_matmul_on_cpu() -> bool:
-    try:
-        torch.nn.functional.linear(torch.ones(2, 2, dtype=torch.float16), torch.ones(2, 2, dtype=torch.float16))
-        return True
-    except RuntimeError:
-        return False
+from .conftest import cpu_has_float16_matmul
 
 
-pytestmark = [pytest.mark.core, pytest.mark.skipif(not _half_matmul_on_cpu(),
+pytestmark = [pytest.mark.core, pytest.mark.skipif(not cpu_has_float16_matmul(),
                                 reason="this torch has no float16 matmul on the CPU (torch 2.0.1 lacks it); "
                                        "the IPU runs these numerics in float16 itself")]
 

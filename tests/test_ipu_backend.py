@@ -19,7 +19,7 @@ from ipu_t5.layout import plan_from_config
 from ipu_t5.models import SIZES, build_model
 
 from . import poptorch_standin
-from .conftest import ROOT, tiny_overrides
+from .conftest import ROOT, cpu_has_float16_matmul, tiny_overrides
 from .poptorch_standin import REFERENCE
 
 pytestmark = pytest.mark.core
@@ -328,15 +328,7 @@ def test_lora_trains_only_the_adapters_and_matches_the_single_process(standin, t
                                    rtol=1e-4, atol=1e-4)
 
 
-def _cpu_has_float16_matmul() -> bool:
-    try:
-        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
-    except RuntimeError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _cpu_has_float16_matmul(), reason="the stand-in executes on the CPU, and this torch (the SDK's "
+@pytest.mark.skipif(not cpu_has_float16_matmul(), reason="the stand-in executes on the CPU, and this torch (the SDK's "
                                                            "2.0.1) has no float16 matmul there")
 def test_lora_float16_step_keeps_the_base_frozen(standin, tmp_path):
     """The IPU's own precision: float16 weights and adapters, loss scaling, only adapters move."""

@@ -11,7 +11,7 @@ from ipu_t5.config import load_config
 from ipu_t5.errors import UserError
 from ipu_t5.models import SIZES
 
-from .conftest import ROOT, run_cli, sdk_python, tiny_overrides
+from .conftest import ROOT, losses, run_cli, sdk_python, tiny_overrides
 
 pytest.importorskip("peft", reason="LoRA needs peft (in setup.py; installed on both stacks)")
 
@@ -262,7 +262,7 @@ def test_a_lora_run_resumes_exactly_from_its_adapter_checkpoint(base_export, tmp
                   "validation.do_eval": "false"}
         values.update(extra)
         T5Trainer(lora_config(out, **values)).train()
-        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return list(losses(out).values())
 
     straight = run(tmp_path / "straight", 10)
     first = run(tmp_path / "stopped", 5)

@@ -1,13 +1,12 @@
 """The Paperspace notebook: it runs top to bottom offline with model_size="tiny", and its
 plain-transformers cell runs on whichever stack executes it (4.x pipeline, 5.x generate)."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, subprocess_env
 
 NOTEBOOK = ROOT / "notebooks" / "flan-t5-mnli.ipynb"
 
@@ -55,30 +54,22 @@ def test_the_inference_cell_runs_the_export_on_this_stack(tmp_path):
     script = "import json, sys\nfrom pathlib import Path\nhf_dir = Path(sys.argv[1])\nprompts = json.loads(sys.argv[2])\n" \
              + tagged("inference") + "\nprint('ANSWERS=' + json.dumps(answers))\n"
     result = subprocess.run([sys.executable, "-c", script, str(hf_dir), json.dumps(prompts)], capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            text=True, timeout=300, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-3000:]
     answers = json.loads(result.stdout.split("ANSWERS=")[1])
     assert answers == reload_and_predict(hf_dir, prompts)
     assert "{} -> {}".format(prompts[0], answers[0]) in result.stdout
 
 
-def test_notebook_runs_offline_top_to_bottom_with_the_tiny_model(tmp_path):
+def test_notebook_runs_offline_top_to_bottom_with_the_tiny_model(tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill", reason="executing the notebook needs papermill and a kernel")
     out = tmp_path / "run"
     executed = tmp_path / "executed.ipynb"
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    previous = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        papermill.execute_notebook(str(NOTEBOOK), str(executed), kernel_name="python3", progress_bar=False,
-                                   cwd=str(NOTEBOOK.parent),
-                                   parameters={"model_size": "tiny", "max_steps": 40, "output_dir": str(out)})
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    # The kernel imports this checkout's ipu_t5.
+    monkeypatch.setenv("PYTHONPATH", subprocess_env()["PYTHONPATH"])
+    papermill.execute_notebook(str(NOTEBOOK), str(executed), kernel_name="python3", progress_bar=False,
+                               cwd=str(NOTEBOOK.parent),
+                               parameters={"model_size": "tiny", "max_steps": 40, "output_dir": str(out)})
     notebook = json.loads(executed.read_text())
     code_cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
     assert all(o["output_type"] != "error" for c in code_cells for o in c.get("outputs", []))

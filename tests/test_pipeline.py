@@ -7,7 +7,6 @@ computed here with the single-process backend on the same config and data.
 """
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,11 +15,10 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_cli
-from tests.pipeline_worker import RESUMED_STEPS, STEPS, losses, make_config, result
+from ipu_t5.models import TIED_ALIASES
+from tests.conftest import ROOT, losses, run_cli, subprocess_env
+from tests.pipeline_worker import RESUMED_STEPS, STEPS, make_config, result
 
-# Tied aliases of shared.weight that HF's state_dict adds; the weights are the same tensor.
-ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 LAYOUTS = {
     # (stages, replicas): worker runs (SCHEDULE[:DATA_PARALLEL])
@@ -28,13 +26,6 @@ LAYOUTS = {
     (1, 2): ["1F1B", "GPipe"],
     (2, 1): ["1F1B", "GPipe", "Interleaved1F1B"],
 }
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _one_process(out, lora=False):
@@ -65,7 +56,7 @@ def _run_worker(out, stages, replicas, runs, *options):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(stages * replicas), "-m", "tests.pipeline_worker",
                str(out), str(stages), str(replicas)] + list(runs) + list(options)
-    done = subprocess.run(command, cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=str(ROOT), env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     found = {run: torch.load(str(out / run.replace(":", "-") / "result.pt")) for run in runs}
     if "--resume-from" in options:
@@ -104,8 +95,8 @@ def _assert_losses_equal(found, expected):
 
 
 def _assert_weights_equal(found, expected):
-    names = [n for n in expected if n not in ALIASES]
-    assert sorted(n for n in found if n not in ALIASES) == sorted(names)
+    names = [n for n in expected if n not in TIED_ALIASES]
+    assert sorted(n for n in found if n not in TIED_ALIASES) == sorted(names)
     worst = max(names, key=lambda n: (found[n] - expected[n]).abs().max().item())
     assert torch.allclose(found[worst], expected[worst], rtol=0, atol=1e-5), \
         "{} differs by {}".format(worst, (found[worst] - expected[worst]).abs().max().item())
@@ -293,7 +284,7 @@ def _launch(mode):
             "p = argparse.ArgumentParser(); add_cluster_flags(p); "
             "sys.exit(launch(3, [{!r}], p.parse_args([]), module='tests.failing_worker'))".format(mode))
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), env=_env(), capture_output=True,
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=300)
     return done, time.monotonic() - started
 

@@ -10,11 +10,9 @@ from ipu_t5.errors import UserError
 from ipu_t5.optim import lr_at
 from ipu_t5.trainer import T5Trainer
 
+from .conftest import losses
+
 pytestmark = pytest.mark.core
-
-
-def _losses(output_dir):
-    return [json.loads(line)["loss"] for line in open(output_dir / "metrics.jsonl")]
 
 
 def test_short_run_loss_falls_and_is_logged(make_config, tmp_path):
@@ -26,15 +24,15 @@ def test_short_run_loss_falls_and_is_logged(make_config, tmp_path):
     records = [json.loads(line) for line in open(config.output_dir / "metrics.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 31))
     assert all({"loss", "lr", "grad_norm", "samples_per_second", "tokens_per_second"} <= set(r) for r in records)
-    losses = [r["loss"] for r in records]
-    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    values = [r["loss"] for r in records]
+    assert sum(values[-5:]) / 5 < 0.5 * sum(values[:5]) / 5
     assert list((config.output_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_same_seed_same_run(make_config, tmp_path):
     for name in ("a", "b"):
         T5Trainer(make_config(tmp_path / name, **{"training.max_steps": 4})).train()
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
 def test_gradient_accumulation_does_not_change_the_optimisation(make_config, tmp_path):
@@ -45,7 +43,7 @@ def test_gradient_accumulation_does_not_change_the_optimisation(make_config, tmp
     assert split.plan.micro_batches == 4 and split.plan.micro_batch_size == 4
     whole.train()
     split.train()
-    for a, b in zip(_losses(tmp_path / "whole"), _losses(tmp_path / "split")):
+    for a, b in zip(losses(tmp_path / "whole").values(), losses(tmp_path / "split").values()):
         assert a == pytest.approx(b, rel=1e-5)
     for (name, a), b in zip(whole.backend.model_state_dict().items(), split.backend.model_state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
@@ -120,7 +118,7 @@ def test_output_dir_holding_another_run(make_config, tmp_path):
     assert resumed.train()["steps_this_run"] == 1
     T5Trainer(make_config(out, **{"training.max_steps": 2, "training.learning_rate": 5e-4,
                                   "output.overwrite_output_dir": "true"})).train()
-    assert len(_losses(out)) == 2
+    assert len(losses(out)) == 2
     assert (out / "notes.txt").read_text() == "mine"
 
 
