@@ -62,13 +62,12 @@ def training_settings(model: str, settings: Dict[str, Any]) -> Dict[str, Any]:
 def prepare(model: str, settings: Dict[str, Any], workdir: Path, ours_extra: Dict[str, Any]) -> Dict[str, Any]:
     """Data files, tokenizer and the shared checkpoint for one model; returns the workers' spec."""
     import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5Config
 
     from bench.mnli_shaped import mnli_shaped_splits, write_jsonl
-    from ipu_t5.compat import untie_lm_head
     from ipu_t5.config import load_config
     from ipu_t5.data.features import lengths
-    from ipu_t5.models import canonical_size
+    from ipu_t5.models import canonical_size, model_from_config
     from ipu_t5.tasks import get_task
     from ipu_t5.tokenizer import demo_tokenizer
     from ipu_t5.trainer import T5Trainer
@@ -84,8 +83,7 @@ def prepare(model: str, settings: Dict[str, Any], workdir: Path, ours_extra: Dic
     tokenizer = demo_tokenizer([task.source_text(r) for r in rows] + [task.target_text(r) for r in rows], 32128)
     size = canonical_size(model)
     torch.manual_seed(0)
-    network = T5ForConditionalGeneration(T5Config(**size.t5_config_kwargs()))
-    untie_lm_head(network)
+    network = model_from_config(T5Config(**size.t5_config_kwargs()))
     base = {"output.report_to_tensorboard": "false", "data.source": "files",
             "data.data_files": "{{train: {}, validation: {}}}".format(train_file, eval_file),
             "data.eval_split": "validation", "model.tokenizer": None}

@@ -45,14 +45,12 @@ def _config(model, stages, micro_batches, schedule, backend):
 
 def _model(model):
     """A randomly initialised model of the size's architecture (no weights to fetch)."""
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5Config
 
-    from ipu_t5.compat import untie_lm_head
+    from ipu_t5.models import model_from_config
 
     torch.manual_seed(0)
-    built = T5ForConditionalGeneration(T5Config(**canonical_size(model).t5_config_kwargs()))
-    untie_lm_head(built)
-    return built
+    return model_from_config(T5Config(**canonical_size(model).t5_config_kwargs()))
 
 
 def _batches(model, steps, source_len):

@@ -16,6 +16,7 @@ import time
 from typing import Any, Dict, List
 
 from ipu_t5.data.batching import IGNORE_INDEX
+from ipu_t5.models import TIED_ALIASES
 
 
 class Clock:
@@ -199,7 +200,12 @@ def run_peer(spec: Dict[str, Any], group_by_length: bool = True) -> Dict[str, An
                              train_dataset=train, data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
                              processing_class=tokenizer, callbacks=[StepTimes()])
     trainer.train()
-    model.load_state_dict(_checkpoint_weights(spec), strict=False)
+    # Validate the checkpoint's weights, as ours does. An export stores the shared embedding once,
+    # so its two tied aliases are the only names it may lack.
+    loaded = model.load_state_dict(_checkpoint_weights(spec), strict=False)
+    if loaded.unexpected_keys or not set(loaded.missing_keys) <= set(TIED_ALIASES):
+        raise SystemExit("the peer did not load the shared checkpoint whole: missing {}, unexpected {}".format(
+            loaded.missing_keys, loaded.unexpected_keys))
     metric = evaluate.load(task.metric_path)
 
     def texts(array):  # -100 pads rows of unequal length across batches
