@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
-from ..fast_ops import fuse_gelu
+from ..fast_ops import compute_inference_in_place, fuse_gelu
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
 from .base import Backend, StepResult, trim_at_eos
 from .distributed import Topology, broadcast_object, connect, gather_tensors_to_main
@@ -92,6 +92,8 @@ class TorchPipelineBackend(Backend):
 
     def setup(self, model: torch.nn.Module) -> None:
         fuse_gelu(model)
+        if self.amp_dtype is None:
+            compute_inference_in_place(model)
         hf = model.config
         self.pad_id, self.eos_id, self.start_id = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
         self.d_model, self.heads, self.vocab, self.num_layers = hf.d_model, hf.num_heads, hf.vocab_size, hf.num_layers

@@ -6,7 +6,7 @@ import torch
 
 from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
-from ..fast_ops import fuse_gelu
+from ..fast_ops import compute_inference_in_place, fuse_gelu
 from ..optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
                      set_lr, token_loss)
 from .base import Backend, StepResult, trim_at_eos
@@ -61,6 +61,8 @@ class SingleProcessBackend(Backend):
 
     def setup(self, model: torch.nn.Module) -> None:
         fuse_gelu(model)
+        if self.amp_dtype is None:
+            compute_inference_in_place(model)
         self.model = model.to(self.device)
         self.pad_id = model.config.pad_token_id
         self.eos_id = model.config.eos_token_id
