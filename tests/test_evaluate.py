@@ -103,7 +103,7 @@ def test_inference_in_place_generates_bit_for_bit_what_transformers_generates():
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # a padded row
     with torch.no_grad():
-        kwargs = dict(input_ids=ids, attention_mask=mask)
+        kwargs = {"input_ids": ids, "attention_mask": mask}
         assert torch.equal(fast(decoder_input_ids=ids[:, :5], **kwargs).logits,
                            reference(decoder_input_ids=ids[:, :5], **kwargs).logits)
         generated = fast.generate(max_new_tokens=6, do_sample=False, **kwargs)
