@@ -18,7 +18,9 @@ machine, and it is held to the real API so that it cannot accept what poptorch w
   (the host copies go stale until `copyWeightsToHost` or a detach), `trainingModel` runs forward,
   backward and one optimizer step per device iteration over micro-batch x replicas x gradient
   accumulation samples, with the reduction, loss scaling, clipping and output mode set in the
-  options, and learning-rate changes reach the device only through `setOptimizer`.
+  options, and learning-rate changes reach the device only through `setOptimizer`. Dropout draws
+  from the device's own generator (seeded by `Options.randomSeed` at compile time, read and set
+  through `rng_state`), not from the host's.
 """
 import enum
 import functools
@@ -376,6 +378,7 @@ class PoplarExecutor:
         self.device_optimizer: Optional[torch.optim.AdamW] = None
         self.hyper = None
         self.trace: List[tuple] = []
+        self.device_rng: Optional[torch.Tensor] = None
         self.num_ipus = 0
         self.stages = 1
         if optimizer is not None:
@@ -432,6 +435,9 @@ class PoplarExecutor:
         self.trace = list(RECORD.trace)
         self._check_placement()
         self.compiled = True
+        generator = torch.Generator()
+        generator.manual_seed(self._opt("randomSeed", "random_seed", 0))
+        self.device_rng = generator.get_state()
         if self.training:
             names = dict(self._user_model.named_parameters())
             self.device_optimizer = torch.optim.AdamW([{"params": [p for p in g["params"]], **h} for g, h in zip(
@@ -526,6 +532,25 @@ class PoplarExecutor:
     def isCompiled(self):
         return self.compiled
 
+    @checked("poptorch.PoplarExecutor.compile")
+    def compile(self, *args, **kwargs):
+        if self.compiled:
+            raise Error("Model has already been compiled.")
+        self._compile(list(args) + list(kwargs.values()))
+
+    @property
+    @checked("poptorch.PoplarExecutor.rng_state")
+    def rng_state(self) -> List[int]:
+        if not self.compiled:
+            raise Error("Model has not been compiled or has been destroyed.")
+        return self.device_rng.tolist()
+
+    @rng_state.setter
+    def rng_state(self, state: List[int]) -> None:
+        if not self.compiled:
+            raise Error("Model has not been compiled or has been destroyed.")
+        self.device_rng = torch.tensor(state, dtype=torch.uint8)
+
     @checked("poptorch.PoplarExecutor.copyWeightsToHost")
     def copyWeightsToHost(self):
         if not self.compiled:
@@ -590,7 +615,10 @@ class PoplarExecutor:
             for name, param in self._params().items():
                 param.copy_(self.device_weights[name])
         try:
-            out = self._train(args) if self.training else self._infer(args)
+            with torch.random.fork_rng(devices=[]):  # the host's generator is not the device's
+                torch.set_rng_state(self.device_rng)
+                out = self._train(args) if self.training else self._infer(args)
+                self.device_rng = torch.get_rng_state()
             self.device_weights = {n: p.detach().clone() for n, p in self._params().items()}
         finally:
             with torch.no_grad():

@@ -21,7 +21,7 @@ detached (weights and optimizer state go back to the host and return on attach).
 import importlib
 import importlib.util
 import math
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -89,6 +89,7 @@ class IpuBackend(Backend):
         self.inference_model = None
         self._lr: Optional[float] = None
         self._steps = 0
+        self._restored_rng: Optional[List[int]] = None
 
     @property
     def description(self) -> str:
@@ -130,8 +131,10 @@ class IpuBackend(Backend):
             model.half()
         place(model, self.ipu_plan.pieces, poptorch.BeginBlock)
         self.t5 = model
-        self.train_module = T5ForIpuTraining(model, poptorch.identity_loss).train()
-        self.generate_module = T5ForIpuGeneration(model).eval()
+        # The two wrappers share the T5, so each sets its mode before poptorch traces it (train_step,
+        # generate): the mode at trace time decides whether the compiled graph has dropout.
+        self.train_module = T5ForIpuTraining(model, poptorch.identity_loss)
+        self.generate_module = T5ForIpuGeneration(model)
         training = self.config.training
         moments = torch.float32
         self.optimizer = poptorch.optim.AdamW(
@@ -235,6 +238,7 @@ class IpuBackend(Backend):
 
     def train_step(self, batch: GlobalBatch, step: int) -> StepResult:
         self._activate(self.training_model)
+        self.train_module.train()
         tensors = static_batch(batch.samples, self.pad_id, self.ipu_plan.source_length, self.ipu_plan.target_length)
         counts = torch.full((len(batch.samples),), float(batch.num_target_tokens))
         lr = lr_at(step, self.config.training)
@@ -242,10 +246,24 @@ class IpuBackend(Backend):
             set_lr(self.optimizer, lr)
             self.training_model.setOptimizer(self.optimizer)
             self._lr = lr
-        loss = self.training_model(tensors["input_ids"], tensors["attention_mask"], tensors["decoder_input_ids"],
-                                   tensors["labels"], counts)
+        inputs = (tensors["input_ids"], tensors["attention_mask"], tensors["decoder_input_ids"], tensors["labels"], counts)
+        if self._restored_rng is not None:  # a resumed run: the IPUs continue the saved random stream
+            if not self.training_model.isCompiled():
+                self.training_model.compile(*inputs)
+            self.training_model.rng_state = self._restored_rng
+            self._restored_rng = None
+        loss = self.training_model(*inputs)
         self._steps += 1
         return StepResult(loss=float(loss.float().sum()), grad_norm=math.nan, lr=lr)
+
+    def extra_state(self) -> Dict[str, Any]:
+        # Dropout draws from the IPUs' own generator, which the host's saved generators do not cover.
+        if self.training_model is not None and self.training_model.isCompiled():
+            return {"ipu_rng_state": list(self.training_model.rng_state)}
+        return {}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        self._restored_rng = state.get("ipu_rng_state")
 
     # ----- generation -----
 
@@ -260,6 +278,7 @@ class IpuBackend(Backend):
             self.inference_model = self.poptorch.inferenceModel(self.generate_module,
                                                                 options=self._options(training=False))
         self._activate(self.inference_model)
+        self.generate_module.eval()
         size = self._inference_batch()
         generated: List[List[int]] = []
         for start in range(0, len(samples), size):
