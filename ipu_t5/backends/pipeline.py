@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
-from ..fast_ops import compute_inference_in_place, fuse_gelu
+from ..fast_ops import use_fast_ops
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
 from .base import Backend, StepResult, trim_at_eos
 from .distributed import Topology, broadcast_object, connect, gather_tensors_to_main
@@ -91,9 +91,7 @@ class TorchPipelineBackend(Backend):
             "bf16 autocast" if self.amp_dtype else "fp32")
 
     def setup(self, model: torch.nn.Module) -> None:
-        fuse_gelu(model)
-        if self.amp_dtype is None:
-            compute_inference_in_place(model)
+        use_fast_ops(model, float32=self.amp_dtype is None)
         hf = model.config
         self.pad_id, self.eos_id, self.start_id = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
         self.d_model, self.heads, self.vocab, self.num_layers = hf.d_model, hf.num_heads, hf.vocab_size, hf.num_layers

@@ -6,7 +6,7 @@ import torch
 
 from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
-from ..fast_ops import compute_inference_in_place, fuse_gelu
+from ..fast_ops import use_fast_ops
 from ..optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
                      set_lr, token_loss)
 from .base import Backend, StepResult, trim_at_eos
@@ -60,9 +60,7 @@ class SingleProcessBackend(Backend):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def setup(self, model: torch.nn.Module) -> None:
-        fuse_gelu(model)
-        if self.amp_dtype is None:
-            compute_inference_in_place(model)
+        use_fast_ops(model, float32=self.amp_dtype is None)
         self.model = model.to(self.device)
         self.pad_id = model.config.pad_token_id
         self.eos_id = model.config.eos_token_id
