@@ -500,8 +500,7 @@ class PoplarExecutor:
 
     @checked("poptorch.PoplarExecutor.attachToDevice")
     def attachToDevice(self):
-        if not self.compiled:
-            raise Error("Model has not been compiled or has been destroyed.")
+        self._require_compiled()
         if self.attached:
             raise Error("Device is already attached")
         if sum(RECORD.attached.values()) + self.num_ipus > RECORD.ipus:
@@ -515,8 +514,7 @@ class PoplarExecutor:
 
     @checked("poptorch.PoplarExecutor.detachFromDevice")
     def detachFromDevice(self):
-        if not self.compiled:
-            raise Error("Model has not been compiled or has been destroyed.")
+        self._require_compiled()
         if not self.attached:
             raise Error("Device is not attached")
         if self.training:
@@ -532,6 +530,10 @@ class PoplarExecutor:
     def isCompiled(self):
         return self.compiled
 
+    def _require_compiled(self):
+        if not self.compiled:
+            raise Error("Model has not been compiled or has been destroyed.")
+
     @checked("poptorch.PoplarExecutor.compile")
     def compile(self, *args, **kwargs):
         if self.compiled:
@@ -541,28 +543,24 @@ class PoplarExecutor:
     @property
     @checked("poptorch.PoplarExecutor.rng_state")
     def rng_state(self) -> List[int]:
-        if not self.compiled:
-            raise Error("Model has not been compiled or has been destroyed.")
+        self._require_compiled()
         return self.device_rng.tolist()
 
     @rng_state.setter
     def rng_state(self, state: List[int]) -> None:
-        if not self.compiled:
-            raise Error("Model has not been compiled or has been destroyed.")
+        self._require_compiled()
         self.device_rng = torch.tensor(state, dtype=torch.uint8)
 
     @checked("poptorch.PoplarExecutor.copyWeightsToHost")
     def copyWeightsToHost(self):
-        if not self.compiled:
-            raise Error("Model has not been compiled or has been destroyed.")
+        self._require_compiled()
         with torch.no_grad():
             for name, param in self._params().items():
                 param.copy_(self.device_weights[name])
 
     @checked("poptorch.PoplarExecutor.copyWeightsToDevice")
     def copyWeightsToDevice(self):
-        if not self.compiled:
-            raise Error("Model has not been compiled or has been destroyed.")
+        self._require_compiled()
         self.device_weights = {n: p.detach().clone() for n, p in self._params().items()}
 
     @checked("poptorch.PoplarExecutor.setOptimizer")
