@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.8",
     packages=find_packages(include=["ipu_t5", "ipu_t5.*"]),
-    package_data={"ipu_t5": ["metrics/*/*.py"]},
+    package_data={"ipu_t5": ["tasks/metrics/*/*.py"]},
     data_files=[("share/ipu-t5/configs", [str(p.relative_to(here)) for p in sorted((here / "configs").glob("*.yaml"))])],
     # Ranges that admit both stacks: the Poplar SDK's (Python 3.8, torch 2.0.1, transformers
     # 4.46.3) and today's (Python 3.11+, torch 2.13, transformers 5.x).

@@ -70,7 +70,7 @@ def prepare(model: str, settings: Dict[str, Any], workdir: Path, ours_extra: Dic
     from ipu_t5.models import canonical_size, model_from_config
     from ipu_t5.tasks import get_task
     from ipu_t5.tokenizer import demo_tokenizer
-    from ipu_t5.trainer import T5Trainer
+    from ipu_t5.training.trainer import T5Trainer
 
     task = get_task("mnli")
     training = training_settings(model, settings)

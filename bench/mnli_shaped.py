@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Dict, List
 
-from ipu_t5.data.demo_mnli import generate_splits
+from ipu_t5.tasks.demo.mnli import generate_splits
 
 SUBJECTS = [
     "the weather", "the traffic", "the market square", "the old bridge", "the city council",

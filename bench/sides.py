@@ -93,7 +93,7 @@ def _checkpoint_weights(spec: Dict[str, Any]):
 def run_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Train and validate with ipu_t5.T5Trainer."""
     from ipu_t5.config import load_config
-    from ipu_t5.trainer import T5Trainer
+    from ipu_t5.training.trainer import T5Trainer
 
     settings = dict(spec["ours_overrides"], **{"training." + k: v for k, v in spec["training"].items()})
     settings["training.bf16"] = "true" if spec["bf16"] else "false"

@@ -3,7 +3,7 @@ by generation, and export Hugging Face checkpoints that transformers 4.x and 5.x
 from .config import RunConfig, load_config
 from .errors import UserError
 from .tasks import postprocess_mnli_predictions
-from .trainer import T5Trainer
+from .training.trainer import T5Trainer
 
 __version__ = "0.1.0"
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .backends.torch_distributed.launch import add_cluster_flags, maybe_launch, quiet_unless_main, record_failure
 from .errors import UserError
-from .launch import add_cluster_flags, maybe_launch, quiet_unless_main, record_failure
 
 # Dedicated flags and the config keys they set.
 FLAG_KEYS = {
@@ -62,7 +62,7 @@ def config_from_args(args: argparse.Namespace):
     values: Dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
     overrides = list(args.overrides)
     if args.ipu_config:
-        from .ipu_config import read_ipu_config
+        from .backends.ipu.ipu_config import read_ipu_config
 
         imported, warnings = read_ipu_config(args.ipu_config)
         for warning in warnings:
@@ -115,8 +115,8 @@ def _results_row(results: Dict[str, Any]) -> List[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune, validate, export, reload the export with plain transformers, print a summary."""
     from . import lora
-    from .export import reload_and_predict
-    from .trainer import T5Trainer
+    from .checkpointing.export import reload_and_predict
+    from .training.trainer import T5Trainer
 
     config = config_from_args(args)
     _offline_if_possible(config)
@@ -194,7 +194,7 @@ def resume_command(argv: List[str]) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Validate an export (default: the run's own <output-dir>/hf) by generation."""
-    from .trainer import T5Trainer
+    from .training.trainer import T5Trainer
 
     config = config_from_args(args)
     if config.model.pretrained is None and (config.output_dir / "hf" / "config.json").is_file():
@@ -217,19 +217,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Turn a training checkpoint (or a run's newest one) into a plain Hugging Face checkpoint,
     reloaded and compared with the checkpoint's model before it is put in place; a LoRA run's
     adapter goes beside it."""
-    from . import checkpoint, lora
+    from . import checkpointing, lora
+    from .checkpointing.adapter import write_adapter
+    from .checkpointing.export import DEFAULT_MAX_SHARD_SIZE, DTYPES, write_hf_checkpoint
     from .config import config_from_dict
-    from .export import DEFAULT_MAX_SHARD_SIZE, DTYPES, write_hf_checkpoint
     from .models import canonical_size
 
     source = Path(args.checkpoint)
-    if (source / "run_config.yaml").is_file() and not (source / checkpoint.STATE_FILE).exists():
-        found = checkpoint.newest_usable(source, lambda line: print(line, file=sys.stderr))
+    if (source / "run_config.yaml").is_file() and not (source / checkpointing.STATE_FILE).exists():
+        found = checkpointing.newest_usable(source, lambda line: print(line, file=sys.stderr))
         if found is None:
             raise UserError("{} is a run without checkpoints: train it with output.save_steps set, or give a "
                             "checkpoint directory.".format(source))
     else:
-        found = checkpoint.inspect(source)
+        found = checkpointing.inspect(source)
     state = found.state
     results = state.get("last_eval") if state.get("last_eval_step") == found.step else None
     run_config = config_from_dict(found.run_config())
@@ -241,7 +242,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         adapter_out = Path(args.adapter_out) if args.adapter_out else out.with_name(out.name + "-adapter")
         full = lora.restore_full_state(run_config, dict(tensors), len(tokenizer))
         base = run_config.model.pretrained or canonical_size(run_config.model.name).hub_id
-        lora.write_adapter(adapter_out, full, run_config.peft, base, tokenizer)
+        write_adapter(adapter_out, full, run_config.peft, base, tokenizer)
         tensors = lora.merged_state(full, run_config.peft)
         extra = " (LoRA merged; adapter in {})".format(adapter_out)
     else:
@@ -258,7 +259,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     streamed, and whether it fits. Needs no IPU and no weights; exits 2 with the table when no
     execution strategy fits."""
     from .data.features import MODEL_MAX_SOURCE_LENGTH
-    from .ipu_plan import IpuPlanRefused, plan_ipu
+    from .backends.ipu.plan import IpuPlanRefused, plan_ipu
     from .layout import plan_from_config
 
     config = config_from_args(args)
@@ -276,7 +277,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(str(refused)) from None
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     if args.export_ipu_config:
-        from .ipu_config import write_ipu_config
+        from .backends.ipu.ipu_config import write_ipu_config
 
         path = write_ipu_config(args.export_ipu_config, config, plan)
         print("wrote {}".format(path), file=sys.stderr)

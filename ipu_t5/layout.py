@@ -108,11 +108,11 @@ class LayoutPlan:
         if self.stages > 1:
             for index, blocks in enumerate(self.stage_blocks):
                 chunk = " (chunk {})".format(index) if self.chunks_per_stage > 1 else ""
-                lines.append("  stage {}{}: {}".format(index % self.stages, chunk, _compact(blocks)))
+                lines.append("  stage {}{}: {}".format(index % self.stages, chunk, compact_blocks(blocks)))
         return "\n".join(lines)
 
 
-def _compact(blocks: Sequence[str]) -> str:
+def compact_blocks(blocks: Sequence[str]) -> str:
     """`encoder.0 .. encoder.5, decoder.0` style summary of a stage's blocks."""
     runs: List[List[str]] = []
     for block in blocks:
@@ -155,7 +155,7 @@ def _split_batch(global_batch: int, replicas: int, stages: int, micro_batch_size
     return 1, per_replica
 
 
-def _partition(costs: Sequence[float], parts: int) -> List[int]:
+def partition_costs(costs: Sequence[float], parts: int) -> List[int]:
     """Counts of a contiguous partition of `costs` into `parts` non-empty runs that minimises the
     costliest run (exact dynamic programme; 48 blocks x 16 stages is instant)."""
     n = len(costs)
@@ -182,7 +182,7 @@ def _partition(costs: Sequence[float], parts: int) -> List[int]:
 def best_balance(costs: Sequence[float], parts: int) -> float:
     """Slowest over mean part of the best contiguous split of `costs` into `parts` runs: the
     lower bound on `LayoutPlan.balance` at the granularity `costs` are given in."""
-    counts, start, totals = _partition(costs, parts), 0, []
+    counts, start, totals = partition_costs(costs, parts), 0, []
     for count in counts:
         totals.append(sum(costs[start:start + count]))
         start += count
@@ -255,7 +255,7 @@ def plan_layout(
             raise UserError("layers_per_stage {} sums to {} but the model has {} blocks ({} encoder + {} "
                             "decoder).".format(counts, sum(counts), blocks, size.num_layers, size.num_decoder_layers))
     else:
-        counts = _partition(stage_costs(size, source_len, target_len), chunks)
+        counts = partition_costs(stage_costs(size, source_len, target_len), chunks)
     micro, accumulation = _split_batch(global_batch_size, replicas, stages, micro_batch_size,
                                        gradient_accumulation_steps)
     if stages > 1 and accumulation < stages:

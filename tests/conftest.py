@@ -82,7 +82,7 @@ def trained(tmp_path_factory):
     """A tiny model trained once for the session (long enough to predict well), evaluated and
     exported; tests read its trainer, results and export."""
     from ipu_t5.config import load_config
-    from ipu_t5.trainer import T5Trainer
+    from ipu_t5.training.trainer import T5Trainer
 
     out = tmp_path_factory.mktemp("trained") / "run"
     config = load_config("tiny", overrides=tiny_overrides(out, **{

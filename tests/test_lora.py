@@ -28,7 +28,7 @@ def lora_config(output_dir, **values):
 @pytest.fixture(scope="module")
 def base_export(tmp_path_factory):
     """A tiny T5 exported as a plain Hugging Face checkpoint: the pretrained model LoRA adapts."""
-    from ipu_t5.export import write_hf_checkpoint
+    from ipu_t5.checkpointing.export import write_hf_checkpoint
     from ipu_t5.models import build_model
     from ipu_t5.tasks import get_task
     from ipu_t5.tokenizer import load_tokenizer
@@ -45,7 +45,7 @@ def base_export(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, base_export):
     """LoRA fine-tuning of the base export for a few steps, exported and checkpointed."""
-    from ipu_t5.trainer import T5Trainer
+    from ipu_t5.training.trainer import T5Trainer
 
     out = tmp_path_factory.mktemp("lora") / "run"
     config = lora_config(out, **{"model.pretrained": str(base_export)})
@@ -145,7 +145,7 @@ def test_checkpoint_holds_only_adapters_and_exports_like_the_run(lora_run, tmp_p
     weights = load_file(str(checkpoint / "model.safetensors"))
     assert weights and all(lora.is_adapter_key(k) for k in weights)
     assert len(weights) == 2 * 12
-    from ipu_t5 import checkpoint as checkpoints
+    from ipu_t5 import checkpointing as checkpoints
 
     assert set(checkpoints.inspect(checkpoint).optimizer_state()) == set(weights)
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "hf")]) == 0
@@ -163,7 +163,7 @@ def test_lora_on_a_random_tiny_model_trains_and_records_no_base(tmp_path):
     from safetensors.torch import load_file
 
     from ipu_t5.cli import main
-    from ipu_t5.trainer import T5Trainer
+    from ipu_t5.training.trainer import T5Trainer
 
     config = lora_config(tmp_path / "run", **{"training.max_steps": 3, "validation.do_eval": False})
     trainer = T5Trainer(config)
@@ -203,7 +203,7 @@ def test_bad_peft_settings_are_refused(tmp_path, values, message):
 
 @pytest.mark.core
 def test_target_modules_the_model_lacks_are_a_user_error(tmp_path):
-    from ipu_t5.trainer import T5Trainer
+    from ipu_t5.training.trainer import T5Trainer
 
     config = lora_config(tmp_path / "run", **{"peft.target_modules": "query,value", "validation.do_eval": False})
     with pytest.raises(UserError, match=r"\['query', 'value'\] does not name layers of this model.*q, k, v, o"):
@@ -254,8 +254,8 @@ def test_lora_exports_load_on_the_sdk_stack(lora_run, tmp_path):
 def test_a_lora_run_resumes_exactly_from_its_adapter_checkpoint(base_export, tmp_path):
     """A LoRA checkpoint holds only the adapters; resuming rebuilds the base from the run's starting
     point and continues the uninterrupted run: the same losses and the same adapters."""
-    from ipu_t5 import checkpoint
-    from ipu_t5.trainer import T5Trainer
+    from ipu_t5 import checkpointing
+    from ipu_t5.training.trainer import T5Trainer
 
     def run(out, steps, **extra):
         values = {"model.pretrained": str(base_export), "training.max_steps": steps, "output.save_steps": 5,
@@ -268,7 +268,7 @@ def test_a_lora_run_resumes_exactly_from_its_adapter_checkpoint(base_export, tmp
     first = run(tmp_path / "stopped", 5)
     resumed = run(tmp_path / "stopped", 10, **{"output.resume_from_checkpoint": "auto"})
     assert first == straight[:5] and resumed == straight
-    final = [checkpoint.inspect(checkpoint.step_path(tmp_path / name, 10)).model_tensors()
+    final = [checkpointing.inspect(checkpointing.step_path(tmp_path / name, 10)).model_tensors()
              for name in ("straight", "stopped")]
     assert set(final[0]) == set(final[1]) and all(lora.is_adapter_key(k) for k in final[0])
     for name in final[0]:

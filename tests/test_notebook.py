@@ -38,7 +38,7 @@ def test_the_inference_cell_runs_the_export_on_this_stack(tmp_path):
     """The cell users copy: transformers 4.x takes the pipeline branch, 5.x the generate branch;
     either way it predicts what plain generate on the export predicts."""
     from ipu_t5.config import load_config
-    from ipu_t5.export import reload_and_predict, write_hf_checkpoint
+    from ipu_t5.checkpointing.export import reload_and_predict, write_hf_checkpoint
     from ipu_t5.models import build_model
     from ipu_t5.tasks import get_task
     from ipu_t5.tokenizer import load_tokenizer

@@ -12,8 +12,8 @@ from .base import Backend, StepResult
 # name -> (module, class), imported on demand.
 REGISTRY: Dict[str, Tuple[str, str]] = {
     "single": ("ipu_t5.backends.single", "SingleProcessBackend"),
-    "torch": ("ipu_t5.backends.pipeline", "TorchPipelineBackend"),
-    "ipu": ("ipu_t5.backends.ipu", "IpuBackend"),
+    "torch": ("ipu_t5.backends.torch_distributed.backend", "TorchPipelineBackend"),
+    "ipu": ("ipu_t5.backends.ipu.backend", "IpuBackend"),
 }
 
 
@@ -23,7 +23,7 @@ def resolve_backend_name(config, plan) -> str:
     name = config.layout.backend
     if name != "auto":
         return name
-    from .ipu import ipu_hardware_available
+    from .ipu.backend import ipu_hardware_available
 
     if ipu_hardware_available():
         return "ipu"

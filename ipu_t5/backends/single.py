@@ -6,10 +6,10 @@ import torch
 
 from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
-from ..fast_ops import use_fast_ops
-from ..optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
-                     set_lr, token_loss)
 from .base import Backend, StepResult, trim_at_eos
+from .fast_ops import use_fast_ops
+from .optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
+                     set_lr, token_loss)
 
 
 def refuse_fp16(training) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 
-METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
 DemoSplits = Dict[str, List[Dict[str, Any]]]
 # (seed, train size, eval size) -> generated rows by split name.
@@ -55,7 +55,7 @@ def template_columns(template: str) -> List[str]:
 
 
 def metric_directory(metric: str) -> Path:
-    """The directory of an `evaluate` module: one shipped under ipu_t5/metrics, or a user's own."""
+    """The directory of an `evaluate` module: one shipped under ipu_t5/tasks/metrics, or a user's own."""
     shipped = METRICS_DIR / metric
     if "/" not in metric and (shipped / (metric + ".py")).is_file():
         return shipped
@@ -73,7 +73,7 @@ class Task:
 
     `input_template` is a `str.format` template over the data's columns; `target_column` holds the
     target (text, or a class label that `target_text` names); `metric` names a local `evaluate`
-    module under `ipu_t5/metrics` (or a directory holding one); `main_metric` is the score the run
+    module under `ipu_t5/tasks/metrics` (or a directory holding one); `main_metric` is the score the run
     summary leads with (None: the metric's first).
     """
 

@@ -1,9 +1,9 @@
 """MNLI as text to text, the way Flan-T5 was fine-tuned on it."""
 from typing import Any, Dict, List
 
-from ..data.demo_mnli import generate_splits
 from ..errors import UserError
 from .base import Task
+from .demo.mnli import generate_splits
 
 LABELS = ("entailment", "neutral", "contradiction")
 INVALID = -1

@@ -1,8 +1,8 @@
 """Summarization scored by ROUGE-1/2/L, with XSum's columns (document -> summary)."""
 from typing import Any, Dict, List
 
-from ..data.demo_summarization import generate_splits
 from .base import Task
+from .demo.summarization import generate_splits
 
 
 class SummarizationTask(Task):

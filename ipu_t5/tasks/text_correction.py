@@ -1,6 +1,6 @@
 """Text correction scored by exact match: a sentence with errors -> the corrected sentence."""
-from ..data.demo_correction import generate_splits
 from .base import Task
+from .demo.text_correction import generate_splits
 
 
 def text_correction() -> Task:

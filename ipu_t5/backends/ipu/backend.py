@@ -1,0 +1,345 @@
+"""Graphcore IPUs through poptorch (Poplar SDK 3.3/3.4: Python 3.8, torch 2.0.1).
+
+poptorch is imported here only, and only when this backend is chosen or `--backend auto` asks
+whether IPUs are present. One process drives every IPU: the layout's stages are IPUs, its replicas
+poptorch's replication factor, its micro-batches gradient accumulation (`ipu_t5.backends.ipu.plan` checks
+the rules and the memory first). Shapes are static: prompts are padded to the data's longest and
+targets to theirs, so the model compiles once for training and once for generation.
+
+Training: `poptorch.trainingModel` with `poptorch.optim.AdamW` (float16 weights, float16 gradient
+accumulators with a static or automatic loss scale, float32 moments, clipping by `max_grad_norm`,
+stochastic rounding), the learning rate of `lr_at(step)` sent with `setOptimizer` whenever it
+changes, gradients summed over micro-batches and replicas because each micro-batch's loss is
+already its share of the global token mean. poptorch clips on the device and does not report the
+gradient norm, so steps report it as NaN.
+
+Generation: `poptorch.inferenceModel` of the same weights returns the greedy token at every target
+position; the host feeds each one back, re-running the encoder per token as Graphcore's own
+Flan-T5 validation does. Training and inference executors share the IPUs, so the idle one is
+detached (weights and optimizer state go back to the host and return on attach).
+"""
+import importlib
+import importlib.util
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ...data.batching import IGNORE_INDEX, GlobalBatch, collate
+from ...errors import UserError
+from ..base import Backend, StepResult, trim_at_eos
+from ..optim import adamw_kwargs, lr_at, param_groups, set_lr
+from .model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, hf_state_dict, join_slices,
+                        load_hf_state_dict, place, slice_vocabulary, split_like_slices)
+from .plan import IpuPlan, plan_ipu
+
+# PopART's names for AdamW's state of a weight: prefix + the weight's name in the wrapped model
+# (its first and second moments, and the step count bias correction uses).
+STATE_PREFIXES = {"exp_avg": "Accl1___", "exp_avg_sq": "Accl2___", "step": "Step___"}
+WRAPPER_PREFIX = "t5."
+# The modules `slice_vocabulary` replaces by vocabulary slices, and their plain weights.
+SLICED = ("shared", "lm_head")
+SLICED_KEYS = ("shared.weight", LM_HEAD_KEY)
+# Each micro-batch's loss is a small share of the global token mean: scaled by this, its float16
+# gradients stay clear of underflow while the scaled loss stays far below float16's 65504.
+DEFAULT_LOSS_SCALING = 1024.0
+SDK_HINT = ("enable the Poplar SDK (source <sdk>/enable) and install its poptorch wheel into this environment "
+            "(pip install <sdk>/poptorch-*.whl); docs/ipu.md, 'Setting up', has the steps")
+
+
+def ipu_hardware_available() -> bool:
+    """Whether poptorch imports and reports IPU hardware; False without the SDK."""
+    if importlib.util.find_spec("poptorch") is None:
+        return False
+    try:
+        poptorch = importlib.import_module("poptorch")
+    except (ImportError, OSError):  # the wheel is installed but the SDK is not enabled
+        return False
+    return bool(poptorch.ipuHardwareIsAvailable())
+
+
+def import_poptorch():
+    """poptorch, or a UserError saying how to get it."""
+    try:
+        return importlib.import_module("poptorch")
+    except (ImportError, OSError) as err:
+        raise UserError("backend 'ipu' needs poptorch from the Poplar SDK ({}): {}.".format(err, SDK_HINT)) from None
+
+
+def static_batch(samples: List[Dict], pad_id: int, source_length: int, target_length: int) -> Dict[str, torch.Tensor]:
+    """`collate` padded to fixed lengths, so every call has the compiled shapes."""
+    tensors = collate(samples, pad_id, source_length=source_length)
+    depth = tensors["labels"].shape[1]
+    if depth < target_length:
+        extra = target_length - depth
+        tensors["labels"] = torch.nn.functional.pad(tensors["labels"], (0, extra), value=IGNORE_INDEX)
+        tensors["decoder_input_ids"] = torch.nn.functional.pad(tensors["decoder_input_ids"], (0, extra), value=pad_id)
+    return tensors
+
+
+class IpuBackend(Backend):
+    """The layout on Graphcore IPUs: pipelined, or phased with weights streamed."""
+
+    name = "ipu"
+
+    def __init__(self, config, plan):
+        super().__init__(config, plan)
+        self.ipu_plan: Optional[IpuPlan] = None
+        self.training_model = None
+        self.inference_model = None
+        self._lr: Optional[float] = None
+        self._steps = 0
+        self._restored_rng: Optional[List[int]] = None
+
+    @property
+    def description(self) -> str:
+        if self.ipu_plan is None:
+            return "IPU (poptorch)"
+        return "IPU (poptorch): {}".format(self.ipu_plan.summary())
+
+    # ----- setup -----
+
+    def setup(self, model: torch.nn.Module) -> None:
+        if self.lengths is None:
+            raise UserError("the IPU backend compiles static shapes and needs the data's token lengths: build it "
+                            "set backend.lengths before setup (T5Trainer does).")
+        self.ipu_plan = plan_ipu(self.config, self.plan, self.lengths.static_source or self.lengths.source,
+                                 self.lengths.target)
+        self.plan = self.ipu_plan.layout
+        poptorch = import_poptorch()
+        self.poptorch = poptorch
+        if not poptorch.ipuHardwareIsAvailable(self._reserved_ipus()):
+            raise UserError("the layout needs {} IPUs ({} per replica x {} replica(s)) but poptorch reports fewer: "
+                            "lower --replicas or --stages (`ipu-t5 plan` shows what fits), or use --backend single "
+                            "or torch.".format(self.ipu_plan.total_ipus, self.ipu_plan.ipus_per_replica,
+                                               self.ipu_plan.replicas))
+        self.pad_id = model.config.pad_token_id
+        self.eos_id = model.config.eos_token_id
+        self.start_id = model.config.decoder_start_token_id
+        self.hf_keys = list(model.state_dict().keys())
+        # A wrapped (LoRA-adapted) embedding or LM head has other names than its plain weight.
+        sliced = sorted({k.split(".")[0] for k in self.hf_keys if k.split(".")[0] in SLICED and k not in SLICED_KEYS})
+        if sliced:
+            raise UserError("peft.target_modules adapts {}, which the IPU backend splits into vocabulary slices that "
+                            "carry no LoRA adapter: adapt the attention or feed-forward layers (q, k, v, o, wi_0, "
+                            "wi_1, wo), or use --backend torch or single.".format(", ".join(sliced)))
+        slice_vocabulary(model, self.ipu_plan.embedding_serialization_factor)
+        if self.ipu_plan.half:
+            from .fp16 import use_float16_numerics
+
+            use_float16_numerics(model)
+            model.half()
+        place(model, self.ipu_plan.pieces, poptorch.BeginBlock)
+        self.t5 = model
+        # The two wrappers share the T5, so each sets its mode before poptorch traces it (train_step,
+        # generate): the mode at trace time decides whether the compiled graph has dropout.
+        self.train_module = T5ForIpuTraining(model, poptorch.identity_loss)
+        self.generate_module = T5ForIpuGeneration(model)
+        training = self.config.training
+        moments = torch.float32
+        self.optimizer = poptorch.optim.AdamW(
+            param_groups(self.train_module.named_parameters(), training.weight_decay),
+            weight_decay=training.weight_decay,
+            loss_scaling=(self.config.ipu.loss_scaling or DEFAULT_LOSS_SCALING) if self.ipu_plan.half else 1.0,
+            accum_type=torch.float16 if self.ipu_plan.half else torch.float32,
+            first_order_momentum_accum_type=moments, second_order_momentum_accum_type=moments,
+            max_grad_norm=training.max_grad_norm or None, **adamw_kwargs(training))
+        self._lr = training.learning_rate
+        self.training_model = poptorch.trainingModel(self.train_module, options=self._options(training=True),
+                                                     optimizer=self.optimizer)
+
+    def _reserved_ipus(self) -> int:
+        total = self.ipu_plan.total_ipus
+        return 1 << (total - 1).bit_length() if self.config.ipu.auto_round_num_ipus else total
+
+    def _cache_dir(self) -> str:
+        configured = self.config.ipu.executable_cache_dir
+        if configured is not None:
+            return configured
+        from ...tokenizer import cache_root
+
+        return str(cache_root() / "executables")
+
+    def _strategy(self):
+        poptorch, plan = self.poptorch, self.ipu_plan
+        if plan.execution == "pipelined":
+            return poptorch.PipelinedExecution(*[
+                poptorch.Stage(*[p.name for p in plan.pieces if p.ipu == ipu]).ipu(ipu)
+                for ipu in range(plan.ipus_per_replica)])
+        strategy = poptorch.SerialPhasedExecution(*[poptorch.Phase(poptorch.Stage(name).ipu(ipu))
+                                                    for name, ipu in plan.phases()])
+        # Activations leave the chip after every phase: an IPU holds one piece at a time.
+        strategy.setTensorsLiveness(poptorch.Liveness.OffChipAfterEachPhase)
+        return strategy
+
+    def _locations(self, opts) -> None:
+        poptorch, plan = self.poptorch, self.ipu_plan
+        sharded = plan.shards > 1
+
+        def streamed(shard: bool):
+            return poptorch.TensorLocationSettings().useOnChipStorage(False).useReplicatedTensorSharding(shard)
+
+        if plan.execution == "phased":
+            opts.TensorLocations.setWeightLocation(streamed(sharded))
+            opts.TensorLocations.setOptimizerLocation(streamed(sharded))
+            opts.TensorLocations.setAccumulatorLocation(streamed(False))
+            opts.TensorLocations.setActivationLocation(streamed(False))
+        elif plan.optimizer_state_offchip:
+            opts.TensorLocations.setOptimizerLocation(streamed(sharded))
+
+    def _options(self, training: bool):
+        poptorch, plan, ipu = self.poptorch, self.ipu_plan, self.config.ipu
+        opts = poptorch.Options()
+        opts.replicationFactor(plan.replicas)
+        opts.randomSeed(self.config.training.seed)
+        opts.autoRoundNumIPUs(ipu.auto_round_num_ipus)
+        opts.setAvailableMemoryProportion({"IPU{}".format(i): ipu.matmul_proportion
+                                           for i in range(plan.ipus_per_replica)})
+        opts.Precision.setPartialsType(torch.float16 if ipu.enable_half_partials else torch.float32)
+        if plan.half:
+            opts.Precision.enableStochasticRounding(ipu.enable_stochastic_rounding)
+        cache = self._cache_dir()
+        if cache:
+            opts.enableExecutableCaching(cache)
+        if training:
+            opts.deviceIterations(1)
+            opts.Training.gradientAccumulation(plan.layout.micro_batches)
+            opts.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Sum)
+            opts.Training.setAutomaticLossScaling(ipu.auto_loss_scaling)
+            opts.outputMode(poptorch.OutputMode.Sum)
+        else:
+            opts.deviceIterations(plan.inference_device_iterations)
+            opts.outputMode(poptorch.OutputMode.All)
+        self._locations(opts)
+        opts.setExecutionStrategy(self._strategy())
+        return opts
+
+    # ----- executors share the IPUs -----
+
+    def _compiled(self) -> List:
+        """The executors poptorch has compiled."""
+        return [e for e in (self.training_model, self.inference_model) if e is not None and e.isCompiled()]
+
+    def _attached(self) -> List:
+        """The compiled executors that hold the IPUs now."""
+        return [e for e in self._compiled() if e.isAttachedToDevice()]
+
+    def _activate(self, wanted) -> None:
+        """Detach whichever executor is not `wanted`; poptorch attaches `wanted` on its next call."""
+        for executor in self._attached():
+            if executor is not wanted:
+                executor.detachFromDevice()
+
+    def _sync_weights_to_host(self) -> None:
+        if self.training_model in self._attached():
+            self.training_model.copyWeightsToHost()
+
+    # ----- training -----
+
+    def train_step(self, batch: GlobalBatch, step: int) -> StepResult:
+        self._activate(self.training_model)
+        self.train_module.train()
+        tensors = static_batch(batch.samples, self.pad_id, self.ipu_plan.source_length, self.ipu_plan.target_length)
+        counts = torch.full((len(batch.samples),), float(batch.num_target_tokens))
+        lr = lr_at(step, self.config.training)
+        if lr != self._lr:
+            set_lr(self.optimizer, lr)
+            self.training_model.setOptimizer(self.optimizer)
+            self._lr = lr
+        inputs = (tensors["input_ids"], tensors["attention_mask"], tensors["decoder_input_ids"], tensors["labels"], counts)
+        if self._restored_rng is not None:  # a resumed run: the IPUs continue the saved random stream
+            if not self.training_model.isCompiled():
+                self.training_model.compile(*inputs)
+            self.training_model.rng_state = self._restored_rng
+            self._restored_rng = None
+        loss = self.training_model(*inputs)
+        self._steps += 1
+        return StepResult(loss=float(loss.float().sum()), grad_norm=math.nan, lr=lr)
+
+    def extra_state(self) -> Dict[str, Any]:
+        # Dropout draws from the IPUs' own generator, which the host's saved generators do not cover.
+        if self.training_model is not None and self.training_model.isCompiled():
+            return {"ipu_rng_state": list(self.training_model.rng_state)}
+        return {}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        self._restored_rng = state.get("ipu_rng_state")
+
+    # ----- generation -----
+
+    def _inference_batch(self) -> int:
+        per_call = self.ipu_plan.inference_device_iterations * self.ipu_plan.replicas
+        micro = -(-self.config.validation.per_device_eval_batch_size // per_call)
+        return micro * per_call
+
+    @torch.no_grad()
+    def generate(self, samples: List[Dict], max_new_tokens: int) -> List[List[int]]:
+        if self.inference_model is None:
+            self.inference_model = self.poptorch.inferenceModel(self.generate_module,
+                                                                options=self._options(training=False))
+        self._activate(self.inference_model)
+        self.generate_module.eval()
+        size = self._inference_batch()
+        generated: List[List[int]] = []
+        for start in range(0, len(samples), size):
+            chunk = samples[start:start + size]
+            padded = chunk + [chunk[-1]] * (size - len(chunk))
+            tensors = collate(padded, self.pad_id, source_length=self.ipu_plan.source_length)
+            decoder = torch.full((size, max_new_tokens), self.pad_id, dtype=torch.int64)
+            decoder[:, 0] = self.start_id
+            tokens = []
+            for position in range(max_new_tokens):
+                predicted = self.inference_model(tensors["input_ids"], tensors["attention_mask"], decoder)
+                next_tokens = predicted[:, position].to(torch.int64)
+                tokens.append(next_tokens)
+                if position + 1 < max_new_tokens:
+                    decoder[:, position + 1] = next_tokens
+            rows = torch.stack(tokens, dim=1).tolist()[:len(chunk)]
+            generated += [trim_at_eos(row, self.eos_id) for row in rows]
+        return generated
+
+    # ----- state by Hugging Face name -----
+
+    def model_state_dict(self) -> Dict[str, torch.Tensor]:
+        self._sync_weights_to_host()
+        return {k: v.detach().cpu() for k, v in hf_state_dict(self.t5, self.hf_keys).items()}
+
+    def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        load_hf_state_dict(self.t5, state)
+        for executor in self._attached():
+            executor.copyWeightsToDevice()
+
+    def optimizer_state_dict(self) -> Dict:
+        state = self.optimizer.state_dict().get("ipu_state") or {}
+        named: Dict[str, Dict[str, torch.Tensor]] = {}
+        for kind, prefix in STATE_PREFIXES.items():
+            start = prefix + WRAPPER_PREFIX
+            part = {key[len(start):]: value.detach().float().cpu() for key, value in state.items()
+                    if key.startswith(start)}
+            for name, tensor in join_slices(part).items():
+                named.setdefault(name, {})[kind] = tensor
+        for entry in named.values():
+            # Without bias correction PopART keeps no step count; torch's AdamW needs one.
+            entry.setdefault("step", torch.tensor(float(self._steps)))
+        return named
+
+    def load_optimizer_state_dict(self, state: Dict) -> None:
+        slices = self.ipu_plan.embedding_serialization_factor
+        ipu_state = {}
+        for name, entry in state.items():
+            for kind, prefix in STATE_PREFIXES.items():
+                if kind in entry:
+                    value = entry[kind] if torch.is_tensor(entry[kind]) else torch.tensor(float(entry[kind]))
+                    for part, tensor in split_like_slices(name, value, slices).items():
+                        ipu_state[prefix + WRAPPER_PREFIX + part] = tensor.float().contiguous()
+            if "step" in entry:
+                self._steps = int(float(entry["step"]))
+        full = self.optimizer.state_dict()
+        full["ipu_state"] = ipu_state
+        # Hyperparameters missing from a checkpoint keep the values the optimizer was built with.
+        full["ipu_param"] = full.get("ipu_param") or {}
+        self.optimizer.load_state_dict(full)
+
+    def close(self) -> None:
+        for executor in self._compiled():
+            executor.destroy()

@@ -1,0 +1,225 @@
+"""Flan-T5 arranged for poptorch, in plain torch (poptorch's functions are passed in).
+
+- The shared embedding and the LM head become vocabulary slices, each its own parameter, so a
+  slice can be its own block (a phase, when weights are streamed) and no single tensor has to be
+  on chip whole. `hf_state_dict` / `load_hf_state_dict` concatenate and split them, so the
+  weights, checkpoints and exports keep Hugging Face names and shapes.
+- `T5ForIpuTraining` embeds source and target up front (the embedding sits with the first stage,
+  so no IPU is visited twice), runs encoder, decoder and LM head, and returns the split-invariant
+  token loss; `T5ForIpuGeneration` runs the same network and returns the greedy token at every
+  target position, for host-driven greedy decoding with static shapes.
+- `place` puts one poptorch block on each piece of an IPU plan, in execution order.
+"""
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ...compat import scales_decoder_output
+from ..optim import token_loss
+
+# Hugging Face names that hold the shared embedding (the stacks' aliases of it included).
+EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+LM_HEAD_KEY = "lm_head.weight"
+
+
+class EmbeddingSlice(torch.nn.Module):
+    """Rows [offset, offset + rows) of the vocabulary; other ids contribute zeros."""
+
+    def __init__(self, weight: torch.Tensor, offset: int, requires_grad: bool = True):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
+        self.offset = offset
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight.shape[0]
+        local = ids - self.offset
+        inside = ((local >= 0) & (local < rows)).unsqueeze(-1).to(self.weight.dtype)
+        return F.embedding(local.clamp(0, rows - 1), self.weight) * inside
+
+    def forward(self, source_ids, target_ids, source_sum=None, target_sum=None):
+        # Both lookups in this slice's block: revisiting a slice later would revisit its IPU/phase.
+        source, target = self._lookup(source_ids), self._lookup(target_ids)
+        if source_sum is None:
+            return source, target
+        return source_sum + source, target_sum + target
+
+
+class SlicedEmbedding(torch.nn.Module):
+    """The shared embedding as vocabulary slices; embeds source and target ids together."""
+
+    def __init__(self, weight: torch.Tensor, slices: int, requires_grad: bool = True):
+        super().__init__()
+        rows = weight.shape[0] // slices
+        self.slices = torch.nn.ModuleList(
+            [EmbeddingSlice(weight[i * rows:(i + 1) * rows], i * rows, requires_grad) for i in range(slices)])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([s.weight for s in self.slices], dim=0)
+
+    def forward(self, source_ids, target_ids):
+        sums = (None, None)
+        for piece in self.slices:
+            sums = piece(source_ids, target_ids, *sums)
+        return sums
+
+
+class SlicedLMHead(torch.nn.Module):
+    """The LM head as vocabulary slices; logits are their concatenation."""
+
+    def __init__(self, weight: torch.Tensor, slices: int, requires_grad: bool = True):
+        super().__init__()
+        rows, d_model = weight.shape[0] // slices, weight.shape[1]
+        self.slices = torch.nn.ModuleList()
+        for i in range(slices):
+            linear = torch.nn.Linear(d_model, rows, bias=False)
+            linear.weight = torch.nn.Parameter(weight[i * rows:(i + 1) * rows].detach().clone(),
+                                               requires_grad=requires_grad)
+            self.slices.append(linear)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([s.weight for s in self.slices], dim=0)
+
+    def forward(self, hidden):
+        return torch.cat([piece(hidden) for piece in self.slices], dim=-1)
+
+
+def slice_vocabulary(t5: torch.nn.Module, slices: int) -> None:
+    """Replace a T5's shared embedding and LM head by sliced ones (in place). The stacks are fed
+    embeddings, so their aliases of the shared embedding are dropped. The slices train exactly
+    when the weights they replace did (frozen under LoRA)."""
+    t5.shared = SlicedEmbedding(t5.shared.weight.data, slices, t5.shared.weight.requires_grad)
+    t5.lm_head = SlicedLMHead(t5.lm_head.weight.data, slices, t5.lm_head.weight.requires_grad)
+    t5.encoder.embed_tokens = None
+    t5.decoder.embed_tokens = None
+
+
+def hf_state_dict(t5: torch.nn.Module, keys: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The weights of a sliced T5 under the Hugging Face `keys` it had before slicing."""
+    own = t5.state_dict()
+    # Joining the slices copies the whole vocabulary matrix: once, for all three tied names.
+    embedding = t5.shared.weight.detach()
+    state = {}
+    for key in keys:
+        if key in EMBEDDING_KEYS:
+            state[key] = embedding
+        elif key == LM_HEAD_KEY:
+            state[key] = t5.lm_head.weight.detach()
+        else:
+            state[key] = own[key]
+    return state
+
+
+def load_hf_state_dict(t5: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Load Hugging Face-named weights into a sliced T5, splitting embedding and LM head."""
+    with torch.no_grad():
+        for key, sliced in (("shared.weight", t5.shared), (LM_HEAD_KEY, t5.lm_head)):
+            if key in state:
+                # Read once: a lazy checkpoint view reads a tensor from disk at every lookup.
+                whole = state[key]
+                rows = sliced.slices[0].weight.shape[0]
+                for i, piece in enumerate(sliced.slices):
+                    piece.weight.copy_(whole[i * rows:(i + 1) * rows])
+        rest = {k: state[k] for k in state if k not in EMBEDDING_KEYS and k != LM_HEAD_KEY}
+        t5.load_state_dict(rest, strict=False)
+
+
+SLICE_PREFIXES = (("shared.slices.", "shared.weight"), ("lm_head.slices.", LM_HEAD_KEY))
+
+
+def split_like_slices(name: str, tensor: torch.Tensor, slices: int) -> Dict[str, torch.Tensor]:
+    """A Hugging Face-named tensor (or its optimizer state) under the sliced model's names; a
+    scalar (a step count) goes to every slice whole."""
+    if name in EMBEDDING_KEYS or name == LM_HEAD_KEY:
+        prefix = "shared.slices" if name in EMBEDDING_KEYS else "lm_head.slices"
+        rows = tensor.shape[0] // slices if tensor.dim() else 0
+        return {"{}.{}.weight".format(prefix, i): tensor[i * rows:(i + 1) * rows] if rows else tensor
+                for i in range(slices)}
+    return {name: tensor}
+
+
+def join_slices(named: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The inverse of `split_like_slices` over a whole dict: slices concatenated in order under
+    their Hugging Face name (a scalar is taken from the first slice)."""
+    joined: Dict[str, List[Tuple[int, torch.Tensor]]] = {}
+    out = {}
+    for name, tensor in named.items():
+        for prefix, key in SLICE_PREFIXES:
+            if name.startswith(prefix):
+                joined.setdefault(key, []).append((int(name[len(prefix):].split(".")[0]), tensor))
+                break
+        else:
+            out[name] = tensor
+    for key, parts in joined.items():
+        ordered = [t for _, t in sorted(parts, key=lambda p: p[0])]
+        out[key] = torch.cat(ordered, dim=0) if ordered[0].dim() else ordered[0]
+    return out
+
+
+def forward_logits(t5: torch.nn.Module, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
+    """Logits of a sliced T5: embeddings first, then encoder, decoder and LM head."""
+    source, target = t5.shared(input_ids, decoder_input_ids)
+    encoded = t5.encoder(inputs_embeds=source, attention_mask=attention_mask, use_cache=False)[0]
+    decoded = t5.decoder(inputs_embeds=target, encoder_hidden_states=encoded,
+                         encoder_attention_mask=attention_mask, use_cache=False)[0]
+    if scales_decoder_output(t5.config):
+        decoded = decoded * (t5.config.d_model ** -0.5)
+    return t5.lm_head(decoded)
+
+
+class T5ForIpuTraining(torch.nn.Module):
+    """Returns the step's token loss for this micro-batch: summed cross-entropy over the global
+    batch's target-token count (`num_target_tokens`, one copy per sample), so micro-batches and
+    replicas add up to the global mean."""
+
+    def __init__(self, t5: torch.nn.Module, identity_loss: Callable):
+        super().__init__()
+        self.t5 = t5
+        self._identity_loss = identity_loss
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, labels, num_target_tokens):
+        logits = forward_logits(self.t5, input_ids, attention_mask, decoder_input_ids)
+        return self._identity_loss(token_loss(logits, labels, num_target_tokens[0]), reduction="none")
+
+
+class T5ForIpuGeneration(torch.nn.Module):
+    """Returns the most likely next token at every decoder position."""
+
+    def __init__(self, t5: torch.nn.Module):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        return torch.argmax(forward_logits(self.t5, input_ids, attention_mask, decoder_input_ids), dim=-1)
+
+
+def piece_module(t5: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The module that starts a piece of an IPU plan (`ipu_t5.backends.ipu.memory` names them)."""
+    parts = name.split(".")
+    if parts[0] in ("embedding", "lm_head"):
+        whole = t5.shared if parts[0] == "embedding" else t5.lm_head
+        return whole if len(parts) == 1 else whole.slices[int(parts[1])]
+    stack = getattr(t5, parts[0])
+    if parts[1] == "final_layer_norm":
+        return stack.final_layer_norm
+    block = stack.block[int(parts[1])]
+    if len(parts) == 2:
+        return block
+    sub = {"attention": 0, "self_attention": 0, "cross_attention": 1}
+    if parts[2] in sub:
+        return block.layer[sub[parts[2]]]
+    feed_forward = block.layer[-1]
+    return feed_forward if parts[2] == "ff_in" else feed_forward.DenseReluDense.wo
+
+
+def place(t5: torch.nn.Module, pieces: Sequence, begin_block: Callable) -> None:
+    """One `poptorch.BeginBlock` per piece (its name as user_id, its IPU as ipu_id), in
+    execution order, as poptorch requires. A final layer norm riding in a piece joins that
+    piece's block (poptorch treats blocks with one user_id as one)."""
+    for piece in pieces:
+        begin_block(piece_module(t5, piece.name), user_id=piece.name, ipu_id=piece.ipu)
+        for block in piece.blocks:
+            if block.endswith("final_layer_norm") and block != piece.name:
+                begin_block(piece_module(t5, block), user_id=piece.name, ipu_id=piece.ipu)

@@ -1,0 +1,303 @@
+"""T5 cut into pipeline chunks: hand-written modules that own a contiguous run of the plan's blocks.
+
+A chunk keeps Hugging Face's own submodules under Hugging Face's names (`encoder.block.3...`,
+`shared`, `lm_head`), so `named_parameters()` are HF names and checkpoints stay layout-free. The
+attention is written here over HF's projection weights (the layer norms and feed-forward layers
+are HF's modules), which keeps the cut identical on transformers 4.x and 5.x and gives generation
+a key/value cache per chunk.
+
+What crosses a chunk boundary depends on where it falls (`boundary_kind`):
+
+- inside the encoder: hidden states, the encoder's relative position bias (computed once by
+  `encoder.0` and reused by every later block), the attention mask, the decoder input ids;
+- between the encoder and the decoder: the encoder output, the attention mask, the decoder ids;
+- inside the decoder: hidden states, the decoder's position bias, the encoder output (every
+  decoder block attends to it), the attention mask.
+
+The shared embedding is held by the chunk with the encoder embedding and by the chunk with
+`decoder.0` (a copy when they differ); the backend adds their gradients together.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...compat import scales_decoder_output
+
+INPUT, ENCODER, ENCODED, DECODER, LOGITS = "input", "encoder", "encoded", "decoder", "logits"
+
+# What each boundary carries, in order.
+CARRIED = {
+    INPUT: ("input_ids", "attention_mask", "decoder_input_ids"),
+    ENCODER: ("hidden", "encoder_bias", "attention_mask", "decoder_input_ids"),
+    ENCODED: ("encoder_output", "attention_mask", "decoder_input_ids"),
+    DECODER: ("hidden", "decoder_bias", "encoder_output", "attention_mask"),
+    LOGITS: ("logits",),
+}
+
+
+def _index(block: str) -> Optional[int]:
+    """`encoder.3` -> 3; embedding, final layer norms and the LM head -> None."""
+    stack, _, rest = block.partition(".")
+    return int(rest) if stack in ("encoder", "decoder") and rest.isdigit() else None
+
+
+def boundary_kind(blocks: Sequence[str], num_layers: int) -> str:
+    """What flows out of a chunk whose last part is `blocks[-1]`."""
+    last = blocks[-1]
+    if last == "lm_head":
+        return LOGITS
+    if last == "encoder.final_layer_norm":
+        return ENCODED
+    if last.startswith("encoder."):
+        if _index(last) == num_layers - 1:
+            raise ValueError("the encoder's final layer norm must sit with its last block")
+        return ENCODER
+    return DECODER
+
+
+def relative_bias(attention: nn.Module, query_length: int, key_length: int, past: int = 0) -> torch.Tensor:
+    """T5's relative position bias, (1, heads, query, key), from the block-0 attention that owns
+    the bucket embedding; `past` offsets the queries (generation with a cache)."""
+    weight = attention.relative_attention_bias.weight
+    context = torch.arange(query_length, dtype=torch.long, device=weight.device)[:, None] + past
+    memory = torch.arange(key_length, dtype=torch.long, device=weight.device)[None, :]
+    buckets = attention._relative_position_bucket(
+        memory - context, bidirectional=not attention.is_decoder,
+        num_buckets=attention.relative_attention_num_buckets,
+        max_distance=attention.relative_attention_max_distance)
+    return attention.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def masked(bias: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The additive attention bias with masked positions at the dtype's minimum (as HF does)."""
+    return torch.where(keep, bias, torch.tensor(torch.finfo(bias.dtype).min, dtype=bias.dtype, device=bias.device))
+
+
+def cross_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, 1, 1, source) additive mask over padded encoder positions."""
+    zeros = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return masked(zeros, attention_mask.bool()[:, None, None, :])
+
+
+def _heads(x: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+    batch, length, _ = x.shape
+    return x.view(batch, length, attention.n_heads, attention.key_value_proj_dim).transpose(1, 2)
+
+
+def _attend(attention: nn.Module, query_input: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            bias: torch.Tensor) -> torch.Tensor:
+    """T5 attention: unscaled dot products plus the additive bias, then the output projection."""
+    query = _heads(attention.q(query_input), attention)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias.to(query.dtype), scale=1.0,
+        dropout_p=attention.dropout if attention.training else 0.0)
+    return attention.o(out.transpose(1, 2).reshape(query_input.shape[0], query_input.shape[1], -1))
+
+
+def key_value(attention: nn.Module, source: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of `source`, split into heads."""
+    return _heads(attention.k(source), attention), _heads(attention.v(source), attention)
+
+
+def self_attention(layer: nn.Module, hidden: torch.Tensor, bias: torch.Tensor,
+                   cache: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    """Pre-norm self-attention sublayer with its residual; `cache` ([keys, values]) grows in place."""
+    normed = layer.layer_norm(hidden)
+    key, value = key_value(layer.SelfAttention, normed)
+    if cache is not None:
+        if cache:
+            key, value = torch.cat([cache[0], key], dim=2), torch.cat([cache[1], value], dim=2)
+        cache[:] = [key, value]
+    return hidden + layer.dropout(_attend(layer.SelfAttention, normed, key, value, bias))
+
+
+def cross_attention(layer: nn.Module, hidden: torch.Tensor, keys_values: Tuple[torch.Tensor, torch.Tensor],
+                    bias: torch.Tensor) -> torch.Tensor:
+    """Pre-norm cross-attention sublayer over the encoder's keys and values, with its residual."""
+    normed = layer.layer_norm(hidden)
+    return hidden + layer.dropout(_attend(layer.EncDecAttention, normed, keys_values[0], keys_values[1], bias))
+
+
+class StageChunk(nn.Module):
+    """A contiguous run of the plan's blocks of one T5, as one pipeline-stage module.
+
+    `forward` takes and returns the tensors of `CARRIED[self.start]` / `CARRIED[self.end]`, so
+    `torch.distributed.pipelining` can send them between processes; `encode`, `decode_step` and
+    friends run greedy generation with a cache.
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[str], amp_dtype: Optional[torch.dtype] = None,
+                 shared: Optional[nn.Embedding] = None):
+        super().__init__()
+        config = model.config
+        self.blocks = tuple(blocks)
+        self.num_layers = config.num_layers
+        self.amp_dtype = amp_dtype
+        self.output_scale = config.d_model ** -0.5 if scales_decoder_output(config) else 1.0
+        self.encoder_ids = [_index(b) for b in blocks if b.startswith("encoder.") and _index(b) is not None]
+        self.decoder_ids = [_index(b) for b in blocks if b.startswith("decoder.") and _index(b) is not None]
+        self.embeds_input = "embedding" in blocks
+        self.embeds_decoder = 0 in self.decoder_ids
+        if self.embeds_input or self.embeds_decoder:
+            self.shared = shared or model.shared
+        for stack, ids in (("encoder", self.encoder_ids), ("decoder", self.decoder_ids)):
+            norm = "{}.final_layer_norm".format(stack)
+            if ids or norm in blocks:
+                part = nn.Module()
+                if ids:
+                    part.block = nn.ModuleDict({str(i): getattr(model, stack).block[i] for i in ids})
+                if norm in blocks:
+                    part.final_layer_norm = getattr(model, stack).final_layer_norm
+                setattr(self, stack, part)
+        self.has_encoder_norm = "encoder.final_layer_norm" in blocks
+        self.has_head = "lm_head" in blocks
+        if self.has_head:
+            self.lm_head = model.lm_head
+            self.decoder_norm = "decoder.final_layer_norm" in blocks
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.start = self._start_kind()
+        self.end = boundary_kind(blocks, self.num_layers)
+
+    def _start_kind(self) -> str:
+        if self.embeds_input:
+            return INPUT
+        if self.encoder_ids:
+            return ENCODER
+        return ENCODED if self.embeds_decoder else DECODER
+
+    # ----- pieces shared by training and generation -----
+
+    def _autocast(self):
+        device = next(self.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _run_encoder(self, state: Dict[str, torch.Tensor]) -> None:
+        if self.embeds_input:
+            state["hidden"] = self.dropout(self.shared(state["input_ids"]))
+        if self.encoder_ids:
+            hidden = state["hidden"]
+            if self.encoder_ids[0] == 0:
+                width = hidden.shape[1]
+                state["encoder_bias"] = relative_bias(self.encoder.block["0"].layer[0].SelfAttention, width, width)
+            keep = state["attention_mask"].bool()[:, None, None, :]
+            bias = masked(state["encoder_bias"], keep)
+            for i in self.encoder_ids:
+                block = self.encoder.block[str(i)]
+                hidden = block.layer[-1](self_attention(block.layer[0], hidden, bias))
+            state["hidden"] = hidden
+        if self.has_encoder_norm:
+            state["encoder_output"] = self.dropout(self.encoder.final_layer_norm(state.pop("hidden")))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.decoder_norm:
+            hidden = self.dropout(self.decoder.final_layer_norm(hidden))
+        if self.output_scale != 1.0:
+            hidden = hidden * self.output_scale
+        return self.lm_head(hidden)
+
+    # ----- training -----
+
+    def forward(self, *carried: torch.Tensor):
+        with self._autocast():
+            state = dict(zip(CARRIED[self.start], carried))
+            self._run_encoder(state)
+            if self.embeds_decoder:
+                state["hidden"] = self.dropout(self.shared(state["decoder_input_ids"]))
+                depth = state["hidden"].shape[1]
+                state["decoder_bias"] = relative_bias(self.decoder.block["0"].layer[0].SelfAttention, depth, depth)
+            if self.decoder_ids:
+                hidden, encoder_output = state["hidden"], state["encoder_output"]
+                depth = hidden.shape[1]
+                causal = torch.ones(depth, depth, dtype=torch.bool, device=hidden.device).tril()
+                self_bias = masked(state["decoder_bias"], causal)
+                enc_bias = cross_bias(state["attention_mask"], encoder_output.dtype)
+                for i in self.decoder_ids:
+                    block = self.decoder.block[str(i)]
+                    hidden = self_attention(block.layer[0], hidden, self_bias)
+                    hidden = cross_attention(block.layer[1], hidden,
+                                             key_value(block.layer[1].EncDecAttention, encoder_output), enc_bias)
+                    hidden = block.layer[-1](hidden)
+                state["hidden"] = hidden
+            if self.has_head:
+                return self._logits(state["hidden"])
+            return tuple(state[name] for name in CARRIED[self.end])
+
+    # ----- generation -----
+
+    @torch.no_grad()
+    def encode(self, carried: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Run this chunk's encoder part on `carried` (input ids, or hidden states and the bias,
+        plus the attention mask); returns what the next chunk needs for encoding."""
+        state = dict(carried)
+        with self._autocast():
+            self._run_encoder(state)
+        if "encoder_output" in state:
+            return {"encoder_output": state["encoder_output"]}
+        return {"hidden": state["hidden"], "encoder_bias": state["encoder_bias"]}
+
+    @torch.no_grad()
+    def start_decoding(self, encoder_output: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Cache every decoder block's cross-attention keys and values for a new batch."""
+        with self._autocast():
+            self._cross = [key_value(self.decoder.block[str(i)].layer[1].EncDecAttention, encoder_output)
+                           for i in self.decoder_ids]
+        self._cross_bias = cross_bias(attention_mask, encoder_output.dtype)
+        self._self_cache: List[List[torch.Tensor]] = [[] for _ in self.decoder_ids]
+
+    @torch.no_grad()
+    def decode_step(self, position: int, tokens: Optional[torch.Tensor] = None,
+                    hidden: Optional[torch.Tensor] = None, decoder_bias: Optional[torch.Tensor] = None):
+        """One new position through this chunk's decoder blocks. The chunk holding `decoder.0` takes
+        the previous tokens (batch, 1); later chunks take its hidden states and position bias.
+        Returns (hidden, decoder_bias) for the next chunk, or the logits (batch, vocab)."""
+        with self._autocast():
+            if self.embeds_decoder:
+                hidden = self.shared(tokens)
+                decoder_bias = relative_bias(self.decoder.block["0"].layer[0].SelfAttention, 1, position + 1, past=position)
+            for j, i in enumerate(self.decoder_ids):
+                block = self.decoder.block[str(i)]
+                hidden = self_attention(block.layer[0], hidden, decoder_bias, self._self_cache[j])
+                hidden = cross_attention(block.layer[1], hidden, self._cross[j], self._cross_bias)
+                hidden = block.layer[-1](hidden)
+            if self.has_head:
+                return self._logits(hidden)[:, -1]
+        return hidden, decoder_bias
+
+    def end_decoding(self) -> None:
+        """Free the caches of the last batch."""
+        self._cross, self._self_cache = [], []
+
+
+def carried_shapes(kind: str, batch: int, source: int, target: int, d_model: int, heads: int,
+                   vocab: int) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype, bool]]:
+    """Shape, dtype and requires_grad of every tensor a boundary carries in training."""
+    float32 = torch.float32
+    table = {
+        "input_ids": ((batch, source), torch.long, False),
+        "attention_mask": ((batch, source), torch.long, False),
+        "decoder_input_ids": ((batch, target), torch.long, False),
+        "hidden": ((batch, source if kind == ENCODER else target, d_model), float32, True),
+        "encoder_bias": ((1, heads, source, source), float32, True),
+        "encoder_output": ((batch, source, d_model), float32, True),
+        "decoder_bias": ((1, heads, target, target), float32, True),
+        "logits": ((batch, target, vocab), float32, True),
+    }
+    return {name: table[name] for name in CARRIED[kind]}
+
+
+def build_chunks(model: nn.Module, chunk_blocks: Sequence[Sequence[str]],
+                 amp_dtype: Optional[torch.dtype] = None) -> List[StageChunk]:
+    """One `StageChunk` per entry of `chunk_blocks`; the shared embedding is copied for the chunk
+    that holds `decoder.0` when that is not the chunk holding the encoder embedding. The copy
+    trains exactly when the original does: a frozen embedding (LoRA) stays frozen on both sides,
+    and every rank holding a copy agrees on whether its gradients are summed."""
+    chunks = []
+    for blocks in chunk_blocks:
+        copy = None
+        if "decoder.0" in blocks and "embedding" not in blocks:
+            copy = nn.Embedding.from_pretrained(model.shared.weight.detach().clone(),
+                                                freeze=not model.shared.weight.requires_grad)
+        chunks.append(StageChunk(model, blocks, amp_dtype, copy))
+    return chunks

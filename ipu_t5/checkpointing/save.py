@@ -1,0 +1,164 @@
+"""Writing a checkpoint: every process's share, atomically (staging directory, fsync, rename), with
+a manifest of sizes and checksums written last; rotation of the periodic ones."""
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from ..compat import export_config_dict
+from ..errors import UserError
+from . import atomic, dcp
+from .format import (FORMAT, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, PROCESS_FILE, SHARDED_DIR, STATE_FILE,
+                     STEP_PREFIX, CheckpointError, checkpoints_dir, list_steps, step_path)
+
+
+def _tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def flatten_optimizer_state(state: Mapping[str, Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
+    """{name: {field: value}} -> {"name.field": tensor}, as stored in optimizer.safetensors."""
+    flat = {}
+    for name, fields in state.items():
+        for field, value in fields.items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(float(value))
+            flat["{}.{}".format(name, field)] = tensor.detach().cpu().contiguous()
+    return flat
+
+
+
+def _no_space(path: Path, needed: int) -> CheckpointError:
+    previous = path if (path / STATE_FILE).is_file() else None
+    if previous is None and path.parent.name == checkpoints_dir(Path()).name:
+        steps = list_steps(path.parent.parent)
+        previous = step_path(path.parent.parent, steps[-1]) if steps else None
+    return CheckpointError(
+        "no space left on the device while writing the checkpoint {}: it needs about {} ({} bytes) "
+        "and {} are free there. Free space, lower output.save_total_limit or choose another "
+        "--output-dir; {}.".format(
+            path, atomic.human_bytes(needed), needed, atomic.human_bytes(atomic.free_bytes(path.parent)),
+            "the previous checkpoint {} is intact".format(previous) if previous else
+            "no earlier checkpoint was touched"))
+
+
+def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_config: Dict[str, Any],
+                    hf_config, tokenizer, select: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> Path:
+    """Write `backend`'s training state as a checkpoint at `path`, atomically. Every process calls it.
+
+    `trainer_state` is what the loop needs to continue (step, data order, ...). Nothing at `path`
+    changes unless the whole checkpoint was written; a full disk raises CheckpointError naming the
+    path and the bytes needed. `select` picks the model weights to keep (a LoRA run keeps only its
+    adapters: the base is its starting point).
+    """
+    from . import rng
+
+    path = Path(path)
+    shares = backend.checkpoint_state()
+    if shares is not None and select is not None:
+        shares = dict(shares, model=select(shares["model"]))
+    process_states = backend.gather_object({"rng": rng.capture(), "backend": backend.extra_state()})
+    tensors: Dict[str, Dict[str, torch.Tensor]] = {}
+    if shares is None:
+        from .export import export_tensors
+
+        model_state = backend.model_state_dict()
+        tensors = {MODEL_FILE: export_tensors(select(model_state) if select else model_state, torch.float32),
+                   OPTIMIZER_FILE: flatten_optimizer_state(backend.optimizer_state_dict())}
+        needed = sum(_tensor_bytes(t) for t in tensors.values())
+    else:
+        needed = sum(backend.gather_object(_tensor_bytes(dict(dcp.flat_shares(shares)))))
+
+    def begin() -> str:
+        atomic.remove_stale(path.parent, (STEP_PREFIX, path.name + "."))
+        try:
+            return str(atomic.staging_dir(path))
+        except OSError as err:
+            if atomic.is_no_space(err):
+                raise _no_space(path, needed) from None
+            raise
+
+    staging = Path(backend.on_main(begin))
+    if shares is not None:
+        try:
+            dcp.transfer("save", shares, staging / SHARDED_DIR)
+        except Exception as err:  # torch.distributed.checkpoint raises on every process alike
+            if backend.is_main_process:
+                shutil.rmtree(str(staging), ignore_errors=True)
+            if atomic.is_no_space(err):
+                raise _no_space(path, needed) from None
+            raise
+
+    def finish() -> None:
+        try:
+            for rank, state in enumerate(process_states):
+                with open(str(staging / PROCESS_FILE.format(rank)), "w") as f:
+                    json.dump(state, f)
+            _write_main_files(staging, tensors, needed, trainer_state, run_config, hf_config, tokenizer,
+                              backend.num_processes, shares is not None, path)
+            atomic.replace_dir(staging, path)
+        except BaseException as err:
+            shutil.rmtree(str(staging), ignore_errors=True)
+            if not isinstance(err, UserError) and atomic.is_no_space(err):
+                raise _no_space(path, needed) from None
+            raise
+
+    backend.on_main(finish)
+    return path
+
+
+def _write_main_files(staging: Path, tensors: Dict[str, Dict[str, torch.Tensor]], needed: int,
+                      trainer_state: Dict[str, Any], run_config: Dict[str, Any], hf_config, tokenizer,
+                      num_processes: int, sharded: bool, path: Path) -> None:
+    import transformers
+
+    from .. import __version__
+
+    (staging / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    with open(str(staging / "model_config.json"), "w") as f:
+        json.dump(export_config_dict(hf_config, torch.float32), f, indent=2)
+    tokenizer.save_pretrained(str(staging / "tokenizer"))
+    if tensors and atomic.free_bytes(staging) < needed:
+        raise _no_space(path, needed)
+    for name, content in tensors.items():
+        save_file(content, str(staging / name), metadata={"format": "pt"})
+    state = dict(trainer_state)
+    state.update({
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "tensors": "torch.distributed.checkpoint" if sharded else "safetensors",
+        "num_processes": num_processes,
+        "versions": {"ipu_t5": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "files": atomic.fsync_tree(staging, checksum=True),
+    })
+    # Written last and synced (the other files already are): its presence marks the checkpoint complete.
+    with open(str(staging / STATE_FILE), "w") as f:
+        json.dump(state, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    atomic.fsync_path(staging)
+
+
+def update_trainer_state(path: Path, **values: Any) -> None:
+    """Add `values` to a complete checkpoint's trainer_state.json (an evaluation that finished after
+    it was written), atomically; the manifest is unaffected."""
+    state_file = Path(path) / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state.update(values)
+    atomic.write_file(state_file, json.dumps(state, indent=2))
+
+
+def rotate(output_dir: Path, keep: int, protect: Sequence[int] = ()) -> List[int]:
+    """Delete all but the newest `keep` complete periodic checkpoints and those of `protect` (the
+    best one); returns the steps removed."""
+    steps = list_steps(output_dir)
+    kept = set(steps[-keep:]) | set(protect)
+    removed = [s for s in steps if s not in kept]
+    for step in removed:
+        shutil.rmtree(str(step_path(output_dir, step)), ignore_errors=True)
+    return removed
+
+

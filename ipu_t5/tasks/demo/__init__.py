@@ -1,0 +1,1 @@
+"""Each shipped task's generated offline data (the demo's), deterministic in its seed."""

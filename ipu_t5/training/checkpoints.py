@@ -1,0 +1,101 @@
+"""The checkpoint half of `T5Trainer`: what a checkpoint of this run holds beyond tensors, when it
+is written and rotated, and how a run continues from one (weights, optimizer, generators, data
+order, step and validation history), under whatever layout wrote it."""
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+from .. import checkpointing, lora
+from ..backends.optim import lr_at
+from ..checkpointing import rng, run_dir
+from ..errors import UserError
+from ..models import canonical_size, parameter_shapes
+
+
+class RunCheckpoints:
+    """Mixed into `T5Trainer`: uses its config, backend, step, data order, best metric and model
+    description."""
+
+    def _refuse_restart_over_checkpoints(self) -> None:
+        """A run started afresh in a directory that holds its checkpoints would replace them as it
+        goes: continue them instead, or start over only when asked to."""
+        steps = checkpointing.list_steps(self.output_dir)
+        if self.step or self.resumed_from or not steps:
+            return
+        # Another run's checkpoints are another matter, refused (or replaced) as such.
+        if run_dir.holds_other_run(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir):
+            return
+        if not self.config.output.overwrite_output_dir:
+            raise UserError("output directory '{}' holds checkpoints of this run up to step {}: continue it with "
+                            "--resume auto, or start it over with --overwrite.".format(self.output_dir, steps[-1]))
+        self.backend.on_main(lambda: run_dir.clear(self.output_dir))
+
+    def _resume(self, spec: str) -> None:
+        """Restore weights, optimizer, random generators, data order, step and validation history
+        from the checkpoint `spec` names ("auto": this run's newest intact one)."""
+        found = checkpointing.find_for_resume(self.backend, spec, self.output_dir, self._say)
+        if found is None:
+            return
+        checkpointing.check_architecture(found, canonical_size(self.config.model.name))
+        expected = parameter_shapes(self.hf_config)
+        if lora.enabled(self.config):
+            expected = self.adapter_shapes
+        checkpointing.check_tensors(found, expected)
+        checkpointing.check_data_order(found, self.order.state_dict())
+        found.load_into(self.backend)
+        state = found.state
+        self.step = int(state["step"])
+        self.order.load_state_dict(state["data_order"])
+        self.best.load_state_dict(state.get("best"))
+        self.last_eval = state.get("last_eval")
+        self._last_eval_step = state.get("last_eval_step")
+        self._saved_step = self.step
+        saved = found.process_state(self.backend.process_index)
+        if saved is not None:
+            rng.restore(saved["rng"])
+            self.backend.load_extra_state(saved["backend"])
+        if state["num_processes"] != self.backend.num_processes:
+            self._say("ipu-t5: the checkpoint was written by {} process(es) and this run has {}: weights, optimizer "
+                      "and data order continue exactly, random streams (dropout) only where a rank existed "
+                      "before.".format(state["num_processes"], self.backend.num_processes))
+        self.resumed_from = found.path
+        self._say("ipu-t5: resuming from {} at step {}".format(found.path, self.step))
+
+    def _record_best(self) -> None:
+        """A checkpoint of this step, written before its validation finished, records the ranking
+        too, and the best checkpoint is kept by rotation."""
+        path = checkpointing.step_path(self.output_dir, self.step)
+        if (path / checkpointing.STATE_FILE).is_file():
+            checkpointing.update_trainer_state(path, best=self.best.state_dict(), last_eval=self.last_eval,
+                                            last_eval_step=self.step)
+            checkpointing.rotate(self.output_dir, self.config.output.save_total_limit, self._protected_steps())
+
+    def _protected_steps(self) -> List[int]:
+        return [self.best.best_step] if self.best.best_step is not None else []
+
+    def _trainer_state(self) -> Dict[str, Any]:
+        """What a checkpoint needs, beyond tensors, to continue this run exactly."""
+        cfg = self.config.training
+        plan = self.plan
+        return {"step": self.step, "max_steps": cfg.max_steps, "data_order": self.order.state_dict(),
+                "lr_scheduler": {"type": cfg.lr_scheduler_type, "last_lr": lr_at(max(self.step - 1, 0), cfg)},
+                "best": self.best.state_dict(), "last_eval": self.last_eval, "last_eval_step": self._last_eval_step,
+                "max_new_tokens": self.eval_config.max_new_tokens or self.lengths.target,
+                "layout": {"backend": self.backend.name, "stages": plan.stages, "replicas": plan.replicas,
+                           "micro_batch_size": plan.micro_batch_size, "micro_batches": plan.micro_batches}}
+
+    def save_checkpoint(self, path: Union[str, Path]) -> Path:
+        """A layout-free training checkpoint at `path`: weights, optimizer, random generators of
+        every process, data order and step. Written atomically; `--resume PATH` continues it."""
+        self._claim()
+        # Under LoRA the base weights are the run's starting point, rebuilt from its config on load.
+        select = lora.adapter_state if lora.enabled(self.config) else None
+        return checkpointing.save_checkpoint(Path(path), self.backend, self._trainer_state(), self.config.to_dict(),
+                                          self.hf_config, self.tokenizer, select)
+
+    def _save_periodic(self) -> Path:
+        """`<output-dir>/checkpoints/step-N`, then keep the newest `output.save_total_limit` and the best."""
+        path = self.save_checkpoint(checkpointing.step_path(self.output_dir, self.step))
+        self._saved_step = self.step
+        self.backend.on_main(lambda: checkpointing.rotate(self.output_dir, self.config.output.save_total_limit,
+                                                self._protected_steps()))
+        return path

@@ -1,0 +1,373 @@
+"""T5Trainer: drives a backend through training, generation-based validation and export.
+
+The call shapes are those of Graphcore's Flan-T5 notebook:
+``T5Trainer(config, pretrained, dataset, eval_dataset, eval_config, tokenizer, accuracy_metric,
+postprocess_predictions)`` then ``train()``, ``evaluate()``, ``save_hf_checkpoint(hf_path, ckpt_path)``.
+Every argument after `config` may be left out; it is then built from the config.
+"""
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import checkpointing, lora
+from ..backends import Backend, create_backend
+from ..checkpointing import run_dir
+from ..checkpointing.adapter import write_adapter
+from ..checkpointing.export import write_hf_checkpoint
+from ..config import RunConfig, ValidationConfig
+from ..data.batching import BatchOrder, GlobalBatch
+from ..data.features import Lengths
+from ..data.prepare import prepare_data
+from ..errors import UserError
+from ..layout import plan_from_config
+from ..models import build_model, canonical_size, load_pretrained, model_from_config, set_dropout
+from ..tasks import build_task
+from .best_metric import BestMetric
+from .checkpoints import RunCheckpoints
+from .metrics_log import MetricsLog
+from .signals import GracefulStop
+from .validation import generate_all, score, write_predictions
+
+
+class _Stopped(Exception):
+    """A stop signal arrived during a validation inside the training loop."""
+
+
+class T5Trainer(RunCheckpoints):
+    """Fine-tunes a Flan-T5 on a text-to-text task under the configured layout and backend.
+
+    Args:
+        config: the validated run configuration.
+        pretrained: a `T5ForConditionalGeneration`, a hub id or directory, or None for the
+            config's model.
+        dataset, eval_dataset: `datasets.Dataset`s, raw (the task's columns) or tokenized
+            (`input_ids`, `labels`, `reference`); None loads them from the config.
+        eval_config: validation settings; None uses `config.validation`.
+        tokenizer: None loads the model's tokenizer (or trains the demo one for `tiny`).
+        accuracy_metric: an `evaluate` metric (Graphcore's name; any metric works); None loads the
+            task's local metric module (accuracy, ROUGE, exact match, ...).
+        postprocess_predictions: generated texts -> metric predictions; None uses the task's.
+        backend: an already built backend; None builds the configured one.
+
+    With `output.resume_from_checkpoint` set ("auto" or a checkpoint path) the trainer continues
+    that checkpoint's run: model and tokenizer come from the checkpoint (no hub access needed), and
+    weights, optimizer, random generators, data order and step are restored.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        pretrained: Union[None, str, torch.nn.Module] = None,
+        dataset=None,
+        eval_dataset=None,
+        eval_config: Optional[ValidationConfig] = None,
+        tokenizer=None,
+        accuracy_metric=None,
+        postprocess_predictions: Optional[Callable[[List[str]], List[Any]]] = None,
+        backend: Optional[Backend] = None,
+    ):
+        self.config = config
+        self.eval_config = eval_config or config.validation
+        self.task = build_task(config)
+        resume = config.output.resume_from_checkpoint
+        # Found before anything is built, without reading the tensors (the main process verifies them
+        # later): a run that cannot resume fails fast, and a resumed run builds its model from the
+        # checkpoint's own config and tokenizer, so a preempted run restarts without the hub.
+        candidate = checkpointing.resolve(resume, self.output_dir, lambda _: None, verify_data=False) if resume else None
+        if candidate is not None:
+            checkpointing.check_architecture(candidate, canonical_size(config.model.name))
+        if tokenizer is None and candidate is not None:
+            tokenizer = candidate.tokenizer()
+        data = prepare_data(config, self.task, dataset, eval_dataset, tokenizer)
+        self.tokenizer = data.tokenizer
+        self.train_features, self.eval_features, self.eval_split = data.train_features, data.eval_features, data.eval_split
+        self.lengths: Lengths = data.lengths
+        self.train_tokens = data.train_tokens
+        if pretrained is None and candidate is not None and not lora.enabled(config):
+            # The architecture; its weights are loaded by _resume. A LoRA checkpoint holds only the
+            # adapters, so the base is the run's own starting point, built as before.
+            pretrained = candidate.hf_config()
+        model = self._model(pretrained)
+        self.hf_config = model.config
+        self.base_model = str(pretrained) if isinstance(pretrained, (str, Path)) else (
+            config.model.pretrained or canonical_size(config.model.name).hub_id)
+        if lora.enabled(config):
+            # Before the backend sees the model: every backend then trains only the adapters. The
+            # A matrices start from the run's seed, whatever ran before in this process.
+            torch.manual_seed(config.training.seed)
+            lora.apply_lora(model, config.peft)
+            self.adapter_shapes = {k: tuple(v.shape) for k, v in lora.adapter_state(model.state_dict()).items()}
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
+        self.backend = backend or create_backend(config, self.plan)
+        if self.backend.lengths is None:
+            self.backend.lengths = self.lengths
+        torch.manual_seed(config.training.seed)
+        self.backend.setup(model)
+        # The backend may refine the plan (the IPU chooses its micro-batch and blocks per IPU).
+        self.plan = self.backend.plan
+        self.metric = accuracy_metric
+        if self.metric is None and self.eval_features is not None:
+            import evaluate
+
+            self.metric = evaluate.load(self.task.metric_path)
+        self.postprocess = postprocess_predictions or self.task.postprocess
+        self.step = 0
+        self.order = BatchOrder(len(self.train_features), config.training.global_batch_size, config.training.seed,
+                                self.train_tokens.lengths() if config.data.group_by_length else None)
+        self.last_eval: Optional[Dict[str, Any]] = None
+        # The best validation so far (`best_metric`, `best_step`, `last_eval_is_best`): checkpoints
+        # keep the best by it, and training stops early on it.
+        self.best = BestMetric(self.eval_config.metric_for_best_model, self.eval_config.greater_is_better,
+                               self.eval_config.early_stopping_patience, self.eval_config.early_stopping_threshold)
+        self.resumed_from: Optional[Path] = None
+        self._last_eval_step: Optional[int] = None
+        self._saved_step: Optional[int] = None
+        self._stop: Optional[GracefulStop] = None
+        self._claimed = False
+        self._log: Optional[MetricsLog] = None
+        if resume:
+            self._resume(resume)
+
+    def _model(self, pretrained):
+        """`pretrained` is a module, a hub id or directory, a T5Config (resuming: the weights come
+        from the checkpoint), or None for the config's model."""
+        from transformers import PretrainedConfig
+
+        if pretrained is None:
+            return build_model(self.config, len(self.tokenizer))
+        if isinstance(pretrained, PretrainedConfig):
+            model = model_from_config(pretrained)
+        elif isinstance(pretrained, (str, Path)):
+            model = load_pretrained(str(pretrained))
+        else:
+            model = pretrained
+        if self.config.model.dropout_rate is not None:
+            set_dropout(model, self.config.model.dropout_rate)
+        return model
+
+    # ----- output -----
+
+    @property
+    def output_dir(self) -> Path:
+        return self.config.output_dir
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.backend.is_main_process
+
+    def _say(self, message: str) -> None:
+        if self.is_main_process:
+            tqdm.write(message)
+
+    def _claim(self) -> MetricsLog:
+        if not self._claimed:
+            self.backend.on_main(lambda: run_dir.claim(self.output_dir, self.config.to_dict(),
+                                                self.config.output.overwrite_output_dir))
+            self._claimed = True
+            self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard,
+                                   resumed_at=self.step if self.resumed_from else None)
+        return self._log
+
+    def _write_json(self, name: str, data: Any) -> None:
+        if self.is_main_process:
+            with open(self.output_dir / name, "w") as f:
+                json.dump(data, f, indent=2)
+
+    def _trainable_note(self) -> str:
+        if not lora.enabled(self.config):
+            return ""
+        peft = self.config.peft
+        return ", {:,} trainable ({:.2%}): LoRA r={} alpha={:g} on {}".format(
+            self.num_trainable, self.num_trainable / self.num_params, peft.r, peft.lora_alpha,
+            ", ".join(peft.target_modules))
+
+    # ----- training -----
+
+    def train(self, resume_from_checkpoint: Optional[str] = None) -> Dict[str, Any]:
+        """Run optimizer steps up to `training.max_steps`; returns a summary of the run.
+
+        `resume_from_checkpoint` ("auto" or a checkpoint path, as in HF's Trainer) first restores
+        that checkpoint. Checkpoints are written every `output.save_steps` steps, at a new best
+        validation result and at the end. SIGTERM or SIGINT finishes the current step, writes a
+        checkpoint and returns early with `summary["interrupted"]` naming the signal. With
+        `validation.early_stopping_patience` training ends once validation stops improving
+        (`summary["stopped_early"]`).
+        """
+        if resume_from_checkpoint:
+            self._resume(resume_from_checkpoint)
+        self._refuse_restart_over_checkpoints()
+        cfg = self.config.training
+        log = self._claim()
+        self._say("{}\n{}\nmodel: {} ({:.1f}M parameters{}), task {}: {} training / {} validation examples, "
+                  "prompts up to {} tokens, targets up to {}".format(
+                      self.backend.description, self.plan.describe(), self.config.model.name,
+                      self.num_params / 1e6, self._trainable_note(),
+                      self.task.name, len(self.train_tokens), len(self.eval_features) if self.eval_features is not None else 0,
+                      self.lengths.source, self.lengths.target))
+        batches = iter(self.order)
+        started, samples_done, first_step = time.perf_counter(), 0, self.step
+        result, stopped, stopped_early = None, None, False
+        with GracefulStop() as self._stop, tqdm(
+                total=cfg.max_steps, initial=self.step, desc="training", unit="step",
+                disable=not self.is_main_process, dynamic_ncols=True) as bar:
+            try:
+                # A run stopped during a validation repeats it before going on.
+                if self._eval_due() and self._last_eval_step != self.step:
+                    self._evaluate_in_loop()
+                while self.step < cfg.max_steps:
+                    stopped = self._stop_requested()
+                    if stopped:
+                        break
+                    batch = GlobalBatch([self.train_tokens.sample(i) for i in next(batches)])
+                    tick = time.perf_counter()
+                    result = self.backend.train_step(batch, self.step)
+                    elapsed = time.perf_counter() - tick
+                    self.step += 1
+                    samples_done += len(batch.samples)
+                    tokens = sum(len(s["input_ids"]) + len(s["labels"]) for s in batch.samples)
+                    record = {"step": self.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                              "samples_per_second": len(batch.samples) / elapsed, "tokens_per_second": tokens / elapsed,
+                              "epoch": self.order.epoch + self.order.position / self.order.batches_per_epoch}
+                    log.log(record)
+                    bar.update(1)
+                    if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                        bar.set_postfix(loss="{:.4f}".format(result.loss), lr="{:.2e}".format(result.lr),
+                                        samples_s="{:.1f}".format(samples_done / (time.perf_counter() - started)))
+                    improved = self._evaluate_in_loop() if self._eval_due() else False
+                    save_steps = self.config.output.save_steps
+                    if save_steps and (self.step % save_steps == 0 or improved):
+                        self._save_periodic()
+                    if self.best.should_stop:
+                        stopped_early = True
+                        self._say("ipu-t5: early stopping at step {}: {} has not improved on {:.4f} (step {}) in {} "
+                                  "validations".format(self.step, self.best.metric, self.best.best,
+                                                       self.best.best_step, self.best.evals_without_improvement))
+                        break
+                if stopped is None:
+                    stopped = self._stop_requested()
+            except _Stopped as during_validation:
+                stopped = str(during_validation)
+            # Inside the handler, so that a second signal during this write exits at once.
+            if (stopped or self.config.output.save_steps) and self._saved_step != self.step:
+                self._save_periodic()
+        self._stop = None
+        seconds = time.perf_counter() - started
+        summary = {"steps": self.step, "steps_this_run": self.step - first_step, "train_seconds": seconds,
+                   "samples_per_second": samples_done / seconds if seconds else 0.0,
+                   "final_loss": result.loss if result else None, "stopped_early": stopped_early,
+                   "best_metric": self.best_metric, "best_step": self.best_step}
+        if self._saved_step == self.step:
+            summary["checkpoint"] = str(checkpointing.step_path(self.output_dir, self.step))
+        if stopped:
+            summary["interrupted"] = stopped
+            self._say("ipu-t5: stopped by {} after step {} of {}; checkpoint {}".format(
+                stopped, self.step, cfg.max_steps, summary["checkpoint"]))
+        return summary
+
+    @property
+    def best_metric(self) -> Optional[float]:
+        """The best value of `validation.metric_for_best_model` so far (None before any validation)."""
+        return self.best.best
+
+    @property
+    def best_step(self) -> Optional[int]:
+        """The step of the best validation so far."""
+        return self.best.best_step
+
+    @property
+    def last_eval_is_best(self) -> bool:
+        """Whether the latest validation improved on every earlier one."""
+        return self.best.last_is_best
+
+    def _stop_requested(self) -> Optional[str]:
+        """The signal that asked the run to stop, as the main process saw it (so every process stops
+        after the same step)."""
+        return self.backend.broadcast_object(self._stop.requested if self._stop is not None else None)
+
+    def _eval_due(self) -> bool:
+        eval_steps = self.eval_config.eval_steps
+        return bool(eval_steps and self.eval_features is not None and 0 < self.step < self.config.training.max_steps
+                    and self.step % eval_steps == 0)
+
+    def _evaluate_in_loop(self) -> bool:
+        """Validate inside the loop; whether the result is the best so far."""
+        self.evaluate()
+        return self.last_eval_is_best
+
+    # ----- validation -----
+
+    def evaluate(self) -> Dict[str, Any]:
+        """Greedy generation over the validation split, scored by the metric; writes
+        eval_results.json and eval_predictions.jsonl."""
+        if self.eval_features is None:
+            raise UserError("no evaluation data: set validation.do_eval=true or pass eval_dataset.")
+        log = self._claim()
+        rows = self.eval_features.to_list()
+        generated, seconds = generate_all(self.backend, rows, self.eval_config.per_device_eval_batch_size,
+                                          self.eval_config.max_new_tokens or self.lengths.target, self.is_main_process,
+                                          self._raise_if_stopped)
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        predictions = self.postprocess(texts)
+        result = score(self.task, self.metric, predictions, [r["reference"] for r in rows], self.eval_split,
+                       self.step, seconds)
+        self._track_best(result)
+        self.last_eval = result
+        self._write_json("eval_results.json", result)
+        if self.is_main_process:
+            targets = self.tokenizer.batch_decode([r["labels"] for r in rows], skip_special_tokens=True)
+            write_predictions(self.output_dir / "eval_predictions.jsonl", rows, texts, predictions, targets)
+        log.log({"step": self.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}, prefix="eval")
+        self.backend.on_main(self._record_best)
+        return result
+
+    def _raise_if_stopped(self) -> None:
+        """Between validation batches inside the training loop: a stop signal ends the validation."""
+        signal_name = self._stop_requested() if self._stop is not None else None
+        if signal_name:
+            raise _Stopped(signal_name)
+
+    def _track_best(self, result: Dict[str, Any]) -> None:
+        """Rank this validation against the earlier ones (`best_metric`, `best_step`, `is_best`)."""
+        self.best.update(result, self.step)
+        result.update({"best_metric": self.best_metric, "best_step": self.best_step, "is_best": self.last_eval_is_best})
+        self._last_eval_step = self.step
+
+    def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
+                           ckpt_path: Union[str, Path, None] = None,
+                           adapter_path: Union[str, Path, None] = None) -> Path:
+        """Export a plain Hugging Face checkpoint to `hf_path` (default `<output-dir>/hf`), checked
+        by reloading it with transformers, and, when given, a training checkpoint to `ckpt_path`.
+        With LoRA the export holds the merged weights, and the adapter alone goes to `adapter_path`
+        (default `<output-dir>/adapter`)."""
+        self._claim()
+        hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
+        state = self.backend.model_state_dict()
+
+        def export() -> None:
+            merged = state
+            if lora.enabled(self.config):
+                write_adapter(Path(adapter_path) if adapter_path else self.output_dir / "adapter", state,
+                                   self.config.peft, self.base_model, self.tokenizer)
+                merged = lora.merged_state(state, self.config.peft)
+            example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
+            exported = write_hf_checkpoint(hf_path, merged, self.hf_config, self.tokenizer, self.config.to_dict(),
+                                           self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
+                                           example_prompt=example)
+            self._say(exported.describe())
+
+        self.backend.on_main(export)
+        if ckpt_path:
+            self.save_checkpoint(ckpt_path)
+        return hf_path
+
+    def close(self) -> None:
+        """Flush logs and release the backend."""
+        if self._log is not None:
+            self._log.close()
+        self.backend.close()
