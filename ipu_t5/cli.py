@@ -135,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             # Training that stopped early has just validated this very step.
             last = trainer.last_eval
             results = last if last is not None and last["step"] == trainer.step else trainer.evaluate()
-        hf_dir = trainer.save_hf_checkpoint()
+        hf_dir = trainer.export_hf()
         if not trainer.is_main_process:
             return 0
         rows = [["steps", str(summary["steps"])],
@@ -219,6 +219,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     adapter goes beside it."""
     from . import checkpoint, lora
     from .config import config_from_dict
+    from .data.features import prompt_cap
     from .export import DEFAULT_MAX_SHARD_SIZE, DTYPES, write_hf_checkpoint
     from .models import canonical_size
 
@@ -246,9 +247,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         extra = " (LoRA merged; adapter in {})".format(adapter_out)
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Checkpoints before the prompt length was recorded truncated at the configured cap.
+    prompt_length = state.get("prompt_length") or prompt_cap(run_config.data.max_source_length)
     exported = write_hf_checkpoint(Path(args.out), tensors, found.hf_config(), tokenizer, found.run_config(),
                                    results, state.get("max_new_tokens"), DTYPES[args.dtype],
-                                   args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+                                   args.max_shard_size or DEFAULT_MAX_SHARD_SIZE, prompt_length=prompt_length)
     print("{}{} (from {}, step {})".format(exported.describe(), extra, found.path, found.step))
     return 0
 

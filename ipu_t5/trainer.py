@@ -2,7 +2,8 @@
 
 The call shapes are those of Graphcore's Flan-T5 notebook:
 ``T5Trainer(config, pretrained, dataset, eval_dataset, eval_config, tokenizer, accuracy_metric,
-postprocess_predictions)`` then ``train()``, ``evaluate()``, ``save_hf_checkpoint(hf_path, ckpt_path)``.
+postprocess_predictions)`` then ``train()``, ``evaluate()``, ``save_hf_checkpoint(hf_path, ckpt_path)`` (which
+returns the fine-tuned model, as theirs does; ``export_hf`` writes the same and returns its path).
 Every argument after `config` may be left out; it is then built from the config.
 """
 import json
@@ -14,11 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, lora, rng, run_dir
-from .backends import Backend, create_backend
+from .backends import Backend, backend_class, resolve_backend_name
 from .best_metric import BestMetric
 from .config import RunConfig, ValidationConfig
 from .data.batching import BatchOrder, GlobalBatch
-from .data.features import Lengths, TokenColumns, lengths, tokenize
+from .data.features import Lengths, TokenColumns, lengths, prompt_cap, tokenize
 from .data.sources import check_examples, load_splits
 from .errors import UserError
 from .export import write_hf_checkpoint
@@ -89,11 +90,25 @@ class T5Trainer:
         if tokenizer is None and candidate is not None:
             tokenizer = candidate.tokenizer()
         self.tokenizer = tokenizer or load_tokenizer(config, corpus=self._corpus(dataset))
+        # Prompts are tokenized truncated to `prompt_length` tokens; the export's tokenizer carries it
+        # as model_max_length, so plain transformers with truncation=True sees the same ids.
+        self.prompt_length = prompt_cap(config.data.max_source_length)
         self.train_features = self._tokenize(dataset, "training")
         self.eval_features = None if eval_dataset is None else self._tokenize(eval_dataset, "evaluation")
         self.eval_split = None if eval_dataset is None or eval_dataset.split is None else str(eval_dataset.split)
         self.lengths: Lengths = lengths(self.train_features, self.eval_features,
                                         static_coverage=config.ipu.source_length_coverage)
+        backend_type = type(backend) if backend is not None else backend_class(
+            resolve_backend_name(config, plan_from_config(config)))
+        static = self.lengths.static_source
+        if backend_type.static_prompt_length and static < self.lengths.source and "input_ids" not in dataset.column_names:
+            # The compiled prompt length holds only `ipu.source_length_coverage` of the prompts: the
+            # rest are tokenized again, truncated to it as the tokenizer truncates (keeping the
+            # end-of-sequence token), so training, validation and the export see the same ids.
+            self.prompt_length = static
+            self.train_features = self._tokenize(dataset, "training")
+            self.eval_features = None if eval_dataset is None else self._tokenize(eval_dataset, "evaluation")
+            self.lengths = Lengths(source=static, target=self.lengths.target, static_source=static)
         self.train_tokens = TokenColumns(self.train_features)
         if pretrained is None and candidate is not None and not lora.enabled(config):
             # The architecture; its weights are loaded by _resume. A LoRA checkpoint holds only the
@@ -112,7 +127,7 @@ class T5Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
-        self.backend = backend or create_backend(config, self.plan)
+        self.backend = backend or backend_type(config, self.plan)
         if self.backend.lengths is None:
             self.backend.lengths = self.lengths
         torch.manual_seed(config.training.seed)
@@ -134,6 +149,8 @@ class T5Trainer:
         self.best = BestMetric(self.eval_config.metric_for_best_model, self.eval_config.greater_is_better,
                                self.eval_config.early_stopping_patience, self.eval_config.early_stopping_threshold)
         self.resumed_from: Optional[Path] = None
+        # Where the latest `export_hf` / `save_hf_checkpoint` wrote the Hugging Face export.
+        self.hf_path: Optional[Path] = None
         self._last_eval_step: Optional[int] = None
         self._saved_step: Optional[int] = None
         self._stop: Optional[GracefulStop] = None
@@ -154,7 +171,7 @@ class T5Trainer:
 
     def _tokenize(self, dataset, role: str):
         data = self.config.data
-        return tokenize(dataset, self.task, self.tokenizer, data.max_source_length, data.preprocessing_num_workers,
+        return tokenize(dataset, self.task, self.tokenizer, self.prompt_length, data.preprocessing_num_workers,
                         "tokenizing {} data".format(role), cache_root() / "features", data.overwrite_cache)
 
     def _corpus(self, dataset) -> List[str]:
@@ -454,6 +471,7 @@ class T5Trainer:
                 "lr_scheduler": {"type": cfg.lr_scheduler_type, "last_lr": lr_at(max(self.step - 1, 0), cfg)},
                 "best": self.best.state_dict(), "last_eval": self.last_eval, "last_eval_step": self._last_eval_step,
                 "max_new_tokens": self.eval_config.max_new_tokens or self.lengths.target,
+                "prompt_length": self.prompt_length,
                 "layout": {"backend": self.backend.name, "stages": plan.stages, "replicas": plan.replicas,
                            "micro_batch_size": plan.micro_batch_size, "micro_batches": plan.micro_batches}}
 
@@ -474,13 +492,12 @@ class T5Trainer:
                                                 self._protected_steps()))
         return path
 
-    def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
-                           ckpt_path: Union[str, Path, None] = None,
-                           adapter_path: Union[str, Path, None] = None) -> Path:
+    def export_hf(self, hf_path: Union[str, Path, None] = None, ckpt_path: Union[str, Path, None] = None,
+                  adapter_path: Union[str, Path, None] = None) -> Path:
         """Export a plain Hugging Face checkpoint to `hf_path` (default `<output-dir>/hf`), checked
         by reloading it with transformers, and, when given, a training checkpoint to `ckpt_path`.
         With LoRA the export holds the merged weights, and the adapter alone goes to `adapter_path`
-        (default `<output-dir>/adapter`)."""
+        (default `<output-dir>/adapter`). Returns the export's path, also kept as `hf_path`."""
         self._claim()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
         state = self.backend.model_state_dict()
@@ -494,13 +511,29 @@ class T5Trainer:
             example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
             exported = write_hf_checkpoint(hf_path, merged, self.hf_config, self.tokenizer, self.config.to_dict(),
                                            self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
-                                           example_prompt=example)
+                                           example_prompt=example, prompt_length=self.prompt_length)
             self._say(exported.describe())
 
         self.backend.on_main(export)
         if ckpt_path:
             self.save_checkpoint(ckpt_path)
+        self.hf_path = hf_path
         return hf_path
+
+    def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
+                           ckpt_path: Union[str, Path, None] = None,
+                           adapter_path: Union[str, Path, None] = None):
+        """Graphcore's call: `export_hf` (the same arguments), then the fine-tuned model loaded
+        from the export by plain transformers: a `T5ForConditionalGeneration` on the CPU, as
+        `finetuned = trainer.save_hf_checkpoint(hf_path, ckpt_path)` expects. The export's path
+        is `trainer.hf_path`. In a multi-process run only the main process loads the model (a
+        model split for size may not fit on each rank); the others return None."""
+        path = self.export_hf(hf_path, ckpt_path, adapter_path)
+        if not self.is_main_process:
+            return None
+        from transformers import T5ForConditionalGeneration
+
+        return T5ForConditionalGeneration.from_pretrained(str(path)).eval()
 
     def close(self) -> None:
         """Flush logs and release the backend."""
