@@ -110,6 +110,15 @@ def test_bad_data_files(cli, tmp_path, rows, fragments):
 
 
 @pytest.mark.core
+def test_a_data_file_that_is_not_utf8_is_one_line(cli, tmp_path):
+    path = _data(tmp_path, GOOD)
+    path.write_bytes(path.read_bytes().replace(b"A man rests.", b"A man \xff\xfe rests.", 1))
+    _refused(cli(["train", "--output-dir", str(tmp_path / "run"), "--data-files",
+                  "train={0},validation={0}".format(path)]), str(path), "line 1 (byte offset", "UTF-8", "iconv")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.core
 def test_output_dir_with_another_run_is_left_intact(cli, tmp_path):
     out = tmp_path / "run"
     first = cli(_args(out, "--max-steps", "3", "--set", "validation.do_eval=false"))
