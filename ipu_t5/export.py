@@ -111,8 +111,9 @@ def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_m
                       peft["r"], peft["lora_alpha"], ", ".join(peft["target_modules"])), ""]
     if prompt_length:
         lines += ["Prompts were truncated to at most {0} tokens (the end-of-sequence token included) in "
-                  "training and validation. The tokenizer's `model_max_length` is {0}, so `tokenizer(..., truncation=True)` "
-                  "(transformers 5.x) and `pipeline(..., truncation=True)` (4.x) cut prompts the same way and "
+                  "training and validation. The tokenizer's `model_max_length` is {0}, so "
+                  "`tokenizer(..., truncation=True)` (transformers 5.x) and `pipeline(..., truncation=True)` "
+                  "(4.x) cut prompts the same way and "
                   "reproduce the validation results below; without `truncation=True` longer prompts are read "
                   "whole.".format(prompt_length), ""]
     if results:

@@ -100,15 +100,8 @@ class T5Trainer:
                                         static_coverage=config.ipu.source_length_coverage)
         backend_type = type(backend) if backend is not None else backend_class(
             resolve_backend_name(config, plan_from_config(config)))
-        static = self.lengths.static_source
-        if backend_type.static_prompt_length and static < self.lengths.source and "input_ids" not in dataset.column_names:
-            # The compiled prompt length holds only `ipu.source_length_coverage` of the prompts: the
-            # rest are tokenized again, truncated to it as the tokenizer truncates (keeping the
-            # end-of-sequence token), so training, validation and the export see the same ids.
-            self.prompt_length = static
-            self.train_features = self._tokenize(dataset, "training")
-            self.eval_features = None if eval_dataset is None else self._tokenize(eval_dataset, "evaluation")
-            self.lengths = Lengths(source=static, target=self.lengths.target, static_source=static)
+        if backend_type.static_prompt_length:
+            self._truncate_to_static_length(dataset, eval_dataset)
         self.train_tokens = TokenColumns(self.train_features)
         if pretrained is None and candidate is not None and not lora.enabled(config):
             # The architecture; its weights are loaded by _resume. A LoRA checkpoint holds only the
@@ -173,6 +166,18 @@ class T5Trainer:
         data = self.config.data
         return tokenize(dataset, self.task, self.tokenizer, self.prompt_length, data.preprocessing_num_workers,
                         "tokenizing {} data".format(role), cache_root() / "features", data.overwrite_cache)
+
+    def _truncate_to_static_length(self, dataset, eval_dataset) -> None:
+        """A compiled prompt length that holds only `ipu.source_length_coverage` of the prompts: the
+        rest are tokenized again, truncated to it as the tokenizer truncates (keeping the
+        end-of-sequence token), so training, validation and the export see the same ids."""
+        static = self.lengths.static_source
+        if static >= self.lengths.source or "input_ids" in dataset.column_names:
+            return
+        self.prompt_length = static
+        self.train_features = self._tokenize(dataset, "training")
+        self.eval_features = None if eval_dataset is None else self._tokenize(eval_dataset, "evaluation")
+        self.lengths = Lengths(source=static, target=self.lengths.target, static_source=static)
 
     def _corpus(self, dataset) -> List[str]:
         if "input_ids" in dataset.column_names:
