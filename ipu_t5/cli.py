@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import UserError
-from .launch import add_cluster_flags, maybe_launch, quiet_unless_main, record_failure
+from .launch import add_cluster_flags, maybe_launch, quiet_unless_main, record_crash, record_failure
 
 # Dedicated flags and the config keys they set.
 FLAG_KEYS = {
@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     _offline_if_possible(config)
-    launched = maybe_launch(config, args.argv, args)
+    launched = maybe_launch(config, args.argv, args, resume=resume_command(args.argv))
     if launched is not None:
         return launched
     trainer = T5Trainer(config)
@@ -358,5 +358,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("ipu-t5: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        record_failure("{}: {}".format(type(err).__name__, err))
+        # A worker of a multi-process run leaves the report to the launcher, its traceback to its log.
+        if record_crash(err):
+            return 1
         raise

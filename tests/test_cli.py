@@ -133,6 +133,26 @@ def test_output_dir_with_another_run_is_left_intact(cli, tmp_path):
 
 
 @pytest.mark.core
+def test_a_multi_process_run_refuses_another_directory_before_starting(cli, tmp_path):
+    """The launcher checks the output directory before any rank starts or any log is written."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    _refused(cli(["train", "--stages", "2", "--replicas", "2", "--output-dir", str(out)]), "holds no ipu-t5 run")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.core
+def test_a_directory_holding_only_launch_logs_counts_as_empty(tmp_path):
+    from ipu_t5 import run_dir
+
+    (tmp_path / "run" / run_dir.LOGS / "20250101-000000-1").mkdir(parents=True)
+    assert run_dir.holds_other_run(tmp_path / "run", {"model": {}}, overwrite=False) is False
+    run_dir.claim(tmp_path / "run", {"model": {}}, overwrite=False)
+    assert (tmp_path / "run" / run_dir.RECORD).is_file() and (tmp_path / "run" / run_dir.LOGS).is_dir()
+
+
+@pytest.mark.core
 def test_export_command_from_a_checkpoint(cli, trained, tmp_path):
     checkpoint = trained["trainer"].save_checkpoint(tmp_path / "ckpt")
     proc = cli(["export", str(checkpoint), "--out", str(tmp_path / "exported"), "--dtype", "bfloat16"])
