@@ -260,12 +260,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """How the layout maps onto IPUs: one row per IPU with its blocks, parameters, bytes on chip and
     streamed, and whether it fits. Needs no IPU and no weights; exits 2 with the table when no
     execution strategy fits."""
-    from .data.features import MODEL_MAX_SOURCE_LENGTH
+    from .data.features import prompt_cap
     from .ipu_plan import IpuPlanRefused, plan_ipu
     from .layout import plan_from_config
 
     config = config_from_args(args)
-    source = args.source_length or config.data.max_source_length or MODEL_MAX_SOURCE_LENGTH
+    source = args.source_length or prompt_cap(config.data.max_source_length)
     target = args.target_length or config.validation.max_new_tokens or DEFAULT_PLAN_TARGET_LENGTH
     layout = plan_from_config(config, source, target)
     try:

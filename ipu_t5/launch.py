@@ -237,4 +237,9 @@ def maybe_launch(config, argv: Optional[List[str]], args: argparse.Namespace,
     # Another run's directory is refused before anything is written into it.
     run_dir.holds_other_run(config.output_dir, config.to_dict(), config.output.overwrite_output_dir)
     log_dir = config.output_dir / run_dir.LOGS / "{}-{}".format(time.strftime("%Y%m%d-%H%M%S"), os.getpid())
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError("cannot write the ranks' logs under output directory '{}': {}. Choose another "
+                        "--output-dir.".format(config.output_dir, err.strerror or err)) from None
     return launch(plan.world_size, sys.argv[1:] if argv is None else argv, args, log_dir=log_dir, resume=resume)
