@@ -139,27 +139,40 @@ def _recorded(failure) -> Optional[str]:
     return None
 
 
-# The agent stops the remaining ranks with these once one has failed.
+# The agent stops the remaining ranks with these once one has failed...
 STOP_SIGNALS = ("SIGTERM", "SIGINT")
+# ... and kills those still running 30 s later: a signal noticed this long after the first failure
+# is the agent's, not the cause.
+AGENT_KILL_SECONDS = 25
 
 
-def _first_cause(item) -> tuple:
-    """Sort key: the rank that failed on its own first. Ranks that only saw a peer vanish, or that
-    the agent stopped, come after any that failed by itself (an error, an exit code, a signal such
-    as SIGKILL from outside), whatever the order their exits were noticed in."""
-    rank, failure = item
-    data = failure.error_file_data if _recorded(failure) is not None else {}
-    if failure.exitcode < 0:
-        kind = 1 if failure.signal_name() in STOP_SIGNALS else 0
-    else:
-        kind = 2 if data.get("peer_lost") else 0
-    return kind, float(data.get("timestamp", failure.timestamp)), rank
+def _first_cause(failures):
+    """Sort key for `failures`: the rank that failed on its own first. Ranks that only saw a peer
+    vanish, or that the agent stopped, come after any that failed by itself (an error, an exit
+    code, a signal such as SIGKILL from outside), whatever the order their exits were noticed in
+    (a signal's time is when the agent noticed it; an error's is when the rank recorded it); among
+    those alone, the earliest."""
+    def when(failure) -> float:
+        data = failure.error_file_data if _recorded(failure) is not None else {}
+        return float(data.get("timestamp", failure.timestamp))
+
+    first = min(when(f) for f in failures.values())
+
+    def key(item) -> tuple:
+        rank, failure = item
+        if failure.exitcode < 0:
+            consequence = failure.signal_name() in STOP_SIGNALS or when(failure) > first + AGENT_KILL_SECONDS
+        else:
+            consequence = _recorded(failure) is not None and bool(failure.error_file_data.get("peer_lost"))
+        return consequence, when(failure), rank
+
+    return key
 
 
 def _report(failures) -> Tuple[str, int]:
     """One line for a failed run, and its exit status: the rank that failed first on its own (see
     `_first_cause`), named unless every rank failed with the same message."""
-    rank, failure = min(failures.items(), key=_first_cause)
+    rank, failure = min(failures.items(), key=_first_cause(failures))
     message = _recorded(failure)
     status = failure.exitcode if failure.exitcode > 0 else 1
     if message is None:

@@ -3,6 +3,7 @@
 import io
 import json
 import sys
+import time
 
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
@@ -26,26 +27,39 @@ def _failure(tmp_path, rank, exitcode, message=None, peer_lost=False, timestamp=
 def test_a_killed_rank_is_named_before_the_ranks_that_lost_it(tmp_path):
     """The ranks that saw the connection close recorded their errors before the agent noticed the
     kill (whose time is when it was noticed): the kill is still the cause."""
+    now = time.time()
     failures = {0: _failure(tmp_path, 0, -15),
-                1: _failure(tmp_path, 1, 1, "RuntimeError: " + GLOO_CLOSED, peer_lost=True, timestamp=1.0),
+                1: _failure(tmp_path, 1, 1, "RuntimeError: " + GLOO_CLOSED, peer_lost=True, timestamp=now - 2),
                 2: _failure(tmp_path, 2, -9),
                 3: _failure(tmp_path, 3, 1, "RuntimeError: Failed to run stage backward:", peer_lost=True,
-                            timestamp=1.5)}
+                            timestamp=now - 1.5)}
     assert _report(failures) == ("rank 2 was killed by signal SIGKILL.", 1)
 
 
+def test_the_agents_own_late_kill_is_not_the_cause(tmp_path):
+    """A rank stuck in a collective ignores the agent's SIGTERM and is killed 30 s later: the ranks
+    that lost their connections first are then the only witnesses, and the earliest is named."""
+    now = time.time()
+    failures = {0: _failure(tmp_path, 0, 1, "RuntimeError: " + GLOO_CLOSED, peer_lost=True, timestamp=now - 31),
+                1: _failure(tmp_path, 1, -9),
+                2: _failure(tmp_path, 2, 1, "RuntimeError: " + GLOO_CLOSED, peer_lost=True, timestamp=now - 30)}
+    assert _report(failures) == ("RuntimeError: " + GLOO_CLOSED + " (rank 0)", 1)
+
+
 def test_an_error_of_its_own_comes_before_peers_and_stopped_ranks(tmp_path):
-    failures = {0: _failure(tmp_path, 0, 1, "RuntimeError: " + GLOO_CLOSED, peer_lost=True, timestamp=1.0),
-                1: _failure(tmp_path, 1, 1, "ValueError: bad shape", timestamp=2.0),
+    now = time.time()
+    failures = {0: _failure(tmp_path, 0, 1, "RuntimeError: " + GLOO_CLOSED, peer_lost=True, timestamp=now - 2),
+                1: _failure(tmp_path, 1, 1, "ValueError: bad shape", timestamp=now - 1),
                 2: _failure(tmp_path, 2, -15)}
     assert _report(failures) == ("ValueError: bad shape (rank 1)", 1)
 
 
 def test_a_hang_is_reported_by_the_first_rank_that_timed_out(tmp_path):
     """The hung rank is stopped by the agent (SIGTERM); the ranks that waited for it timed out."""
-    failures = {0: _failure(tmp_path, 0, 1, "RuntimeError: Timed out waiting 3000ms", timestamp=5.2),
+    now = time.time()
+    failures = {0: _failure(tmp_path, 0, 1, "RuntimeError: Timed out waiting 3000ms", timestamp=now - 0.8),
                 1: _failure(tmp_path, 1, -15),
-                2: _failure(tmp_path, 2, 1, "RuntimeError: Timed out waiting 3000ms", timestamp=5.1)}
+                2: _failure(tmp_path, 2, 1, "RuntimeError: Timed out waiting 3000ms", timestamp=now - 0.9)}
     assert _report(failures) == ("RuntimeError: Timed out waiting 3000ms (rank 2)", 1)
 
 
