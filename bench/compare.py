@@ -94,7 +94,7 @@ def prepare(model: str, settings: Dict[str, Any], workdir: Path, ours_extra: Dic
     config = load_config(model, overrides=["{}={}".format(k, v) for k, v in overrides.items() if v is not None])
     trainer = T5Trainer(config, pretrained=network, tokenizer=tokenizer)
     trainer.train()
-    checkpoint = trainer.save_hf_checkpoint(workdir / "checkpoint")
+    checkpoint = trainer.export_hf(workdir / "checkpoint")
     cap = lengths(trainer.train_features).target
     trainer.close()
     # Length grouping on, as the peer runs it (both default to off).

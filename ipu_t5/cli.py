@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .backends.torch_distributed.launch import add_cluster_flags, maybe_launch, quiet_unless_main, record_failure
+from .backends.torch_distributed.launch import (add_cluster_flags, maybe_launch, quiet_unless_main, record_crash,
+                                               record_failure)
 from .errors import UserError
 
 # Dedicated flags and the config keys they set.
@@ -120,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     _offline_if_possible(config)
-    launched = maybe_launch(config, args.argv, args)
+    launched = maybe_launch(config, args.argv, args, resume=resume_command(args.argv))
     if launched is not None:
         return launched
     trainer = T5Trainer(config)
@@ -135,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             # Training that stopped early has just validated this very step.
             last = trainer.last_eval
             results = last if last is not None and last["step"] == trainer.step else trainer.evaluate()
-        hf_dir = trainer.save_hf_checkpoint()
+        hf_dir = trainer.export_hf()
         if not trainer.is_main_process:
             return 0
         rows = [["steps", str(summary["steps"])],
@@ -221,6 +222,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .checkpointing.adapter import write_adapter
     from .checkpointing.export import DEFAULT_MAX_SHARD_SIZE, DTYPES, write_hf_checkpoint
     from .config import config_from_dict
+    from .data.features import prompt_cap
     from .models import canonical_size
 
     source = Path(args.checkpoint)
@@ -247,9 +249,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         extra = " (LoRA merged; adapter in {})".format(adapter_out)
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Checkpoints before the prompt length was recorded truncated at the configured cap.
+    prompt_length = state.get("prompt_length") or prompt_cap(run_config.data.max_source_length)
     exported = write_hf_checkpoint(Path(args.out), tensors, found.hf_config(), tokenizer, found.run_config(),
                                    results, state.get("max_new_tokens"), DTYPES[args.dtype],
-                                   args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+                                   args.max_shard_size or DEFAULT_MAX_SHARD_SIZE, prompt_length=prompt_length)
     print("{}{} (from {}, step {})".format(exported.describe(), extra, found.path, found.step))
     return 0
 
@@ -258,12 +262,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """How the layout maps onto IPUs: one row per IPU with its blocks, parameters, bytes on chip and
     streamed, and whether it fits. Needs no IPU and no weights; exits 2 with the table when no
     execution strategy fits."""
-    from .data.features import MODEL_MAX_SOURCE_LENGTH
     from .backends.ipu.plan import IpuPlanRefused, plan_ipu
+    from .data.features import prompt_cap
     from .layout import plan_from_config
 
     config = config_from_args(args)
-    source = args.source_length or config.data.max_source_length or MODEL_MAX_SOURCE_LENGTH
+    source = args.source_length or prompt_cap(config.data.max_source_length)
     target = args.target_length or config.validation.max_new_tokens or DEFAULT_PLAN_TARGET_LENGTH
     layout = plan_from_config(config, source, target)
     try:
@@ -356,5 +360,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("ipu-t5: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        record_failure("{}: {}".format(type(err).__name__, err))
+        # A worker of a multi-process run leaves the report to the launcher, its traceback to its log.
+        if record_crash(err):
+            return 1
         raise

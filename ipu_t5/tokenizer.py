@@ -73,3 +73,16 @@ def load_tokenizer(config, corpus: Optional[Iterable[str]] = None):
     except (OSError, ValueError) as err:
         raise UserError("could not load the tokenizer '{}': {}. Without network access, set "
                         "model.tokenizer to a local directory.".format(source, str(err).splitlines()[0])) from None
+
+
+def save_with_prompt_length(tokenizer, directory: str, prompt_length: Optional[int]) -> None:
+    """`tokenizer.save_pretrained(directory)` with `model_max_length` set to the run's prompt length,
+    so `tokenizer(..., truncation=True)` cuts prompts where training did; the caller's tokenizer
+    is left as it was."""
+    kept = tokenizer.model_max_length
+    if prompt_length:
+        tokenizer.model_max_length = prompt_length
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.model_max_length = kept

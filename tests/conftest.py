@@ -91,8 +91,9 @@ def trained(tmp_path_factory):
     trainer = T5Trainer(config)
     trainer.train()
     results = trainer.evaluate()
-    hf_dir = trainer.save_hf_checkpoint()
-    return {"trainer": trainer, "results": results, "hf_dir": hf_dir, "output_dir": out}
+    finetuned = trainer.save_hf_checkpoint()
+    return {"trainer": trainer, "results": results, "hf_dir": trainer.hf_path, "finetuned": finetuned,
+            "output_dir": out}
 
 
 def subprocess_env(**extra: str) -> Dict[str, str]:

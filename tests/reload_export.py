@@ -4,7 +4,9 @@ Graphcore's notebook), 5.x through AutoModelForSeq2SeqLM + generate (5.x removed
 
     python reload_export.py EXPORT_DIR REQUEST.json RESULT.json
 
-REQUEST holds `input_ids`, `decoder_input_ids` (for logits) and `prompts` (for predictions).
+REQUEST holds `input_ids`, `decoder_input_ids` (for logits) and `prompts` (for predictions). Prompts are
+truncated as the model card says (`truncation=True`: at the tokenizer's model_max_length, the run's
+prompt length).
 """
 import json
 import sys
@@ -23,10 +25,10 @@ def main(export_dir, request_path, result_path):
     major = int(transformers.__version__.split(".")[0])
     if major < 5:
         generator = transformers.pipeline("text2text-generation", model=export_dir)
-        predictions = [out["generated_text"] for out in generator(request["prompts"])]
+        predictions = [out["generated_text"] for out in generator(request["prompts"], truncation=True)]
     else:
         tokenizer = AutoTokenizer.from_pretrained(export_dir)
-        batch = tokenizer(request["prompts"], return_tensors="pt", padding=True)
+        batch = tokenizer(request["prompts"], return_tensors="pt", padding=True, truncation=True)
         predictions = tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True)
     json.dump({"transformers": transformers.__version__, "logits": logits.tolist(), "predictions": predictions,
                "project_imported": any(m.split(".")[0] == "ipu_t5" for m in sys.modules)},

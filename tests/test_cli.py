@@ -110,6 +110,15 @@ def test_bad_data_files(cli, tmp_path, rows, fragments):
 
 
 @pytest.mark.core
+def test_a_data_file_that_is_not_utf8_is_one_line(cli, tmp_path):
+    path = _data(tmp_path, GOOD)
+    path.write_bytes(path.read_bytes().replace(b"A man rests.", b"A man \xff\xfe rests.", 1))
+    _refused(cli(["train", "--output-dir", str(tmp_path / "run"), "--data-files",
+                  "train={0},validation={0}".format(path)]), str(path), "line 1 (byte offset", "UTF-8", "iconv")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.core
 def test_output_dir_with_another_run_is_left_intact(cli, tmp_path):
     out = tmp_path / "run"
     first = cli(_args(out, "--max-steps", "3", "--set", "validation.do_eval=false"))
@@ -121,6 +130,26 @@ def test_output_dir_with_another_run_is_left_intact(cli, tmp_path):
     replaced = cli(_args(out, "--max-steps", "3", "--set", "training.seed=5", "--overwrite",
                              "--set", "validation.do_eval=false"))
     assert replaced.returncode == 0, replaced.stderr[-3000:]
+
+
+@pytest.mark.core
+def test_a_multi_process_run_refuses_another_directory_before_starting(cli, tmp_path):
+    """The launcher checks the output directory before any rank starts or any log is written."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    _refused(cli(["train", "--stages", "2", "--replicas", "2", "--output-dir", str(out)]), "holds no ipu-t5 run")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.core
+def test_a_directory_holding_only_launch_logs_counts_as_empty(tmp_path):
+    from ipu_t5.checkpointing import run_dir
+
+    (tmp_path / "run" / run_dir.LOGS / "20250101-000000-1").mkdir(parents=True)
+    assert run_dir.holds_other_run(tmp_path / "run", {"model": {}}, overwrite=False) is False
+    run_dir.claim(tmp_path / "run", {"model": {}}, overwrite=False)
+    assert (tmp_path / "run" / run_dir.RECORD).is_file() and (tmp_path / "run" / run_dir.LOGS).is_dir()
 
 
 @pytest.mark.core

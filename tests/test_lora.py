@@ -53,7 +53,7 @@ def lora_run(tmp_path_factory, base_export):
     model = trainer.backend.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.train()
-    hf_dir = trainer.save_hf_checkpoint()
+    hf_dir = trainer.export_hf()
     checkpoint = trainer.save_checkpoint(out / "checkpoints" / "final")
     sample = trainer.eval_features[0]
     inputs = {"input_ids": torch.tensor([sample["input_ids"]]),
@@ -168,7 +168,7 @@ def test_lora_on_a_random_tiny_model_trains_and_records_no_base(tmp_path):
     config = lora_config(tmp_path / "run", **{"training.max_steps": 3, "validation.do_eval": False})
     trainer = T5Trainer(config)
     trainer.train()
-    hf_dir = trainer.save_hf_checkpoint(ckpt_path=tmp_path / "run" / "checkpoints" / "final")
+    hf_dir = trainer.export_hf(ckpt_path=tmp_path / "run" / "checkpoints" / "final")
     trainer.close()
     adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] is None

@@ -88,3 +88,4 @@ def test_notebook_runs_offline_top_to_bottom_with_the_tiny_model(tmp_path, monke
     assert (out / "loss_curve.png").is_file() and (out / "eval_scores.png").is_file()
     assert (out / "metrics.jsonl").is_file() and (out / "hf" / "model.safetensors").is_file()
     assert "plain transformers agrees with validation on 8/8 prompts" in stdout("same = sum(")
+    assert "T5ForConditionalGeneration with" in stdout("finetuned = trainer.save_hf_checkpoint(")

@@ -4,7 +4,7 @@ Each engine is imported only when its backend is chosen, so the package imports 
 lack it (the Poplar SDK has no torch.distributed.pipelining; nothing else has poptorch).
 """
 import importlib
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Type
 
 from ..errors import UserError
 from .base import Backend, StepResult
@@ -30,14 +30,18 @@ def resolve_backend_name(config, plan) -> str:
     return "single" if plan.world_size == 1 else "torch"
 
 
-def create_backend(config, plan) -> Backend:
-    """Build the configured backend for a plan (its `lengths` are the caller's to set)."""
-    name = resolve_backend_name(config, plan)
+def backend_class(name: str) -> Type[Backend]:
+    """The class of the backend called `name`."""
     if name not in REGISTRY:
         raise UserError("backend '{}' is not available in this installation (available: {}).".format(
             name, ", ".join(sorted(REGISTRY))))
     module, cls = REGISTRY[name]
-    return getattr(importlib.import_module(module), cls)(config, plan)
+    return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["Backend", "StepResult", "create_backend", "resolve_backend_name"]
+def create_backend(config, plan) -> Backend:
+    """Build the configured backend for a plan (its `lengths` are the caller's to set)."""
+    return backend_class(resolve_backend_name(config, plan))(config, plan)
+
+
+__all__ = ["Backend", "StepResult", "backend_class", "create_backend", "resolve_backend_name"]

@@ -34,6 +34,9 @@ class Backend(abc.ABC):
     # shapes (the IPU) pad to them. A backend may also refine `plan` in `setup` (the IPU picks
     # its micro-batch); the trainer reports the backend's plan.
     lengths: Optional[Lengths] = None
+    # Whether the backend compiles one prompt length (`lengths.static_source`) that may be shorter
+    # than the data's longest prompt: the trainer then tokenizes the data truncated to it.
+    static_prompt_length = False
 
     def __init__(self, config: RunConfig, plan: LayoutPlan):
         self.config = config

@@ -18,6 +18,7 @@ import yaml
 from ..compat import dtype_kwarg, export_config_dict
 from ..errors import UserError
 from ..models import TIED_ALIASES, with_weights
+from ..tokenizer import save_with_prompt_length
 from . import atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,7 +94,7 @@ class ExportResult:
 
 
 def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_model: str,
-               example_prompt: Optional[str] = None) -> str:
+               example_prompt: Optional[str] = None, prompt_length: Optional[int] = None) -> str:
     """README.md for the export: what it is, how it was trained, what it scored, how to load it."""
     prompt = repr(example_prompt or "mnli hypothesis: ... premise: ...")
     lines = ["---", "library_name: transformers", "pipeline_tag: text2text-generation",
@@ -108,6 +109,13 @@ def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_m
                   "so this is a plain T5 checkpoint. The run exports the adapter alone as well (`<output-dir>/adapter/`), "
                   "for `peft.PeftModel.from_pretrained`.".format(
                       peft["r"], peft["lora_alpha"], ", ".join(peft["target_modules"])), ""]
+    if prompt_length:
+        lines += ["Prompts were truncated to at most {0} tokens (the end-of-sequence token included) in "
+                  "training and validation. The tokenizer's `model_max_length` is {0}, so "
+                  "`tokenizer(..., truncation=True)` (transformers 5.x) and `pipeline(..., truncation=True)` "
+                  "(4.x) cut prompts the same way and "
+                  "reproduce the validation results below; without `truncation=True` longer prompts are read "
+                  "whole.".format(prompt_length), ""]
     if results:
         shown = {k: v for k, v in results.items() if isinstance(v, (int, float))}
         lines += ["## Validation (generation-based)", "", "| metric | value |", "|---|---|"]
@@ -117,10 +125,10 @@ def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_m
               "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(PATH)",
               "model = AutoModelForSeq2SeqLM.from_pretrained(PATH)",
-              "ids = tok([{}], return_tensors='pt')".format(prompt),
+              "ids = tok([{}], return_tensors='pt', truncation=True)".format(prompt),
               "print(tok.batch_decode(model.generate(**ids), skip_special_tokens=True))", "```", "",
               "transformers 4.x:", "", "```python", "from transformers import pipeline",
-              "print(pipeline('text2text-generation', model=PATH)({}))".format(prompt),
+              "print(pipeline('text2text-generation', model=PATH)({}, truncation=True))".format(prompt),
               "```", "", "## Training configuration", "", "```yaml",
               yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
@@ -137,9 +145,13 @@ def write_hf_checkpoint(
     dtype: torch.dtype = torch.float32,
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
     example_prompt: Optional[str] = None,
+    prompt_length: Optional[int] = None,
 ) -> ExportResult:
     """Write the export of the weights `state` (by Hugging Face name; a lazy mapping is read one
     shard at a time) atomically, once transformers has reloaded it as the same model.
+
+    `prompt_length`: the token count the run truncated prompts to; the saved tokenizer's
+    `model_max_length`, and named in the model card.
 
     An existing export at `out_dir` is replaced only by a complete, checked one. The check never
     holds two copies of the weights: the reference logits are computed on `state`'s own tensors
@@ -166,7 +178,7 @@ def write_hf_checkpoint(
                 with open(str(staging / "model.safetensors.index.json"), "w") as f:
                     json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f,
                               indent=2, sort_keys=True)
-            tokenizer.save_pretrained(str(staging))
+            save_with_prompt_length(tokenizer, str(staging), prompt_length)
             generation = GenerationConfig(
                 decoder_start_token_id=hf_config.decoder_start_token_id, eos_token_id=hf_config.eos_token_id,
                 pad_token_id=hf_config.pad_token_id,
@@ -175,7 +187,8 @@ def write_hf_checkpoint(
                 **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
             generation.save_pretrained(str(staging))
             base = run_config["model"].get("pretrained") or ""
-            (staging / "README.md").write_text(model_card(run_config, results, base, example_prompt))
+            (staging / "README.md").write_text(model_card(run_config, results, base, example_prompt,
+                                                                  prompt_length))
             difference = _check_reload(staging, batch, reference)
     except Exception as err:
         if not isinstance(err, UserError) and atomic.is_no_space(err):
@@ -214,7 +227,8 @@ def reload_and_predict(hf_dir: Path, prompts: List[str], batch_size: int = 64) -
     texts = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+            # Truncated at the tokenizer's model_max_length: the run's prompt length.
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True)
             texts += tokenizer.batch_decode(model.generate(**batch, do_sample=False, num_beams=1),
                                             skip_special_tokens=True)
     return texts

@@ -34,6 +34,11 @@ class Lengths:
     static_source: Optional[int] = None
 
 
+def prompt_cap(max_source_length: Optional[int]) -> int:
+    """The token count prompts are truncated to (end-of-sequence token included)."""
+    return max_source_length or MODEL_MAX_SOURCE_LENGTH
+
+
 def _rows(batch: Dict[str, List[Any]]) -> List[Dict[str, Any]]:
     keys = list(batch)
     return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
@@ -57,7 +62,7 @@ def features_fingerprint(dataset: datasets.Dataset, task: Task, tokenizer, max_s
     and the transforms that made it; an unhashable transform gives a fresh random fingerprint,
     which can only miss the cache, never hit a wrong entry."""
     key = json.dumps([dataset._fingerprint, repr(task), tokenizer_fingerprint(tokenizer),
-                      max_source_length or MODEL_MAX_SOURCE_LENGTH, FEATURES_VERSION])
+                      prompt_cap(max_source_length), FEATURES_VERSION])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -71,7 +76,7 @@ def tokenize(dataset: datasets.Dataset, task: Task, tokenizer, max_source_length
     """
     if all(c in dataset.column_names for c in FEATURE_COLUMNS):
         return dataset
-    cap = max_source_length or MODEL_MAX_SOURCE_LENGTH
+    cap = prompt_cap(max_source_length)
     cache = {}
     if cache_dir is not None:
         fingerprint = features_fingerprint(dataset, task, tokenizer, max_source_length)

@@ -7,7 +7,7 @@ from ..config import RunConfig
 from ..errors import UserError
 from ..tasks import Task
 from ..tokenizer import cache_root, load_tokenizer
-from .features import Lengths, TokenColumns, lengths, tokenize
+from .features import Lengths, TokenColumns, lengths, prompt_cap, tokenize
 from .sources import check_examples, load_splits
 
 
@@ -22,6 +22,8 @@ class RunData:
     eval_split: Optional[str]
     lengths: Lengths
     train_tokens: TokenColumns
+    # The prompts' tokenized length cap (truncation=True): the export's tokenizer carries it.
+    prompt_length: int
 
 
 def checked(dataset, task: Task, where: str):
@@ -42,10 +44,16 @@ def corpus(dataset, task: Task) -> List[str]:
     return [task.source_text(r) for r in rows] + [task.target_text(r) for r in rows]
 
 
-def prepare_data(config: RunConfig, task: Task, dataset=None, eval_dataset=None, tokenizer=None) -> RunData:
-    """Check the given splits (or load the config's), load or train the tokenizer, and tokenize.
+def prepare_data(config: RunConfig, task: Task, dataset=None, eval_dataset=None, tokenizer=None,
+                 static_prompt_length: bool = False) -> RunData:
+    """Check the given splits (or load the config's), load or train the tokenizer, and tokenize
+    the prompts truncated to `data.max_source_length` (else T5's 512).
 
-    What the config loads is checked as it loads; what the caller passes is checked here."""
+    What the config loads is checked as it loads; what the caller passes is checked here. With
+    `static_prompt_length` (a backend that compiles one prompt length, the IPU) and a compiled length
+    that holds only `ipu.source_length_coverage` of the prompts, the rest are tokenized again,
+    truncated to it as the tokenizer truncates (keeping the end-of-sequence token), so training,
+    validation and the export see the same ids."""
     if eval_dataset is not None:
         eval_dataset = checked(eval_dataset, task, "evaluation data")
     if dataset is None:
@@ -56,13 +64,20 @@ def prepare_data(config: RunConfig, task: Task, dataset=None, eval_dataset=None,
     tokenizer = tokenizer or load_tokenizer(config, corpus=corpus(dataset, task))
     data = config.data
 
-    def tokenized(split, role: str):
-        return tokenize(split, task, tokenizer, data.max_source_length, data.preprocessing_num_workers,
-                        "tokenizing {} data".format(role), cache_root() / "features", data.overwrite_cache)
+    def tokenized(cap: int):
+        def one(split, role: str):
+            return tokenize(split, task, tokenizer, cap, data.preprocessing_num_workers,
+                            "tokenizing {} data".format(role), cache_root() / "features", data.overwrite_cache)
+        return one(dataset, "training"), None if eval_dataset is None else one(eval_dataset, "evaluation")
 
-    train_features = tokenized(dataset, "training")
-    eval_features = None if eval_dataset is None else tokenized(eval_dataset, "evaluation")
+    prompt_length = prompt_cap(data.max_source_length)
+    train_features, eval_features = tokenized(prompt_length)
+    found = lengths(train_features, eval_features, static_coverage=config.ipu.source_length_coverage)
+    static = found.static_source
+    if static_prompt_length and static < found.source and "input_ids" not in dataset.column_names:
+        prompt_length = static
+        train_features, eval_features = tokenized(prompt_length)
+        found = Lengths(source=static, target=found.target, static_source=static)
     eval_split = None if eval_dataset is None or eval_dataset.split is None else str(eval_dataset.split)
-    return RunData(tokenizer, train_features, eval_features, eval_split,
-                   lengths(train_features, eval_features, static_coverage=config.ipu.source_length_coverage),
-                   TokenColumns(train_features))
+    return RunData(tokenizer, train_features, eval_features, eval_split, found, TokenColumns(train_features),
+                   prompt_length)

@@ -1,4 +1,5 @@
 """Raw examples for a run: the hub, the user's files, or the project's generated demo data."""
+import codecs
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -30,6 +31,48 @@ def parse_data_files(text: str) -> Dict[str, str]:
     return files
 
 
+# Text formats are read as UTF-8; pyarrow's JSON reader even accepts other bytes and fails later.
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+CHUNK_BYTES = 1 << 22
+
+
+def check_utf8(file: Path, shown: str, split: str) -> None:
+    """Refuse a text file that is not UTF-8, naming the first bad line and byte offset; reads the
+    file once, a few MB at a time, cut at line ends."""
+    line, offset, rest = 1, 0, b""
+    with open(str(file), "rb") as f:
+        while True:
+            chunk = f.read(CHUNK_BYTES)
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1 if chunk else len(data)
+            piece, rest = data[:cut], data[cut:]
+            try:
+                piece.decode("utf-8")
+            except UnicodeDecodeError as err:
+                utf16 = offset == 0 and piece.startswith(UTF16_BOMS)
+                raise UserError(
+                    "data file '{}' (split {}) is not UTF-8 text{}: line {} (byte offset {}) holds {}, which UTF-8 "
+                    "cannot decode. Convert it to UTF-8, e.g. `iconv -f {} -t UTF-8 {} > fixed{}`, and pass the "
+                    "converted file.".format(
+                        shown, split, " (it starts like UTF-16)" if utf16 else "",
+                        line + piece.count(b"\n", 0, err.start), offset + err.start,
+                        " ".join("0x{:02x}".format(b) for b in piece[err.start:err.end]),
+                        "UTF-16" if utf16 else "<its encoding>", shown, file.suffix)) from None
+            line += piece.count(b"\n")
+            offset += len(piece)
+            if not chunk:
+                return
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of the innermost error: `datasets` wraps the reader's own (pandas' "Expected 3
+    fields in line 3") in a generic "An error occurred while generating the dataset"."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def _load_file(split: str, path: str) -> datasets.Dataset:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -42,11 +85,12 @@ def _load_file(split: str, path: str) -> datasets.Dataset:
     builder, options = FILE_BUILDERS[suffix]
     if file.stat().st_size == 0:
         raise UserError("data file '{}' (split {}) is empty: it needs at least one example.".format(path, split))
+    if suffix in TEXT_SUFFIXES:
+        check_utf8(file, path, split)
     try:
         return datasets.load_dataset(builder, data_files={split: str(file)}, split=split, **options)
     except Exception as err:  # the readers raise many types; all mean the file is unreadable
-        raise UserError("could not read data file '{}' as {}: {}".format(
-            path, suffix[1:], str(err).splitlines()[0] if str(err) else type(err).__name__)) from None
+        raise UserError("could not read data file '{}' as {}: {}".format(path, suffix[1:], _reason(err))) from None
 
 
 def _load_hub(task: Task) -> datasets.DatasetDict:

@@ -80,6 +80,7 @@ class RunCheckpoints:
                 "lr_scheduler": {"type": cfg.lr_scheduler_type, "last_lr": lr_at(max(self.step - 1, 0), cfg)},
                 "best": self.best.state_dict(), "last_eval": self.last_eval, "last_eval_step": self._last_eval_step,
                 "max_new_tokens": self.eval_config.max_new_tokens or self.lengths.target,
+                "prompt_length": self.prompt_length,
                 "layout": {"backend": self.backend.name, "stages": plan.stages, "replicas": plan.replicas,
                            "micro_batch_size": plan.micro_batch_size, "micro_batches": plan.micro_batches}}
 

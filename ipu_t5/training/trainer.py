@@ -2,7 +2,8 @@
 
 The call shapes are those of Graphcore's Flan-T5 notebook:
 ``T5Trainer(config, pretrained, dataset, eval_dataset, eval_config, tokenizer, accuracy_metric,
-postprocess_predictions)`` then ``train()``, ``evaluate()``, ``save_hf_checkpoint(hf_path, ckpt_path)``.
+postprocess_predictions)`` then ``train()``, ``evaluate()``, ``save_hf_checkpoint(hf_path, ckpt_path)`` (which
+returns the fine-tuned model, as theirs does; ``export_hf`` writes the same and returns its path).
 Every argument after `config` may be left out; it is then built from the config.
 """
 import json
@@ -14,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checkpointing, lora
-from ..backends import Backend, create_backend
+from ..backends import Backend, backend_class, resolve_backend_name
 from ..checkpointing import run_dir
 from ..checkpointing.adapter import write_adapter
 from ..checkpointing.export import write_hf_checkpoint
@@ -82,9 +83,14 @@ class T5Trainer(RunCheckpoints):
             checkpointing.check_architecture(candidate, canonical_size(config.model.name))
         if tokenizer is None and candidate is not None:
             tokenizer = candidate.tokenizer()
-        data = prepare_data(config, self.task, dataset, eval_dataset, tokenizer)
+        backend_type = type(backend) if backend is not None else backend_class(
+            resolve_backend_name(config, plan_from_config(config)))
+        data = prepare_data(config, self.task, dataset, eval_dataset, tokenizer, backend_type.static_prompt_length)
         self.tokenizer = data.tokenizer
         self.train_features, self.eval_features, self.eval_split = data.train_features, data.eval_features, data.eval_split
+        # Prompts are tokenized truncated to `prompt_length` tokens; the export's tokenizer carries it
+        # as model_max_length, so plain transformers with truncation=True sees the same ids.
+        self.prompt_length = data.prompt_length
         self.lengths: Lengths = data.lengths
         self.train_tokens = data.train_tokens
         if pretrained is None and candidate is not None and not lora.enabled(config):
@@ -104,7 +110,7 @@ class T5Trainer(RunCheckpoints):
         self.num_params = sum(p.numel() for p in model.parameters())
         self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
-        self.backend = backend or create_backend(config, self.plan)
+        self.backend = backend or backend_type(config, self.plan)
         if self.backend.lengths is None:
             self.backend.lengths = self.lengths
         torch.manual_seed(config.training.seed)
@@ -126,6 +132,8 @@ class T5Trainer(RunCheckpoints):
         self.best = BestMetric(self.eval_config.metric_for_best_model, self.eval_config.greater_is_better,
                                self.eval_config.early_stopping_patience, self.eval_config.early_stopping_threshold)
         self.resumed_from: Optional[Path] = None
+        # Where the latest `export_hf` / `save_hf_checkpoint` wrote the Hugging Face export.
+        self.hf_path: Optional[Path] = None
         self._last_eval_step: Optional[int] = None
         self._saved_step: Optional[int] = None
         self._stop: Optional[GracefulStop] = None
@@ -338,13 +346,12 @@ class T5Trainer(RunCheckpoints):
         result.update({"best_metric": self.best_metric, "best_step": self.best_step, "is_best": self.last_eval_is_best})
         self._last_eval_step = self.step
 
-    def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
-                           ckpt_path: Union[str, Path, None] = None,
-                           adapter_path: Union[str, Path, None] = None) -> Path:
+    def export_hf(self, hf_path: Union[str, Path, None] = None, ckpt_path: Union[str, Path, None] = None,
+                  adapter_path: Union[str, Path, None] = None) -> Path:
         """Export a plain Hugging Face checkpoint to `hf_path` (default `<output-dir>/hf`), checked
         by reloading it with transformers, and, when given, a training checkpoint to `ckpt_path`.
         With LoRA the export holds the merged weights, and the adapter alone goes to `adapter_path`
-        (default `<output-dir>/adapter`)."""
+        (default `<output-dir>/adapter`). Returns the export's path, also kept as `hf_path`."""
         self._claim()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
         state = self.backend.model_state_dict()
@@ -358,13 +365,29 @@ class T5Trainer(RunCheckpoints):
             example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
             exported = write_hf_checkpoint(hf_path, merged, self.hf_config, self.tokenizer, self.config.to_dict(),
                                            self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
-                                           example_prompt=example)
+                                           example_prompt=example, prompt_length=self.prompt_length)
             self._say(exported.describe())
 
         self.backend.on_main(export)
         if ckpt_path:
             self.save_checkpoint(ckpt_path)
+        self.hf_path = hf_path
         return hf_path
+
+    def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
+                           ckpt_path: Union[str, Path, None] = None,
+                           adapter_path: Union[str, Path, None] = None):
+        """Graphcore's call: `export_hf` (the same arguments), then the fine-tuned model loaded
+        from the export by plain transformers: a `T5ForConditionalGeneration` on the CPU, as
+        `finetuned = trainer.save_hf_checkpoint(hf_path, ckpt_path)` expects. The export's path
+        is `trainer.hf_path`. In a multi-process run only the main process loads the model (a
+        model split for size may not fit on each rank); the others return None."""
+        path = self.export_hf(hf_path, ckpt_path, adapter_path)
+        if not self.is_main_process:
+            return None
+        from transformers import T5ForConditionalGeneration
+
+        return T5ForConditionalGeneration.from_pretrained(str(path)).eval()
 
     def close(self) -> None:
         """Flush logs and release the backend."""

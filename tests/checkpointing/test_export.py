@@ -74,6 +74,24 @@ def test_export_contents(trained):
     assert not [p for p in hf_dir.parent.iterdir() if p.name.startswith(".hf.")]  # no staging left
 
 
+def test_save_hf_checkpoint_returns_the_finetuned_model(trained):
+    """As Graphcore's notebook uses it: `finetuned = trainer.save_hf_checkpoint(...)` is the plain
+    transformers model, on the CPU, loaded from the export (whose path the trainer keeps)."""
+    finetuned = trained["finetuned"]
+    assert type(finetuned) is transformers.T5ForConditionalGeneration
+    assert trained["hf_dir"] == trained["output_dir"] / "hf" and (trained["hf_dir"] / "config.json").is_file()
+    assert {p.device.type for p in finetuned.parameters()} == {"cpu"}
+    trainer = trained["trainer"]
+    sample = trainer.eval_features[0]
+    inputs = {"input_ids": torch.tensor([sample["input_ids"]]), "decoder_input_ids": torch.tensor([[0] + sample["labels"][:-1]])}
+    with torch.no_grad():
+        torch.testing.assert_close(finetuned(**inputs).logits, trainer.backend.model(**inputs).logits, atol=1e-5, rtol=0)
+    generated = finetuned.generate(torch.tensor([sample["input_ids"]]), do_sample=False)  # the export's generation config
+    predicted = {json.loads(line)["prompt"]: json.loads(line)["generated"]
+                 for line in open(trained["output_dir"] / "eval_predictions.jsonl")}
+    assert trainer.tokenizer.decode(generated[0], skip_special_tokens=True) == predicted[sample["prompt"]]
+
+
 @pytest.mark.parametrize("stack", ["this", "other"])
 def test_reload_without_the_project_gives_same_logits_and_predictions(trained, tmp_path, stack):
     python = sys.executable if stack == "this" else _other_stack_python()
@@ -223,3 +241,54 @@ def test_training_continues_from_a_sharded_export(trained, ckpt, tmp_path):
     assert trainer.tokenizer(prompt).input_ids == trained["trainer"].tokenizer(prompt).input_ids
     # A fine-tuned start, not a random one (whose first loss is above 5 on this data).
     assert trainer.train()["final_loss"] < 1.0
+
+
+# ----- a run that truncates its prompts -----
+
+PROMPT_LENGTH = 20
+
+
+@pytest.fixture(scope="module")
+def truncated_run(tmp_path_factory):
+    """`ipu-t5 train` with data.max_source_length below the demo's longest prompt."""
+    out = tmp_path_factory.mktemp("truncated") / "run"
+    code = main(["train", "--model", "tiny", "--output-dir", str(out), "--max-steps", "60", "--save-every", "60"] +
+                ["--set=" + s for s in tiny_overrides(out, **{
+                    "data.demo_train_samples": 600, "data.demo_eval_samples": 64,
+                    "data.max_source_length": PROMPT_LENGTH})[1:]])
+    return code, out
+
+
+def test_a_truncating_run_passes_its_own_export_check(truncated_run):
+    code, out = truncated_run
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["export_predictions_identical"] == summary["export_predictions_checked"] == 64
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out / "hf"))
+    assert tokenizer.model_max_length == PROMPT_LENGTH
+    prompts = [json.loads(line)["prompt"] for line in open(out / "eval_predictions.jsonl")]
+    assert max(len(ids) for ids in tokenizer(prompts).input_ids) > PROMPT_LENGTH  # some were cut
+    card = (out / "hf" / "README.md").read_text()
+    assert "truncated to at most {} tokens".format(PROMPT_LENGTH) in card and "truncation=True" in card
+
+
+@pytest.mark.parametrize("stack", ["this", "other"])
+def test_a_truncating_runs_export_predicts_what_validation_predicted(truncated_run, tmp_path, stack):
+    """Plain transformers, with truncation=True as the model card says, on either stack."""
+    python = sys.executable if stack == "this" else _other_stack_python()
+    if python is None:
+        pytest.skip("the other stack's Python is not set up (./run.sh test sets IPU_T5_SDK_PYTHON and IPU_T5_MAIN_PYTHON)")
+    _, out = truncated_run
+    rows = [json.loads(line) for line in open(out / "eval_predictions.jsonl")]
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"input_ids": [[5, 1]], "decoder_input_ids": [[0]],
+                                   "prompts": [r["prompt"] for r in rows]}))
+    result = _reload(python, out / "hf", request, tmp_path)
+    assert result["predictions"] == [r["generated"] for r in rows]
+
+
+def test_export_command_keeps_the_runs_prompt_length(truncated_run, tmp_path, capsys):
+    _, out = truncated_run
+    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == PROMPT_LENGTH

@@ -105,6 +105,47 @@ def test_unsupported_file_type(make_config, tmp_path):
     assert "type '.txt'" in _text_error(make_config, tmp_path, "data.txt", "hello")
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "tsv"])
+def test_bytes_that_are_not_utf8_are_named_by_line_and_offset(make_config, tmp_path, fmt):
+    path = _write(tmp_path / ("data." + fmt), ROWS, fmt)
+    data = path.read_bytes().replace(b"A dog runs.", b"A dog \xff\xfe runs.")
+    path.write_bytes(data)
+    at = data.index(b"\xff")
+    message = _error_for(make_config, tmp_path, path)
+    assert "data file '{}' (split train) is not UTF-8 text".format(path) in message
+    assert "line {} (byte offset {}) holds 0xff".format(data[:at].count(b"\n") + 1, at) in message
+    assert "iconv -f <its encoding> -t UTF-8" in message and "\n" not in message
+
+
+def test_utf8_check_reads_in_chunks_cut_at_line_ends(tmp_path, monkeypatch):
+    """Chunks far smaller than a line: multi-byte characters across a read boundary are fine, and
+    the first bad byte is still placed exactly."""
+    from ipu_t5.data import sources
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 5)
+    good = "".join(json.dumps({"premise": "Il dort à Noël {} ✓".format(i)}, ensure_ascii=False) + "\n"
+                   for i in range(9)).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good)
+    sources.check_utf8(path, "d.jsonl", "train")
+    bad = good + "Noël".encode("latin-1") + b"\n"
+    path.write_bytes(bad)
+    with pytest.raises(UserError, match=r"line 10 \(byte offset {}\) holds 0xeb,".format(len(good) + 2)):
+        sources.check_utf8(path, "d.jsonl", "train")
+
+
+def test_a_utf16_file_is_named_as_such(make_config, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in ROWS).encode("utf-16"))
+    message = _error_for(make_config, tmp_path, path)
+    assert "(it starts like UTF-16): line 1 (byte offset 0)" in message and "iconv -f UTF-16 -t UTF-8" in message
+
+
+def test_a_ragged_csv_names_the_readers_reason(make_config, tmp_path):
+    message = _text_error(make_config, tmp_path, "ragged.csv", "premise,hypothesis,label\nA,B,0\nA,B,1,5,6\n")
+    assert "could not read data file" in message and "Expected 3 fields in line 3, saw 5" in message
+
+
 def test_missing_eval_split_names_the_fix(make_config, tmp_path):
     path = _write(tmp_path / "d.jsonl", ROWS, "jsonl")
     config = make_config()

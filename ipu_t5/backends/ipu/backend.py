@@ -2,9 +2,10 @@
 
 poptorch is imported here only, and only when this backend is chosen or `--backend auto` asks
 whether IPUs are present. One process drives every IPU: the layout's stages are IPUs, its replicas
-poptorch's replication factor, its micro-batches gradient accumulation (`ipu_t5.backends.ipu.plan` checks
-the rules and the memory first). Shapes are static: prompts are padded to the data's longest and
-targets to theirs, so the model compiles once for training and once for generation.
+poptorch's replication factor, its micro-batches gradient accumulation (`ipu_t5.backends.ipu.backend.plan` checks
+the rules and the memory first). Shapes are static: prompts are padded to one length chosen from
+the data (`ipu.source_length_coverage` of them fit; the trainer tokenizes the rest truncated to it)
+and targets to the longest, so the model compiles once for training and once for generation.
 
 Training: `poptorch.trainingModel` with `poptorch.optim.AdamW` (float16 weights, float16 gradient
 accumulators with a static or automatic loss scale, float32 moments, clipping by `max_grad_norm`,
@@ -81,6 +82,7 @@ class IpuBackend(Backend):
     """The layout on Graphcore IPUs: pipelined, or phased with weights streamed."""
 
     name = "ipu"
+    static_prompt_length = True
 
     def __init__(self, config, plan):
         super().__init__(config, plan)

@@ -232,7 +232,7 @@ def test_trainer_runs_end_to_end_through_the_ipu_backend(standin, tmp_path):
     trainer = T5Trainer(config)
     summary = trainer.train()
     results = trainer.evaluate()
-    hf_dir = trainer.save_hf_checkpoint()
+    hf_dir = trainer.export_hf()
     trainer.close()
     assert trainer.backend.name == "ipu" and summary["steps"] == 2 and summary["final_loss"] > 0
     assert results["num_samples"] == 8 and 0.0 <= results["accuracy"] <= 1.0
@@ -245,26 +245,37 @@ def test_trainer_runs_end_to_end_through_the_ipu_backend(standin, tmp_path):
 @pytest.mark.parametrize("coverage", [1.0, 0.5])
 def test_static_prompt_length_comes_from_the_data(standin, tmp_path, coverage):
     """The compiled shapes pad prompts to one length chosen from the data's prompt lengths: a
-    multiple of 8 holding all of them, or the given share (the rest truncated), never a fixed 512."""
+    multiple of 8 holding all of them, or the given share, never a fixed 512. The rest are
+    tokenized truncated to it, so the export (whose tokenizer truncates there) predicts what
+    validation predicted."""
     import numpy as np
 
+    from ipu_t5.checkpointing.export import reload_and_predict
     from ipu_t5.training.trainer import T5Trainer
 
     config = tiny_config(tmp_path, **{"training.max_steps": 1, "data.demo_train_samples": 200,
                                       "data.demo_eval_samples": 8, "training.global_batch_size": 8,
                                       "ipu.source_length_coverage": coverage})
     trainer = T5Trainer(config)
-    prompts = sorted(len(ids) for ids in list(trainer.train_features["input_ids"]) + list(trainer.eval_features["input_ids"]))
+    texts = list(trainer.train_features["prompt"]) + list(trainer.eval_features["prompt"])
+    whole = sorted(len(ids) for ids in trainer.tokenizer(texts)["input_ids"])
+    fed = [len(ids) for ids in list(trainer.train_features["input_ids"]) + list(trainer.eval_features["input_ids"])]
     static = trainer.backend.ipu_plan.source_length
     trainer.train()
+    trainer.evaluate()
+    hf_dir = trainer.export_hf()
     trainer.close()
     assert static % 8 == 0
-    held = sum(n <= static for n in prompts) / len(prompts)
-    assert held >= coverage and static - 8 < int(np.quantile(prompts, coverage, method="inverted_cdf"))
+    held = sum(n <= static for n in whole) / len(whole)
+    assert held >= coverage and static - 8 < int(np.quantile(whole, coverage, method="inverted_cdf"))
+    assert max(fed) <= static and trainer.lengths.source == max(fed)
     if coverage == 1.0:
-        assert static >= trainer.lengths.source
+        assert static >= max(whole) and trainer.prompt_length == 512
     else:
-        assert static < trainer.lengths.source
+        assert static < max(whole) and trainer.prompt_length == static
+    assert json.loads((hf_dir / "tokenizer_config.json").read_text())["model_max_length"] == trainer.prompt_length
+    predictions = [json.loads(line) for line in open(tmp_path / "run" / "eval_predictions.jsonl")]
+    assert reload_and_predict(hf_dir, [p["prompt"] for p in predictions]) == [p["generated"] for p in predictions]
 
 
 # ----- LoRA: the adapters injected before the backend takes the model -----
@@ -364,7 +375,7 @@ def test_lora_run_end_to_end_on_the_ipu_backend(standin, tmp_path):
     trainer = T5Trainer(config(tmp_path))
     trainer.train()
     trainer.evaluate()
-    hf_dir = trainer.save_hf_checkpoint()
+    hf_dir = trainer.export_hf()
     checkpoint = trainer.save_checkpoint(tmp_path / "run" / "checkpoints" / "final")
     trainer.config.training.max_steps = 3
     straight = trainer.train()["final_loss"]

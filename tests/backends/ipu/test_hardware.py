@@ -20,7 +20,7 @@ def test_tiny_trains_generates_and_exports_on_ipus(make_config):
     try:
         summary = trainer.train()
         results = trainer.evaluate()
-        hf_dir = trainer.save_hf_checkpoint()
+        hf_dir = trainer.export_hf()
     finally:
         trainer.close()
     assert trainer.backend.name == "ipu" and summary["final_loss"] < 10 and torch.isfinite(torch.tensor(summary["final_loss"]))

@@ -88,7 +88,7 @@ def main() -> None:
         trainer.train()
         evaluated = trainer.evaluate()
         if args.lora:
-            trainer.save_hf_checkpoint()
+            trainer.export_hf()
         if index == 0:
             trainer.save_checkpoint(config.output_dir / "checkpoint")
         found = result(trainer, evaluated)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,6 +317,81 @@ def test_wrong_process_count_is_refused():
     assert re.fullmatch(re.escape(
         "ipu-t5: error: the layout needs stages x replicas = 2 x 2 = 4 processes but 3 were launched: launch 4 "
         "(run.sh does this) or change --stages/--replicas.") + r"( \(rank \d\))?", done.stderr.strip().splitlines()[-1])
+
+
+def _wait_for_a_checkpoint(proc, out):
+    """The newest checkpoint step once one exists (written atomically: there means complete)."""
+    while True:
+        steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")) \
+            if (out / "checkpoints").is_dir() else []
+        if steps:
+            return steps[-1]
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+
+
+def _rank_process(launcher, rank):
+    """The worker process whose RANK is `rank`, among the launcher's descendants."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                found.append(child)
+        except psutil.Error:  # a helper process that has already gone
+            continue
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_named_with_its_signal_and_the_run_resumes(tmp_path):
+    """kill -9 of rank 2 of a 2 x 2 run: one line names rank 2 and SIGKILL (not a rank that saw
+    its connection close), no traceback reaches the terminal, every rank's output is in its log,
+    and the printed command continues from the last checkpoint."""
+    import shlex
+    import signal
+
+    from ipu_t5.backends.torch_distributed.rank_logs import TRACEBACK_MARK
+
+    out = tmp_path / "run"
+    args = ["train", "--model", "tiny", "--stages", "2", "--replicas", "2", "--max-steps", "400", "--save-every", "5",
+            "--output-dir", str(out), "--set", "output.report_to_tensorboard=false",
+            "--set", "data.demo_train_samples=200", "--set", "data.demo_eval_samples=16",
+            "--set", "training.global_batch_size=8"]
+    # Files, not pipes: the launcher shows rank 0's progress as it comes, and nothing reads a pipe
+    # until the end.
+    with open(str(tmp_path / "stdout"), "w") as stdout_file, open(str(tmp_path / "stderr"), "w") as stderr_file:
+        proc = subprocess.Popen([sys.executable, "-m", "ipu_t5"] + args, cwd=str(ROOT), stdout=stdout_file,
+                                stderr=stderr_file, env=subprocess_env(OMP_NUM_THREADS="1"))
+        try:
+            _wait_for_a_checkpoint(proc, out)
+            _rank_process(proc, 2).send_signal(signal.SIGKILL)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    last = stderr.strip().splitlines()[-1]
+    found = re.fullmatch(r"ipu-t5: error: rank 2 was killed by signal SIGKILL\. Each rank's full output is in (\S+)"
+                         r"/<local rank>/stdout\.log and stderr\.log\. Resume with: (ipu-t5 train .*)", last)
+    assert found, last
+    logs = Path(found.group(1))
+    assert str(logs).startswith(str(out / "logs")) and sorted(p.name for p in logs.iterdir()) == ["0", "1", "2", "3"]
+    # The ranks that lost their peer kept their tracebacks, in their logs only.
+    assert any(TRACEBACK_MARK in (logs / r / "stderr.log").read_text() for r in "013")
+    assert "stage 0: embedding, encoder.0" in (logs / "0" / "stdout.log").read_text()
+    resume = shlex.split(found.group(2))
+    assert resume[0] == "ipu-t5" and resume[-2:] == ["--resume", "auto"] and resume[1:-2] == args
+    checkpoint = _wait_for_a_checkpoint(proc, out)
+    done = run_cli(resume[1:] + ["--max-steps", str(checkpoint + 2)], env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "resuming from {} at step {}".format(out / "checkpoints" / "step-{}".format(checkpoint), checkpoint) \
+        in done.stdout
+    assert sorted(losses(out)) == list(range(1, checkpoint + 3))
 
 
 def test_torch_backend_runs_a_1x1_layout_in_this_process(tmp_path):
