@@ -360,7 +360,7 @@ class IpuBackend(Backend):
                 if kind in entry:
                     value = entry[kind] if torch.is_tensor(entry[kind]) else torch.tensor(float(entry[kind]))
                     for part, tensor in split_like_slices(name, value, counts).items():
-                        ipu_state[prefix + WRAPPER_PREFIX + part] = tensor.float().contiguous()
+                        ipu_state[prefix + WRAPPER_PREFIX + part] = tensor.float().clone(memory_format=torch.contiguous_format)
             if "step" in entry:
                 self._steps = int(float(entry["step"]))
         full = self.optimizer.state_dict()

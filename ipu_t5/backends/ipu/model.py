@@ -53,9 +53,10 @@ class SlicedEmbedding(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, slices: int, requires_grad: bool = True):
         super().__init__()
-        rows = weight.shape[0] // slices
-        self.slices = torch.nn.ModuleList(
-            [EmbeddingSlice(weight[i * rows:(i + 1) * rows], i * rows, requires_grad) for i in range(slices)])
+        # As `split_like_slices` cuts: equal slices, one row shorter where the vocabulary does not divide.
+        pieces = torch.tensor_split(weight, slices)
+        self.slices = torch.nn.ModuleList([EmbeddingSlice(w, sum(len(p) for p in pieces[:i]), requires_grad)
+                                           for i, w in enumerate(pieces)])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -73,12 +74,10 @@ class SlicedLMHead(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, slices: int, requires_grad: bool = True):
         super().__init__()
-        rows, d_model = weight.shape[0] // slices, weight.shape[1]
         self.slices = torch.nn.ModuleList()
-        for i in range(slices):
-            linear = torch.nn.Linear(d_model, rows, bias=False)
-            linear.weight = torch.nn.Parameter(weight[i * rows:(i + 1) * rows].detach().clone(),
-                                               requires_grad=requires_grad)
+        for piece in torch.tensor_split(weight, slices):
+            linear = torch.nn.Linear(weight.shape[1], len(piece), bias=False)
+            linear.weight = torch.nn.Parameter(piece.detach().clone(), requires_grad=requires_grad)
             self.slices.append(linear)
 
     @property
@@ -170,7 +169,7 @@ def split_like_slices(name: str, tensor: torch.Tensor, counts: Dict[str, int]) -
     names = ["{}.slices.{}.{}".format(stem, i, leaf) for i in range(count)]
     if not tensor.dim():
         return {n: tensor for n in names}
-    return dict(zip(names, torch.chunk(tensor, count, dim=split_dim(key))))
+    return dict(zip(names, torch.tensor_split(tensor, count, dim=split_dim(key))))
 
 
 def join_slices(named: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

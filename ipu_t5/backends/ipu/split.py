@@ -42,12 +42,15 @@ class WeightSlice(torch.nn.Module):
 
 
 class Sliced(torch.nn.Module):
-    """A weight cut into equal slices along `dim`, each its own parameter (`slices.i.weight`)."""
+    """A weight cut into `parts` slices along `dim` (as `model.split_like_slices` cuts it: equal
+    but for a vocabulary the slices do not divide), each its own parameter (`slices.i.weight`)."""
 
     def __init__(self, weight: torch.Tensor, parts: int, dim: int):
         super().__init__()
-        self.slices = torch.nn.ModuleList([WeightSlice(w, weight.requires_grad)
-                                           for w in torch.chunk(weight, parts, dim=dim)])
+        pieces = torch.tensor_split(weight, parts, dim=dim)
+        self.slices = torch.nn.ModuleList([WeightSlice(w, weight.requires_grad) for w in pieces])
+        # Where each slice starts along `dim` (a vocabulary slice's first token id).
+        self.offsets = [sum(w.shape[dim] for w in pieces[:i]) for i in range(parts)]
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.slices[index].weight
@@ -56,6 +59,11 @@ class Sliced(torch.nn.Module):
 def _chunk(tensor: torch.Tensor, index: int, parts: int) -> torch.Tensor:
     width = tensor.shape[-1] // parts
     return tensor.narrow(-1, index * width, width)
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """float16 and bfloat16 upcast to float32; float32 and float64 as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def _added(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -86,8 +94,7 @@ class EmbedPart(torch.nn.Module):
         self.refs, self.index = Refs(shared=shared), index
 
     def forward(self, source_ids, target_ids):
-        weight = self.refs("shared", self.index)
-        offset = self.index * weight.shape[0]
+        weight, offset = self.refs("shared", self.index), self.refs.sliced["shared"].offsets[self.index]
         return lookup_rows(weight, offset, source_ids), lookup_rows(weight, offset, target_ids)
 
 
@@ -101,7 +108,7 @@ class StreamSum(torch.nn.Module):
         self.index, self.parts, self.dropout, self.scale = index, parts, dropout, scale
 
     def forward(self, stream: Optional[torch.Tensor], partials: Sequence[torch.Tensor]):
-        added = _added([_chunk(p, self.index, self.parts).float() for p in partials])
+        added = _added([_wide(_chunk(p, self.index, self.parts)) for p in partials])
         if self.scale != 1.0:
             added = added * self.scale
         added = F.dropout(added, self.dropout, self.training)
@@ -166,7 +173,7 @@ class AttentionPart(torch.nn.Module):
         else:
             additive = (1.0 - mask[:, None, None, :].to(scores.dtype)) * minimum
         position = additive if bias is None else bias + additive
-        weights = F.softmax((scores + position).float(), dim=-1).type_as(scores)
+        weights = F.softmax(_wide(scores + position), dim=-1).type_as(scores)
         weights = F.dropout(weights, self.dropout, self.training)
         context = torch.matmul(weights, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return F.linear(context, self.refs("o", self.index)), bias
@@ -203,8 +210,8 @@ class HeadPart(torch.nn.Module):
         if self.scale is not None:
             x = x * self.scale
         weight = self.refs("lm_head", self.index)
-        logits = F.linear(x, weight).float()
-        offset = self.index * weight.shape[0]
+        logits = _wide(F.linear(x, weight))
+        offset = self.refs.sliced["lm_head"].offsets[self.index]
         if labels is None:
             best = logits.argmax(-1)
             return logits.gather(-1, best.unsqueeze(-1)).squeeze(-1), best + offset
