@@ -352,6 +352,22 @@ def test_lora_float16_step_keeps_the_base_frozen(standin, tmp_path):
     assert {n for n in moved if ".lora_B." in n} == {n for n in before if ".lora_B." in n}
 
 
+def train_export_and_checkpoint(config, where, more_steps):
+    """A run trained, validated and exported, a checkpoint saved, then trained on to `more_steps`
+    steps without a break: (trainer, export directory, checkpoint, the unbroken run's final loss)."""
+    from ipu_t5.training.trainer import T5Trainer
+
+    trainer = T5Trainer(config)
+    trainer.train()
+    trainer.evaluate()
+    hf_dir = trainer.export_hf()
+    checkpoint = trainer.save_checkpoint(where / "run" / "checkpoints" / "final")
+    trainer.config.training.max_steps = more_steps
+    straight = trainer.train()["final_loss"]
+    trainer.close()
+    return trainer, hf_dir, checkpoint, straight
+
+
 def test_lora_run_end_to_end_on_the_ipu_backend(standin, tmp_path):
     from safetensors.torch import load_file
 
@@ -366,14 +382,7 @@ def test_lora_run_end_to_end_on_the_ipu_backend(standin, tmp_path):
         settings.update(values)
         return tiny_config(where, **settings)
 
-    trainer = T5Trainer(config(tmp_path))
-    trainer.train()
-    trainer.evaluate()
-    hf_dir = trainer.export_hf()
-    checkpoint = trainer.save_checkpoint(tmp_path / "run" / "checkpoints" / "final")
-    trainer.config.training.max_steps = 3
-    straight = trainer.train()["final_loss"]
-    trainer.close()
+    trainer, hf_dir, checkpoint, straight = train_export_and_checkpoint(config(tmp_path), tmp_path, 3)
     assert trainer.backend.name == "ipu"
     saved = load_file(str(checkpoint / "model.safetensors"))
     assert len(saved) == 2 * 12 and all(lora.is_adapter_key(n) for n in saved)

@@ -2,6 +2,7 @@
 replica's IPUs trains as one process does, under Hugging Face names, and the stand-in refuses
 what poptorch's phase rules refuse."""
 import copy
+import json
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from ipu_t5.layout import plan_from_config
 from ipu_t5.models import build_model
 
 from . import poptorch_standin
-from .test_backend import LORA, SOURCE, TARGET, ipu_backend, lora_model, samples, tiny_config
+from .test_backend import (LORA, SOURCE, TARGET, ipu_backend, lora_model, samples, tiny_config,
+                           train_export_and_checkpoint)
 
 pytestmark = pytest.mark.core
 # As in test_backend: a warm-up makes step 0's rate differ from the optimizer's, and a large
@@ -108,17 +110,8 @@ def test_a_split_run_trains_exports_and_resumes_like_an_uninterrupted_one(standi
         settings.update(values)
         return tiny_config(where, **settings)
 
-    trainer = T5Trainer(config(tmp_path))
-    trainer.train()
-    trainer.evaluate()
-    hf_dir = trainer.export_hf()
-    checkpoint = trainer.save_checkpoint(tmp_path / "run" / "checkpoints" / "final")
-    trainer.config.training.max_steps = 4
-    straight = trainer.train()["final_loss"]
-    trainer.close()
+    trainer, hf_dir, checkpoint, straight = train_export_and_checkpoint(config(tmp_path), tmp_path, 4)
     assert trainer.backend.ipu_plan.execution == "phased"
-    import json
-
     predictions = [json.loads(line) for line in open(tmp_path / "run" / "eval_predictions.jsonl")]
     assert reload_and_predict(hf_dir, [p["prompt"] for p in predictions]) == [p["generated"] for p in predictions]
     resumed = T5Trainer(config(tmp_path / "again", **{"training.max_steps": 4,
