@@ -187,11 +187,13 @@ def _phasing_reason(chosen: IpuPlan, candidates: Sequence[IpuPlan], reasons: Seq
     fitting = [c for c in others if c.fits]
     if fitting:
         best = min(fitting, key=lambda c: c.cost.step_seconds)
-        return "{}: {} s per step estimated, against {} s for {}{}.".format(
-            chosen_words, seconds(chosen.cost.step_seconds), seconds(best.cost.step_seconds),
-            words[best.phasing].format(best.ipus_per_phase),
-            " (streaming hides under compute only when the two are about equal)" if best.phasing == "parallel"
-            else "")
+        serial = chosen if chosen.phasing == "serial" else best
+        return ("{}: {} s per step estimated, against {} s for {}. Parallel phases hide one group's streaming "
+                "under the other's compute, but run each phase on half the IPUs, which doubles both; here "
+                "streaming takes {} s and compute and exchange {} s under serial phases.".format(
+                    chosen_words, seconds(chosen.cost.step_seconds), seconds(best.cost.step_seconds),
+                    words[best.phasing].format(best.ipus_per_phase), seconds(serial.cost.streaming_seconds),
+                    seconds(serial.cost.compute_seconds + serial.cost.exchange_seconds)))
     if others:
         return "{}: {} does not fit ({:,.0f} MB on its fullest IPU).".format(
             chosen_words, words[others[0].phasing].format(others[0].ipus_per_phase),
