@@ -25,8 +25,8 @@ from .memory import OPTIMIZER_BYTES_PER_PARAM, Shapes, SplitPhase, split_saved
 PEAK_FLOPS_PER_IPU = 250e12
 MATMUL_EFFICIENCY = 0.5
 IPU_LINK_BYTES_PER_SECOND = 512e9 / 8
-# ASSUMED, not published: a quarter of the GC200's 64 GB/s PCIe Gen4 x16 link to the
-# IPU-Gateway that holds the Streaming Memory (one direction, shared by a machine's 4 IPUs).
+# ASSUMED, not published: reads and writes together at half of one direction (32 GB/s) of the
+# GC200's 64 GB/s PCIe Gen4 x16 link, through which an IPU reaches the IPU-Gateway's memory.
 STREAMING_BYTES_PER_SECOND = 16e9
 # Forward plus backward (gradients of inputs and of weights) per forward FLOP.
 TRAINING_PASSES = 3
