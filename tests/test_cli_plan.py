@@ -13,11 +13,13 @@ def test_plan_json_for_xxl_on_four_replicas():
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert (plan["total_ipus"], plan["ipus_per_replica"], plan["replicas"], plan["execution"]) == (64, 16, 4, "phased")
-    blocks = [b for ipu in plan["ipus"] for b in ipu["blocks"]]
-    for stack in ("encoder", "decoder"):
-        assert all(blocks.count("{}.{}".format(stack, i)) == 1 for i in range(24))
-    assert "embedding" in plan["ipus"][0]["blocks"] and "lm_head" in plan["ipus"][-1]["blocks"]
+    assert plan["ipus_per_phase"] == 16 and all(phase["ipus"] == list(range(16)) for phase in plan["phases"])
+    names = [phase["name"] for phase in plan["phases"]]
+    for stack, sublayers in (("encoder", ("attention", "ff")), ("decoder", ("self_attention", "cross_attention", "ff"))):
+        assert all(names.count("{}.{}.{}".format(stack, i, sub)) == 1 for i in range(24) for sub in sublayers)
+    assert names[0] == "embedding" and names[-1] == "lm_head"
     assert all(0 < ipu["onchip_bytes"] <= plan["sram_bytes"] for ipu in plan["ipus"])
+    assert plan["estimated_step_seconds"] > 0 and plan["samples_per_second"] > 0
 
 
 def test_plan_table_for_xl_has_one_row_per_ipu():
@@ -31,11 +33,18 @@ def test_plan_table_for_xl_has_one_row_per_ipu():
     assert "8 IPUs per replica x 1 replica(s) = 8 IPUs" in result.stdout
 
 
-def test_plan_that_cannot_fit_exits_non_zero_with_the_table():
+def test_xxl_plans_on_one_pod16_and_says_what_a_step_should_cost():
     result = run_cli(["plan", "--model", "xxl"])
+    assert result.returncode == 0, result.stderr
+    assert "16 IPUs per replica x 1 replica(s) = 16 IPUs, phased execution" in result.stdout
+    assert "Estimated step:" in result.stdout and "Graphcore's published figure" in result.stdout
+
+
+def test_plan_that_cannot_fit_exits_non_zero_with_the_table():
+    result = run_cli(["plan", "--model", "xxl", "--stages", "1"])
     assert result.returncode == 2
     assert " NO" in result.stdout and "on chip MB" in result.stdout
-    assert result.stderr.strip().count("\n") == 0 and "does not fit 16 IPU(s)" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "does not fit 1 IPU(s)" in result.stderr
 
 
 def test_plan_refuses_ipu_counts_poptorch_would_refuse():

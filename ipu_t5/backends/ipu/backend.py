@@ -26,12 +26,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ... import lora
 from ...data.batching import IGNORE_INDEX, GlobalBatch, collate
 from ...errors import UserError
 from ..base import Backend, StepResult, trim_at_eos
 from ..optim import adamw_kwargs, lr_at, param_groups, set_lr
 from .model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, hf_state_dict, join_slices,
-                        load_hf_state_dict, place, slice_vocabulary, split_like_slices)
+                    load_hf_state_dict, place, slice_counts, slice_vocabulary, split_like_slices)
 from .plan import IpuPlan, plan_ipu
 
 # PopART's names for AdamW's state of a weight: prefix + the weight's name in the wrapped model
@@ -125,13 +126,7 @@ class IpuBackend(Backend):
             raise UserError("peft.target_modules adapts {}, which the IPU backend splits into vocabulary slices that "
                             "carry no LoRA adapter: adapt the attention or feed-forward layers (q, k, v, o, wi_0, "
                             "wi_1, wo), or use --backend torch or single.".format(", ".join(sliced)))
-        slice_vocabulary(model, self.ipu_plan.embedding_serialization_factor)
-        if self.ipu_plan.half:
-            from .fp16 import use_float16_numerics
-
-            use_float16_numerics(model)
-            model.half()
-        place(model, self.ipu_plan.pieces, poptorch.BeginBlock)
+        self._arrange(model)
         self.t5 = model
         # The two wrappers share the T5, so each sets its mode before poptorch traces it (train_step,
         # generate): the mode at trace time decides whether the compiled graph has dropout.
@@ -149,6 +144,30 @@ class IpuBackend(Backend):
         self._lr = training.learning_rate
         self.training_model = poptorch.trainingModel(self.train_module, options=self._options(training=True),
                                                      optimizer=self.optimizer)
+
+    def _arrange(self, model: torch.nn.Module) -> None:
+        """Cut the T5 as the plan says (vocabulary slices for a pipeline; every phase split over
+        its IPUs when phased), give it float16 numerics, and put each part in its poptorch block."""
+        plan, begin_block = self.ipu_plan, self.poptorch.BeginBlock
+        if plan.execution == "phased":
+            from .split import place_split, split_t5
+
+            if lora.enabled(self.config):
+                raise UserError("LoRA with phased execution on IPUs: the IPU backend splits every adapted layer over "
+                                "the IPUs of a phase, and it does not split LoRA adapters yet: use a layout that runs "
+                                "pipelined (ipu-t5 plan shows which fit), or --backend torch or single.")
+            split = split_t5(model, plan.ipus_per_phase, plan.embedding_serialization_factor, plan.half)
+            if plan.half:
+                model.half()
+            place_split(split, dict(plan.phases()), begin_block)
+            return
+        slice_vocabulary(model, plan.embedding_serialization_factor)
+        if plan.half:
+            from .fp16 import use_float16_numerics
+
+            use_float16_numerics(model)
+            model.half()
+        place(model, plan.pieces, begin_block)
 
     def _reserved_ipus(self) -> int:
         total = self.ipu_plan.total_ipus
@@ -168,10 +187,18 @@ class IpuBackend(Backend):
             return poptorch.PipelinedExecution(*[
                 poptorch.Stage(*[p.name for p in plan.pieces if p.ipu == ipu]).ipu(ipu)
                 for ipu in range(plan.ipus_per_replica)])
-        strategy = poptorch.SerialPhasedExecution(*[poptorch.Phase(poptorch.Stage(name).ipu(ipu))
-                                                    for name, ipu in plan.phases()])
-        # Activations leave the chip after every phase: an IPU holds one piece at a time.
-        strategy.setTensorsLiveness(poptorch.Liveness.OffChipAfterEachPhase)
+        from .split import block_id
+
+        # One stage per IPU of a phase, each holding that IPU's part (`split.place_split` names them).
+        phases = [poptorch.Phase(*[poptorch.Stage(block_id(name, part)).ipu(ipu) for part, ipu in enumerate(ipus)])
+                  for name, ipus in plan.phases()]
+        if plan.phasing == "serial":
+            strategy = poptorch.SerialPhasedExecution(*phases)
+            # Activations leave the chip after every phase: an IPU holds one phase at a time.
+            strategy.setTensorsLiveness(poptorch.Liveness.OffChipAfterEachPhase)
+        else:
+            strategy = poptorch.ParallelPhasedExecution(*phases)
+            strategy.sendTensorsOffChipAfterFwd(True)
         return strategy
 
     def _locations(self, opts) -> None:
@@ -326,14 +353,14 @@ class IpuBackend(Backend):
         return named
 
     def load_optimizer_state_dict(self, state: Dict) -> None:
-        slices = self.ipu_plan.embedding_serialization_factor
+        counts = slice_counts(self.t5)
         ipu_state = {}
         for name, entry in state.items():
             for kind, prefix in STATE_PREFIXES.items():
                 if kind in entry:
                     value = entry[kind] if torch.is_tensor(entry[kind]) else torch.tensor(float(entry[kind]))
-                    for part, tensor in split_like_slices(name, value, slices).items():
-                        ipu_state[prefix + WRAPPER_PREFIX + part] = tensor.float().contiguous()
+                    for part, tensor in split_like_slices(name, value, counts).items():
+                        ipu_state[prefix + WRAPPER_PREFIX + part] = tensor.float().clone(memory_format=torch.contiguous_format)
             if "step" in entry:
                 self._steps = int(float(entry["step"]))
         full = self.optimizer.state_dict()

@@ -4,14 +4,18 @@ Pure arithmetic on the size registry (`ipu_t5.models`): no torch, no weights, no
 (Mk2 GC200, also Bow) has 900 MB of on-chip SRAM shared by code, tensors and temporaries; what
 does not fit lives in Streaming Memory (DRAM beside the IPUs) and is brought in when needed.
 
-The model is cut into *pieces*, each one poptorch block on one IPU:
-- pipelined execution: one piece per plan block (`encoder.3`, `embedding`, ...); every piece's
-  weights, gradient accumulators and (unless streamed) optimizer state stay on chip, and each IPU
-  stashes the inputs of the micro-batches in flight in the pipeline;
-- phased execution: blocks are cut finer (self-attention, cross-attention, the feed-forward input
-  projections `wi_0`/`wi_1`, the output projection `wo`; the embedding and LM head in vocabulary
-  slices); each piece is a phase whose weights, accumulators and optimizer state are streamed in
-  for it and out after it, so an IPU holds one piece at a time.
+Two ways to place the model:
+- pipelined execution: one *piece* per plan block (`encoder.3`, `embedding`, ...) on its stage's
+  IPU; every piece's weights, gradient accumulators and (unless streamed) optimizer state stay on
+  chip, and each IPU stashes the inputs of the micro-batches in flight in the pipeline;
+- phased execution: one *phase* per sub-layer (self-attention, cross-attention, feed-forward; the
+  embedding and the LM head), each split over the IPUs of its phase (q, k, v by heads and o by the
+  matching input columns; wi_0, wi_1 by inner units and wo by the matching input rows; the
+  vocabulary in slices). Every IPU of the phase computes a partial output of the whole sub-layer,
+  and the partial outputs are summed by columns of the hidden dimension: IPU j adds the j-th
+  column chunk of every partial to its chunk of the residual stream, so the stream itself stays
+  split by columns and no weight is used on two IPUs. A phase's weight shares, accumulators and
+  optimizer state are streamed in for it and out after it, so an IPU holds one phase at a time.
 
 Bytes counted on chip, at the peak:
 - weights: 2 per parameter in float16 (4 in float32);
@@ -19,10 +23,12 @@ Bytes counted on chip, at the peak:
 - optimizer: AdamW's two moments in float32, 8 per parameter, when on chip; when streamed, only
   the largest tensor's moments are on chip during its update, split over the replicas by
   replicated tensor sharding (RTS) when there is more than one;
-- activations: the working set of the largest piece for one micro-batch, twice (forward values
-  and their gradients in the backward pass), plus, when pipelined, the stashed inputs of every
-  micro-batch in flight: IPU i of N holds 2(N - i) - 1 of them (with recomputation only block
+- activations: the working set of the largest piece or phase for one micro-batch, twice (forward
+  values and their gradients in the backward pass), plus, when pipelined, the stashed inputs of
+  every micro-batch in flight: IPU i of N holds 2(N - i) - 1 of them (with recomputation only block
   inputs are stashed, without it every activation);
+- partial sums (phased): the IPU's partial output of its phase and the column chunks of the other
+  IPUs' partials it receives to add, twice (forward and backward);
 - working: matmul temporaries (up to `matmul_proportion` of the SRAM) plus RESERVED_BYTES for
   code, exchange and stream buffers.
 The kinds are added as if all were live at once (the backward pass and the weight update do not
@@ -55,7 +61,7 @@ class Shapes:
 
 @dataclass(frozen=True)
 class Piece:
-    """One poptorch block: part of the model placed on one IPU (one phase in phased execution)."""
+    """One poptorch block of pipelined execution: part of the model placed on one IPU."""
 
     name: str
     # The plan blocks it carries: "encoder.23" and "encoder.final_layer_norm", say.
@@ -94,12 +100,13 @@ class IpuMemory:
     activations: int
     working: int
     streamed: int
-    # Phased execution: the piece at which the peak occurs.
+    # Phased execution: the phase at which the peak occurs, and the partial-sum buffers there.
     peak_piece: Optional[str] = None
+    partials: int = 0
 
     @property
     def onchip(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.working
+        return self.weights + self.gradients + self.optimizer + self.activations + self.partials + self.working
 
     @property
     def fits(self) -> bool:
@@ -109,42 +116,6 @@ class IpuMemory:
 def vocab_slice(size: ModelSize, slices: int) -> int:
     """Rows of each of `slices` equal vocabulary slices of the embedding and the LM head."""
     return size.vocab_size // slices
-
-
-def _block_pieces(size: ModelSize, block: str, ipu: int) -> List[Piece]:
-    """A T5 block cut into its sub-layers (the phased cut)."""
-    d, inner, ff = size.d_model, size.inner_dim, size.d_ff
-    stack, index = block.split(".")
-    bias = size.relative_attention_num_buckets * size.num_heads if index == "0" else 0
-    attention = 4 * d * inner + d
-    pieces = [Piece(block + (".attention" if stack == "encoder" else ".self_attention"), (block,),
-                    "attention", ipu, attention + bias, d * inner, stack)]
-    if stack == "decoder":
-        pieces.append(Piece(block + ".cross_attention", (block,), "cross_attention", ipu, attention,
-                            d * inner, stack))
-    pieces.append(Piece(block + ".ff_in", (block,), "ff_in", ipu, 2 * d * ff + d, d * ff, stack))
-    pieces.append(Piece(block + ".ff_out", (block,), "ff_out", ipu, ff * d, ff * d, stack))
-    return pieces
-
-
-def phased_pieces(size: ModelSize, stage_blocks: Sequence[Sequence[str]], slices: int) -> List[Piece]:
-    """Pieces in execution order for phased execution; each stays on its plan block's IPU. The
-    final layer norms ride in the piece before them, where T5 runs them."""
-    pieces: List[Piece] = []
-    rows = vocab_slice(size, slices)
-    for ipu, blocks in enumerate(stage_blocks):
-        for block in blocks:
-            if block in ("embedding", "lm_head"):
-                stack = "encoder" if block == "embedding" else "decoder"
-                pieces += [Piece("{}.{}".format(block, c), (block,), block, ipu, rows * size.d_model,
-                                 rows * size.d_model, stack) for c in range(slices)]
-            elif block.endswith("final_layer_norm"):
-                last = pieces[-1]
-                pieces[-1] = Piece(last.name, last.blocks + (block,), last.kind, last.ipu,
-                                   last.params + size.d_model, last.largest, last.stack)
-            else:
-                pieces += _block_pieces(size, block, ipu)
-    return pieces
 
 
 def pipelined_pieces(size: ModelSize, stage_blocks: Sequence[Sequence[str]], slices: int) -> List[Piece]:
@@ -190,7 +161,10 @@ def working_activations(size: ModelSize, piece: Piece, shapes: Shapes, slices: i
     if piece.kind == "ff_out":
         return m * length * (ff * a + 2 * d * FLOAT32)
     # A whole block: the sum of its sub-layers.
-    return sum(working_activations(size, p, shapes, slices) for p in _block_pieces(size, piece.name, piece.ipu))
+    kinds = ("attention", "ff_in", "ff_out") if piece.stack == "encoder" else \
+        ("attention", "cross_attention", "ff_in", "ff_out")
+    return sum(working_activations(size, Piece(piece.name, piece.blocks, kind, piece.ipu, 0, 0, piece.stack), shapes,
+                                   slices) for kind in kinds)
 
 
 def stashed_inputs(size: ModelSize, pieces: Sequence[Piece], shapes: Shapes, recompute: bool, slices: int) -> int:
@@ -239,19 +213,134 @@ def pipelined_ipu(size: ModelSize, ipu: int, stages: int, pieces: Sequence[Piece
                      working=_working(state), streamed=streamed)
 
 
-def phased_ipu(size: ModelSize, ipu: int, pieces: Sequence[Piece], shapes: Shapes, state: StateBytes,
-               slices: int) -> IpuMemory:
-    """An IPU's memory when its pieces are phases streamed in one at a time: the largest piece."""
-    params = sum(p.params for p in pieces)
+# ----- phased execution: every phase split over the IPUs of its group -----
+
+SUBLAYERS = {"encoder": ("attention", "ff"), "decoder": ("self_attention", "cross_attention", "ff")}
+
+
+@dataclass(frozen=True)
+class SplitPhase:
+    """One phase of phased execution: a sub-layer (or the embedding, or the LM head) whose weights
+    are split over the IPUs of the phase, each computing a partial output."""
+
+    name: str
+    kind: str
+    stack: str
+    # The plan blocks it carries: "encoder.23" and "encoder.final_layer_norm", say.
+    blocks: Tuple[str, ...]
+    params: int
+    # Parameters on each IPU of the phase, and the elements of its largest tensor there.
+    share: int
+    largest: int
+
+
+def split_phases(size: ModelSize, parts: int, slices: int) -> List[SplitPhase]:
+    """The phases in execution order, each split `parts` ways (`slices` vocabulary slices for the
+    embedding and the LM head, `slices // parts` on each IPU). A final layer norm rides in the last
+    feed-forward phase of its stack, where T5 runs it."""
+    d, inner, ff = size.d_model, size.inner_dim, size.d_ff
+    rows = vocab_slice(size, slices) * (slices // parts)
+    vocab = SplitPhase("embedding", "embedding", "encoder", ("embedding",), size.vocab_size * d, rows * d,
+                       vocab_slice(size, slices) * d)
+    phases = [vocab]
+    for block in size.block_names:
+        stack, index = block.split(".")
+        bias = size.relative_attention_num_buckets * size.num_heads if index == "0" else 0
+        for sub in SUBLAYERS[stack]:
+            if sub == "ff":
+                params, largest = 3 * d * ff + d, d * ff // parts
+            else:
+                params, largest = 4 * d * inner + d + (bias if sub != "cross_attention" else 0), d * inner // parts
+            kind = "attention" if sub in ("attention", "self_attention") else sub
+            phases.append(SplitPhase("{}.{}".format(block, sub), kind, stack, (block,), params, params // parts,
+                                     largest))
+        if int(index) == (size.num_layers if stack == "encoder" else size.num_decoder_layers) - 1:
+            last = phases[-1]
+            phases[-1] = SplitPhase(last.name, last.kind, stack, last.blocks + (stack + ".final_layer_norm",),
+                                    last.params + d, last.share + d // parts, last.largest)
+    phases.append(SplitPhase("lm_head", "lm_head", "decoder", ("lm_head",), size.vocab_size * d, rows * d,
+                             vocab_slice(size, slices) * d))
+    return phases
+
+
+def split_activations(size: ModelSize, phase: SplitPhase, shapes: Shapes, parts: int, slices: int,
+                      first: bool) -> Tuple[int, int]:
+    """(activations, partial-sum buffers) in bytes on an IPU of a phase split `parts` ways, for
+    one micro-batch, forward values only. `first`: the IPU holds part 0, which combines the LM
+    head's slices into the loss."""
+    d, inner, ff = size.d_model, size.inner_dim, size.d_ff
+    m, s, t, a = shapes.micro_batch_size, shapes.source_length, shapes.target_length, shapes.activation_bytes
+    heads = size.num_heads // parts
+    length = s if phase.stack == "encoder" else t
+    if phase.kind == "embedding":
+        mine = slices // parts
+        # Its slices' partial embeddings of source and target, the column chunks of every other
+        # slice's partials it adds up, and its float32 chunks of both streams.
+        return (mine * m * (s + t) * d * a + m * (s + t) * d // parts * FLOAT32,
+                (slices - mine) * m * (s + t) * d // parts * a)
+    if phase.kind == "lm_head":
+        mine = slices // parts
+        # The gathered decoder output, its slices' logits in float32; part 0 stacks every slice's
+        # log-sum-exp and target logit.
+        combine = 2 * slices * m * t * FLOAT32 if first else 0
+        return m * t * d * a + mine * m * t * vocab_slice(size, slices) * FLOAT32 + combine, 0
+    # Every sub-layer: its float32 chunk of the stream and its normalised chunk, the gathered
+    # normalised input; then its own partial output and the chunks of the others' partials.
+    common = m * length * d // parts * (2 * FLOAT32 + a) + m * length * d * a
+    partials = m * length * d * a + (parts - 1) * m * length * d // parts * a
+    if phase.kind == "attention":
+        # q, k, v, context of its heads; float32 scores, softmax output; the position bias with mask.
+        work = 4 * m * length * inner // parts * a + m * heads * length * length * (FLOAT32 + 2 * a)
+    elif phase.kind == "cross_attention":
+        # The gathered encoder output feeds k and v.
+        work = (m * s * d * a + 2 * m * (s + t) * inner // parts * a + m * heads * t * s * (FLOAT32 + 2 * a))
+    else:
+        # wi_0 and wi_1 outputs and their gated product, for its inner units.
+        work = 3 * m * length * ff // parts * a
+    return common + work, partials
+
+
+def split_saved(size: ModelSize, phase: SplitPhase, shapes: Shapes, parts: int, slices: int) -> int:
+    """Bytes of one micro-batch's forward values an IPU of a phase keeps for the backward pass
+    (streamed out after the phase and back in for its backward): what the gradients need."""
+    d, inner, ff = size.d_model, size.inner_dim, size.d_ff
+    m, s, t, a = shapes.micro_batch_size, shapes.source_length, shapes.target_length, shapes.activation_bytes
+    heads = size.num_heads // parts
+    length = s if phase.stack == "encoder" else t
+    if phase.kind == "embedding":
+        return 0  # the token ids alone
+    if phase.kind == "lm_head":
+        # The gathered decoder output and its slices' float32 logits.
+        return m * t * d * a + slices // parts * m * t * vocab_slice(size, slices) * FLOAT32
+    # The layer norm's float32 input chunk and the gathered normalised input.
+    saved = m * length * d // parts * FLOAT32 + m * length * d * a
+    if phase.kind == "attention":
+        # q, k, v, context and the softmax output of its heads.
+        return saved + 4 * m * length * inner // parts * a + m * heads * length * length * a
+    if phase.kind == "cross_attention":
+        return (saved + m * s * d * a + 2 * m * (s + t) * inner // parts * a + m * heads * t * s * a)
+    # wi_0 and wi_1 outputs, the activation and the gated product that enters wo.
+    return saved + 4 * m * length * ff // parts * a
+
+
+def split_ipu(size: ModelSize, ipu: int, phases: Sequence[SplitPhase], part: int, parts: int, shapes: Shapes,
+              state: StateBytes, slices: int) -> IpuMemory:
+    """An IPU's memory at its fullest phase, when it holds part `part` of each of `phases` (the
+    phases it takes part in) and each phase's state is streamed in for it."""
+    params = sum(p.share for p in phases)
     working = _working(state)
     rows = []
-    for piece in pieces:
+    for phase in phases:
+        activations, partials = split_activations(size, phase, shapes, parts, slices, part == 0)
         rows.append(IpuMemory(
-            ipu=ipu, blocks=_blocks(pieces), params=params, weights=state.weight * piece.params,
-            gradients=state.weight * piece.params,
-            optimizer=OPTIMIZER_BYTES_PER_PARAM * piece.largest // state.shards,
-            activations=2 * working_activations(size, piece, shapes, slices), working=working,
-            streamed=(state.weight * params) // state.shards + state.weight * params
-            + OPTIMIZER_BYTES_PER_PARAM * params // state.shards,
-            peak_piece=piece.name))
+            ipu=ipu, blocks=("all (1/{} of each phase)".format(parts),), params=params,
+            weights=state.weight * phase.share, gradients=state.weight * phase.share,
+            optimizer=OPTIMIZER_BYTES_PER_PARAM * phase.largest // state.shards, activations=2 * activations,
+            partials=2 * partials, working=working, streamed=streamed_state(params, state), peak_piece=phase.name))
     return max(rows, key=lambda row: row.onchip)
+
+
+def streamed_state(params: int, state: StateBytes) -> int:
+    """Bytes an IPU keeps in Streaming Memory for `params` parameters: weights and AdamW moments
+    (sharded over the replicas by RTS) and float16 gradient accumulators (whole)."""
+    return (state.weight * params) // state.shards + state.weight * params + OPTIMIZER_BYTES_PER_PARAM * params // state.shards

@@ -10,7 +10,7 @@
   target position, for host-driven greedy decoding with static shapes.
 - `place` puts one poptorch block on each piece of an IPU plan, in execution order.
 """
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,14 @@ EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed
 LM_HEAD_KEY = "lm_head.weight"
 
 
+def lookup_rows(weight: torch.Tensor, offset: int, ids: torch.Tensor) -> torch.Tensor:
+    """Embeddings of `ids` from vocabulary rows [offset, offset + len(weight)); zeros for others."""
+    rows = weight.shape[0]
+    local = ids - offset
+    inside = ((local >= 0) & (local < rows)).unsqueeze(-1).to(weight.dtype)
+    return F.embedding(local.clamp(0, rows - 1), weight) * inside
+
+
 class EmbeddingSlice(torch.nn.Module):
     """Rows [offset, offset + rows) of the vocabulary; other ids contribute zeros."""
 
@@ -31,15 +39,10 @@ class EmbeddingSlice(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
         self.offset = offset
 
-    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight.shape[0]
-        local = ids - self.offset
-        inside = ((local >= 0) & (local < rows)).unsqueeze(-1).to(self.weight.dtype)
-        return F.embedding(local.clamp(0, rows - 1), self.weight) * inside
-
     def forward(self, source_ids, target_ids, source_sum=None, target_sum=None):
         # Both lookups in this slice's block: revisiting a slice later would revisit its IPU/phase.
-        source, target = self._lookup(source_ids), self._lookup(target_ids)
+        source, target = lookup_rows(self.weight, self.offset, source_ids), lookup_rows(self.weight, self.offset,
+                                                                                          target_ids)
         if source_sum is None:
             return source, target
         return source_sum + source, target_sum + target
@@ -50,9 +53,10 @@ class SlicedEmbedding(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, slices: int, requires_grad: bool = True):
         super().__init__()
-        rows = weight.shape[0] // slices
-        self.slices = torch.nn.ModuleList(
-            [EmbeddingSlice(weight[i * rows:(i + 1) * rows], i * rows, requires_grad) for i in range(slices)])
+        # As `split_like_slices` cuts: equal slices, one row shorter where the vocabulary does not divide.
+        pieces = torch.tensor_split(weight, slices)
+        self.slices = torch.nn.ModuleList([EmbeddingSlice(w, sum(len(p) for p in pieces[:i]), requires_grad)
+                                           for i, w in enumerate(pieces)])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -70,12 +74,10 @@ class SlicedLMHead(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, slices: int, requires_grad: bool = True):
         super().__init__()
-        rows, d_model = weight.shape[0] // slices, weight.shape[1]
         self.slices = torch.nn.ModuleList()
-        for i in range(slices):
-            linear = torch.nn.Linear(d_model, rows, bias=False)
-            linear.weight = torch.nn.Parameter(weight[i * rows:(i + 1) * rows].detach().clone(),
-                                               requires_grad=requires_grad)
+        for piece in torch.tensor_split(weight, slices):
+            linear = torch.nn.Linear(weight.shape[1], len(piece), bias=False)
+            linear.weight = torch.nn.Parameter(piece.detach().clone(), requires_grad=requires_grad)
             self.slices.append(linear)
 
     @property
@@ -96,48 +98,78 @@ def slice_vocabulary(t5: torch.nn.Module, slices: int) -> None:
     t5.decoder.embed_tokens = None
 
 
+def slice_counts(t5: torch.nn.Module) -> Dict[str, int]:
+    """How many slices each split weight of `t5` has, by its Hugging Face name."""
+    counts: Dict[str, int] = {}
+    for name, _ in t5.named_parameters():
+        parsed = parse_sliced(name)
+        if parsed is not None:
+            counts[parsed[0]] = counts.get(parsed[0], 0) + 1
+    return counts
+
+
 def hf_state_dict(t5: torch.nn.Module, keys: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """The weights of a sliced T5 under the Hugging Face `keys` it had before slicing."""
-    own = t5.state_dict()
-    # Joining the slices copies the whole vocabulary matrix: once, for all three tied names.
-    embedding = t5.shared.weight.detach()
-    state = {}
-    for key in keys:
-        if key in EMBEDDING_KEYS:
-            state[key] = embedding
-        elif key == LM_HEAD_KEY:
-            state[key] = t5.lm_head.weight.detach()
-        else:
-            state[key] = own[key]
-    return state
+    """The weights of a sliced T5 under the Hugging Face `keys` it had before slicing. Joining
+    copies each split matrix once (the three tied embedding names share one copy)."""
+    joined = join_slices(t5.state_dict())
+    return {key: joined["shared.weight"] if key in EMBEDDING_KEYS else joined[key] for key in keys}
 
 
 def load_hf_state_dict(t5: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Load Hugging Face-named weights into a sliced T5, splitting embedding and LM head."""
+    """Load Hugging Face-named weights into a sliced T5, cutting split weights into their slices."""
+    counts = slice_counts(t5)
+    own = dict(t5.named_parameters())
+    rest = {}
     with torch.no_grad():
-        for key, sliced in (("shared.weight", t5.shared), (LM_HEAD_KEY, t5.lm_head)):
-            if key in state:
+        for key in state:
+            if key in EMBEDDING_KEYS[1:]:
+                continue  # aliases of shared.weight
+            if key in counts:
                 # Read once: a lazy checkpoint view reads a tensor from disk at every lookup.
-                whole = state[key]
-                rows = sliced.slices[0].weight.shape[0]
-                for i, piece in enumerate(sliced.slices):
-                    piece.weight.copy_(whole[i * rows:(i + 1) * rows])
-        rest = {k: state[k] for k in state if k not in EMBEDDING_KEYS and k != LM_HEAD_KEY}
+                for name, part in split_like_slices(key, state[key], counts).items():
+                    own[name].copy_(part)
+            else:
+                rest[key] = state[key]
         t5.load_state_dict(rest, strict=False)
 
 
-SLICE_PREFIXES = (("shared.slices.", "shared.weight"), ("lm_head.slices.", LM_HEAD_KEY))
+SLICES = ".slices."
+# Split along their columns (inputs): the attention output and feed-forward output projections,
+# the relative position bias (by heads) and every LoRA A matrix; all else along rows.
+COLUMN_SPLIT_LAYERS = ("o", "wo", "relative_attention_bias")
 
 
-def split_like_slices(name: str, tensor: torch.Tensor, slices: int) -> Dict[str, torch.Tensor]:
+def parse_sliced(name: str) -> Optional[Tuple[str, int]]:
+    """(Hugging Face name, slice index) of a slice's name, `a.b.slices.3.weight` -> (`a.b.weight`, 3)."""
+    if SLICES not in name:
+        return None
+    stem, rest = name.split(SLICES, 1)
+    index, leaf = rest.split(".", 1)
+    return "{}.{}".format(stem, leaf), int(index)
+
+
+def split_dim(hf_name: str) -> int:
+    """The dimension a Hugging Face weight (or its optimizer state) is cut along."""
+    if ".lora_A." in hf_name:
+        return 1
+    if ".lora_B." in hf_name:
+        return 0
+    layer = [p for p in hf_name.split(".")[:-1] if p != "base_layer"][-1]
+    return 1 if layer in COLUMN_SPLIT_LAYERS else 0
+
+
+def split_like_slices(name: str, tensor: torch.Tensor, counts: Dict[str, int]) -> Dict[str, torch.Tensor]:
     """A Hugging Face-named tensor (or its optimizer state) under the sliced model's names; a
-    scalar (a step count) goes to every slice whole."""
-    if name in EMBEDDING_KEYS or name == LM_HEAD_KEY:
-        prefix = "shared.slices" if name in EMBEDDING_KEYS else "lm_head.slices"
-        rows = tensor.shape[0] // slices if tensor.dim() else 0
-        return {"{}.{}.weight".format(prefix, i): tensor[i * rows:(i + 1) * rows] if rows else tensor
-                for i in range(slices)}
-    return {name: tensor}
+    scalar (a step count) goes to every slice whole. `counts` is `slice_counts` of the model."""
+    key = "shared.weight" if name in EMBEDDING_KEYS else name
+    count = counts.get(key)
+    if count is None:
+        return {name: tensor}
+    stem, leaf = key.rsplit(".", 1)
+    names = ["{}.slices.{}.{}".format(stem, i, leaf) for i in range(count)]
+    if not tensor.dim():
+        return {n: tensor for n in names}
+    return dict(zip(names, torch.tensor_split(tensor, count, dim=split_dim(key))))
 
 
 def join_slices(named: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -146,15 +178,14 @@ def join_slices(named: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     joined: Dict[str, List[Tuple[int, torch.Tensor]]] = {}
     out = {}
     for name, tensor in named.items():
-        for prefix, key in SLICE_PREFIXES:
-            if name.startswith(prefix):
-                joined.setdefault(key, []).append((int(name[len(prefix):].split(".")[0]), tensor))
-                break
-        else:
+        parsed = parse_sliced(name)
+        if parsed is None:
             out[name] = tensor
+        else:
+            joined.setdefault(parsed[0], []).append((parsed[1], tensor))
     for key, parts in joined.items():
         ordered = [t for _, t in sorted(parts, key=lambda p: p[0])]
-        out[key] = torch.cat(ordered, dim=0) if ordered[0].dim() else ordered[0]
+        out[key] = torch.cat(ordered, dim=split_dim(key)) if ordered[0].dim() else ordered[0]
     return out
 
 
@@ -180,8 +211,13 @@ class T5ForIpuTraining(torch.nn.Module):
         self._identity_loss = identity_loss
 
     def forward(self, input_ids, attention_mask, decoder_input_ids, labels, num_target_tokens):
-        logits = forward_logits(self.t5, input_ids, attention_mask, decoder_input_ids)
-        return self._identity_loss(token_loss(logits, labels, num_target_tokens[0]), reduction="none")
+        split = getattr(self.t5, "ipu_split", None)
+        if split is not None:  # every phase split over its IPUs (split.py)
+            loss = split(input_ids, attention_mask, decoder_input_ids, labels, num_target_tokens)
+        else:
+            logits = forward_logits(self.t5, input_ids, attention_mask, decoder_input_ids)
+            loss = token_loss(logits, labels, num_target_tokens[0])
+        return self._identity_loss(loss, reduction="none")
 
 
 class T5ForIpuGeneration(torch.nn.Module):
@@ -192,6 +228,9 @@ class T5ForIpuGeneration(torch.nn.Module):
         self.t5 = t5
 
     def forward(self, input_ids, attention_mask, decoder_input_ids):
+        split = getattr(self.t5, "ipu_split", None)
+        if split is not None:
+            return split(input_ids, attention_mask, decoder_input_ids)
         return torch.argmax(forward_logits(self.t5, input_ids, attention_mask, decoder_input_ids), dim=-1)
 
 

@@ -1,154 +1,48 @@
-"""The layout plan mapped onto Graphcore IPUs: execution strategy, pieces per IPU, memory, and the
-rules poptorch enforces at compile time, checked here first so nobody waits for a compile to
-learn them.
+"""The layout plan mapped onto Graphcore IPUs: execution strategy, what each IPU holds, the step
+estimate, and the rules poptorch enforces at compile time, checked here first so nobody waits for
+a compile to learn them.
 
-- IPUs per replica = the plan's stages (stage i is IPU i), replicas = poptorch's replication
-  factor, micro-batches = gradient accumulation. Training runs one device iteration per call (the
-  trainer sets the learning rate and logs every step) and asks for the loss summed over the
-  micro-batches (`OutputMode.Sum`); inference returns every output (`OutputMode.All`).
+- IPUs per replica = the plan's stages, replicas = poptorch's replication factor, micro-batches =
+  gradient accumulation. Training runs one device iteration per call (the trainer sets the
+  learning rate and logs every step) and asks for the loss summed over the micro-batches
+  (`OutputMode.Sum`); inference returns every output (`OutputMode.All`).
 - Rules: IPUs used (per replica x replicas) must be a power of two unless
   `ipu.auto_round_num_ipus`; pipelined training needs gradient accumulation of at least
   2 x stages - 1 (each IPU runs a forward and a backward stage, the last IPU's fused); pipelined
   inference needs device iterations of at least the number of stages; phased execution needs its
-  phases given explicitly (built here: one per piece, in execution order, on its block's IPU).
+  phases given explicitly (built here, every one split over the IPUs of its phase).
 - Strategy (`ipu.execution_strategy`): `auto` takes pipelined execution when every IPU holds its
-  stage on chip, else phased execution with weights streamed; within a strategy it picks the
-  largest micro-batch (fewest pipeline fills or weight reloads) and the fewest vocabulary slices
-  that leave headroom, unless the config fixes them. A layout that fits no strategy is refused
-  with the per-IPU numbers (`ipu_memory` explains them).
-- Blocks per IPU: the layout's own split (balanced by compute) unless `layout.layers_per_stage`
-  is unset and a split balanced by parameters fits better: pipelined execution keeps every
-  stage's weights on chip, and phased execution runs one IPU at a time, so compute balance buys
-  it nothing while spreading parameters spreads code and streamed state. Either way the blocks
+  stage on chip, else phased execution with weights streamed. Pipelined: the largest micro-batch
+  (fewest pipeline fills) and the fewest vocabulary slices that leave headroom, unless the config
+  fixes them. Phased: every IPU of the replica computes its share of every phase; serial phasing
+  (every phase on all the IPUs) or parallel phasing (two alternating groups, one streaming the
+  next phase while the other computes), the micro-batch and the vocabulary slices are chosen by
+  the step estimate (`cost.py`): the fastest that leaves headroom, and the plan says why. A
+  layout that fits no strategy is refused with the per-IPU numbers.
+- Blocks per IPU (pipelined): the layout's own split (balanced by compute) unless
+  `layout.layers_per_stage` is unset and a split balanced by parameters fits better; the blocks
   stay contiguous runs in pipeline order, and the plan returned is the one the backend places.
 """
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 from ...errors import UserError
-from ...layout import LayoutPlan, compact_blocks, partition_costs, pipeline_accumulation_needed, plan_layout
-from .memory import (SRAM_BYTES, IpuMemory, Piece, Shapes, StateBytes, phased_ipu, phased_pieces,
-                         pipelined_ipu, pipelined_pieces)
+from ...layout import LayoutPlan, partition_costs, pipeline_accumulation_needed, plan_layout
+from .cost import pipelined_cost, seconds, split_cost
+from .memory import (SRAM_BYTES, Shapes, StateBytes, pipelined_ipu, pipelined_pieces, split_ipu, split_phases)
+from .report import HEADROOM, IpuPlan
 
-# Automatic choices aim below the full SRAM: the estimate is not a compile.
-HEADROOM = 0.85
 EXECUTIONS = ("pipelined", "phased")
+PHASINGS = ("serial", "parallel")
 
 
 class IpuPlanRefused(UserError):
     """No execution strategy fits the layout; `details` holds the per-IPU tables."""
 
-    def __init__(self, message: str, details: str, attempts: Sequence["IpuPlan"]):
+    def __init__(self, message: str, details: str, attempts: Sequence[IpuPlan]):
         super().__init__(message)
         self.details = details
         self.attempts = list(attempts)
-
-
-@dataclass(frozen=True)
-class IpuPlan:
-    """A layout placed on IPUs with its per-IPU memory; `ipus` covers one replica (all alike)."""
-
-    layout: LayoutPlan
-    execution: str
-    pieces: Tuple[Piece, ...]
-    ipus: Tuple[IpuMemory, ...]
-    embedding_serialization_factor: int
-    half: bool
-    source_length: int
-    target_length: int
-    inference_device_iterations: int
-    # Replicas the streamed weights and optimizer state are sharded over (1: not sharded).
-    shards: int
-    optimizer_state_offchip: bool
-
-    @property
-    def ipus_per_replica(self) -> int:
-        return self.layout.stages
-
-    @property
-    def replicas(self) -> int:
-        return self.layout.replicas
-
-    @property
-    def total_ipus(self) -> int:
-        return self.ipus_per_replica * self.replicas
-
-    @property
-    def fits(self) -> bool:
-        return all(ipu.fits for ipu in self.ipus)
-
-    @property
-    def peak_bytes(self) -> int:
-        return max(ipu.onchip for ipu in self.ipus)
-
-    def phases(self) -> List[Tuple[str, int]]:
-        """(piece, IPU) in execution order: the phases of phased execution."""
-        return [(piece.name, piece.ipu) for piece in self.pieces]
-
-    def summary(self) -> str:
-        """One line: hardware, strategy, precision and the batch split."""
-        streamed = "weights streamed" if self.execution == "phased" else "weights on chip"
-        return ("{} IPUs per replica x {} replica(s) = {} IPUs, {} execution ({}), {}; micro-batch {} x {} "
-                "accumulation x {} replica(s) = global batch {}".format(
-                    self.ipus_per_replica, self.replicas, self.total_ipus, self.execution, streamed,
-                    "float16" if self.half else "float32", self.layout.micro_batch_size,
-                    self.layout.micro_batches, self.replicas, self.layout.global_batch_size))
-
-    def table(self) -> str:
-        """The per-IPU table `ipu-t5 plan` prints."""
-        mb = lambda n: "{:,.0f}".format(n / 1e6)  # noqa: E731
-        header = ["IPU", "blocks", "params (M)", "weights", "grads", "optimizer", "activations", "working",
-                  "on chip MB", "streamed MB", "fits"]
-        rows = [[str(m.ipu), compact_blocks(m.blocks), "{:,.1f}".format(m.params / 1e6), mb(m.weights),
-                 mb(m.gradients), mb(m.optimizer), mb(m.activations), mb(m.working), mb(m.onchip),
-                 mb(m.streamed), "yes" if m.fits else "NO"] for m in self.ipus]
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-        line = lambda r: "  ".join(c.ljust(w) if i == 1 else c.rjust(w)  # noqa: E731
-                                    for i, (c, w) in enumerate(zip(r, widths)))
-        lines = ["Flan-T5 {}: {}".format(self.layout.size.name, self.summary()),
-                 "tokens: source {}, target {}; embedding and LM head in {} vocabulary slice(s); optimizer "
-                 "state {}{}".format(self.source_length, self.target_length, self.embedding_serialization_factor,
-                                     "streamed" if self.optimizer_state_offchip or self.execution == "phased"
-                                     else "on chip",
-                                     ", sharded over {} replicas".format(self.shards) if self.shards > 1 else ""),
-                 line(header)]
-        lines += [line(r) for r in rows]
-        if self.execution == "phased":
-            lines.append("Phased: the on-chip columns are each IPU's largest phase (one sub-layer or vocabulary "
-                         "slice at a time); params and streamed cover all its blocks.")
-        if self.fits and self.peak_bytes > HEADROOM * SRAM_BYTES:
-            lines.append("Tight: the fullest IPU is at {:.0%} of its SRAM, past the {:.0%} this planner aims for; "
-                         "check Poplar's memory report before a long run.".format(
-                             self.peak_bytes / SRAM_BYTES, HEADROOM))
-        lines.append("SRAM {:,.0f} MB per IPU; {}. Estimates (ipu_t5/backends/ipu/memory.py); Poplar's memory report "
-                     "after compiling is the authority.".format(
-                         SRAM_BYTES / 1e6, "the {} replicas hold the same".format(self.replicas)
-                         if self.replicas > 1 else "one replica"))
-        return "\n".join(lines)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The plan as `ipu-t5 plan --json` prints it."""
-        n = self.ipus_per_replica
-        return {
-            "model": self.layout.size.name, "total_ipus": self.total_ipus, "ipus_per_replica": n,
-            "replicas": self.replicas, "execution": self.execution,
-            "precision": "float16" if self.half else "float32", "fits": self.fits,
-            "micro_batch_size": self.layout.micro_batch_size,
-            "gradient_accumulation_steps": self.layout.micro_batches,
-            "global_batch_size": self.layout.global_batch_size, "device_iterations": 1,
-            "inference_device_iterations": self.inference_device_iterations,
-            "source_length": self.source_length, "target_length": self.target_length,
-            "embedding_serialization_factor": self.embedding_serialization_factor,
-            "replicated_tensor_sharding": self.shards > 1, "sram_bytes": SRAM_BYTES,
-            "ipus": [{"ipu": m.ipu, "ids": [r * n + m.ipu for r in range(self.replicas)], "blocks": list(m.blocks),
-                      "params": m.params, "weights_bytes": m.weights, "gradients_bytes": m.gradients,
-                      "optimizer_bytes": m.optimizer, "activations_bytes": m.activations,
-                      "working_bytes": m.working, "onchip_bytes": m.onchip, "streamed_bytes": m.streamed,
-                      "fits": m.fits, "peak_piece": m.peak_piece} for m in self.ipus],
-            "pieces": [{"name": p.name, "ipu": p.ipu, "blocks": list(p.blocks), "params": p.params}
-                       for p in self.pieces],
-        }
 
 
 def check_ipu_count(stages: int, replicas: int, auto_round: bool) -> None:
@@ -192,41 +86,128 @@ def balanced_by_parameters(layout: LayoutPlan) -> LayoutPlan:
                        None, partition_costs(costs, layout.stages), layout.schedule)
 
 
-def _layouts(config, layout: LayoutPlan, execution: str) -> List[LayoutPlan]:
+def _layouts(config, layout: LayoutPlan) -> List[LayoutPlan]:
     if config.layout.layers_per_stage is not None or layout.stages == 1:
         return [layout]
     variants = [layout, balanced_by_parameters(layout)]
-    if execution == "phased":
-        variants.reverse()
     return [v for i, v in enumerate(variants) if v.stage_blocks not in [w.stage_blocks for w in variants[:i]]]
 
 
-def _build(layout: LayoutPlan, execution: str, micro: int, slices: int, source: int, target: int,
-           state: StateBytes, half: bool, inference_iterations: int) -> IpuPlan:
+def _with_micro(layout: LayoutPlan, micro: int) -> LayoutPlan:
     per_replica = layout.micro_batch_size * layout.micro_batches
-    layout = dataclasses.replace(layout, micro_batch_size=micro, micro_batches=per_replica // micro)
+    return dataclasses.replace(layout, micro_batch_size=micro, micro_batches=per_replica // micro)
+
+
+def _build_pipelined(layout: LayoutPlan, micro: int, slices: int, source: int, target: int, state: StateBytes,
+                     half: bool, inference_iterations: int) -> IpuPlan:
+    layout = _with_micro(layout, micro)
     size = layout.size
     shapes = Shapes(micro, source, target, state.weight)
-    cut = pipelined_pieces if execution == "pipelined" else phased_pieces
-    pieces = cut(size, layout.stage_blocks, slices)
-    ipus = []
-    for ipu in range(layout.stages):
-        mine = [p for p in pieces if p.ipu == ipu]
-        if execution == "pipelined":
-            ipus.append(pipelined_ipu(size, ipu, layout.stages, mine, shapes, state, slices))
-        else:
-            ipus.append(phased_ipu(size, ipu, mine, shapes, state, slices))
-    return IpuPlan(layout=layout, execution=execution, pieces=tuple(pieces), ipus=tuple(ipus),
+    pieces = pipelined_pieces(size, layout.stage_blocks, slices)
+    ipus = tuple(pipelined_ipu(size, ipu, layout.stages, [p for p in pieces if p.ipu == ipu], shapes, state, slices)
+                 for ipu in range(layout.stages))
+    slowest = max(range(layout.stages), key=lambda i: layout.stage_flops(i, source, target))
+    estimate = pipelined_cost(size, layout.stage_flops(slowest, source, target), max(m.params for m in ipus),
+                              layout.stages, shapes, layout.micro_batches, layout.replicas, state.shards,
+                              state.optimizer_offchip, state.recompute, layout.global_batch_size)
+    return IpuPlan(layout=layout, execution="pipelined", pieces=tuple(pieces), ipus=ipus,
                    embedding_serialization_factor=slices, half=half, source_length=source,
                    target_length=target, inference_device_iterations=inference_iterations,
-                   shards=state.shards, optimizer_state_offchip=state.optimizer_offchip or execution == "phased")
+                   shards=state.shards, optimizer_state_offchip=state.optimizer_offchip, cost=estimate)
 
 
-def plan_ipu(config, layout: LayoutPlan, source_length: int, target_length: int) -> IpuPlan:
+def _build_phased(layout: LayoutPlan, phasing: str, micro: int, slices: int, source: int, target: int,
+                  state: StateBytes, half: bool, inference_iterations: int) -> IpuPlan:
+    layout = _with_micro(layout, micro)
+    size, n = layout.size, layout.stages
+    parts = n if phasing == "serial" else n // 2
+    shapes = Shapes(micro, source, target, state.weight)
+    phases = split_phases(size, parts, slices)
+    ipus = []
+    for ipu in range(n):
+        mine, part = (phases, ipu) if phasing == "serial" else (phases[ipu % 2::2], ipu // 2)
+        ipus.append(split_ipu(size, ipu, mine, part, parts, shapes, state, slices))
+    estimate = split_cost(size, phases, shapes, parts, slices, layout.micro_batches, layout.replicas, state.shards,
+                          phasing, layout.global_batch_size)
+    return IpuPlan(layout=layout, execution="phased", pieces=(), ipus=tuple(ipus),
+                   embedding_serialization_factor=slices, half=half, source_length=source,
+                   target_length=target, inference_device_iterations=inference_iterations,
+                   shards=state.shards, optimizer_state_offchip=True, cost=estimate, phasing=phasing,
+                   split_phases=tuple(phases))
+
+
+def split_refusal(size, parts: int) -> Optional[str]:
+    """Why a phase cannot be split `parts` ways (heads, hidden and inner units must divide), or None."""
+    for what, count in (("attention heads", size.num_heads), ("hidden units", size.d_model),
+                        ("feed-forward units", size.d_ff)):
+        if count % parts:
+            return "its {} {} do not split {} ways".format(count, what, parts)
+    return None
+
+
+def _phased_candidates(config, layout: LayoutPlan, micros: Sequence[int], source: int, target: int,
+                       state: StateBytes, half: bool, iterations: int, phasings: Sequence[str],
+                       reasons: List[str]) -> List[IpuPlan]:
+    size, n = layout.size, layout.stages
+    candidates = []
+    for phasing in phasings:
+        parts = n if phasing == "serial" else n // 2
+        if phasing == "parallel" and (n < 2 or n % 2):
+            reasons.append("parallel phases alternate between two groups of IPUs: {} per replica do not halve"
+                           .format(n))
+            continue
+        why = split_refusal(size, parts)
+        if why is not None:
+            reasons.append("{} phases on {} IPUs: {}".format(phasing, parts, why))
+            continue
+        for slices in _split_slices(size.vocab_size, parts, config.ipu.embedding_serialization_factor):
+            candidates += [_build_phased(layout, phasing, m, slices, source, target, state, half, iterations)
+                           for m in micros]
+    return candidates
+
+
+def _split_slices(vocab_size: int, parts: int, configured: Optional[int]) -> List[int]:
+    """Vocabulary slices for split phases: whole slices on each IPU of a phase."""
+    if configured is not None:
+        if configured % parts or vocab_size % configured:
+            raise UserError("ipu.embedding_serialization_factor {} must divide the vocabulary of {} tokens into "
+                            "whole slices for each of the {} IPUs of a phase: use one of {}, or leave it unset."
+                            .format(configured, vocab_size, parts, ", ".join(
+                                str(k) for k in _split_slices(vocab_size, parts, None))))
+        return [configured]
+    return [parts * k for k in (1, 2, 4, 8) if vocab_size % (parts * k) == 0]
+
+
+def _phasing_reason(chosen: IpuPlan, candidates: Sequence[IpuPlan], reasons: Sequence[str]) -> str:
+    """Why the chosen phasing: its estimate against the best of the other phasing."""
+    words = {"serial": "serial phases (every phase on all {} IPUs)",
+             "parallel": "parallel phases (two groups of {} alternating)"}
+    chosen_words = words[chosen.phasing].format(chosen.ipus_per_phase)
+    others = [c for c in candidates if c.phasing != chosen.phasing]
+    fitting = [c for c in others if c.fits]
+    if fitting:
+        best = min(fitting, key=lambda c: c.cost.step_seconds)
+        serial = chosen if chosen.phasing == "serial" else best
+        return ("{}: {} s per step estimated, against {} s for {}. Parallel phases hide one group's streaming "
+                "under the other's compute, but run each phase on half the IPUs, which doubles both; here "
+                "streaming takes {} s and compute and exchange {} s under serial phases.".format(
+                    chosen_words, seconds(chosen.cost.step_seconds), seconds(best.cost.step_seconds),
+                    words[best.phasing].format(best.ipus_per_phase), seconds(serial.cost.streaming_seconds),
+                    seconds(serial.cost.compute_seconds + serial.cost.exchange_seconds)))
+    if others:
+        return "{}: {} does not fit ({:,.0f} MB on its fullest IPU).".format(
+            chosen_words, words[others[0].phasing].format(others[0].ipus_per_phase),
+            min(c.peak_bytes for c in others) / 1e6)
+    return "{}{}.".format(chosen_words, "; " + "; ".join(reasons) if reasons else "")
+
+
+def plan_ipu(config, layout: LayoutPlan, source_length: int, target_length: int,
+             phasings: Sequence[str] = PHASINGS) -> IpuPlan:
     """Place `layout` on IPUs for a RunConfig and the data's token lengths, or refuse.
 
     Raises UserError for a rule poptorch would reject at compile time and IpuPlanRefused (a
-    UserError with the per-IPU tables in `details`) when no strategy fits the SRAM.
+    UserError with the per-IPU tables in `details`) when no strategy fits the SRAM. `phasings`
+    narrows the phased execution considered (tests use it to build a parallel plan).
     """
     ipu = config.ipu
     check_ipu_count(layout.stages, layout.replicas, ipu.auto_round_num_ipus)
@@ -235,11 +216,14 @@ def plan_ipu(config, layout: LayoutPlan, source_length: int, target_length: int)
     fixed_split = config.layout.micro_batch_size is not None or config.layout.gradient_accumulation_steps is not None
     per_replica = layout.micro_batch_size * layout.micro_batches
     needed = pipeline_accumulation_needed(layout.stages)
-    slices = _slice_choices(layout.size.vocab_size, ipu.embedding_serialization_factor)
     executions = EXECUTIONS if ipu.execution_strategy == "auto" else (ipu.execution_strategy,)
     attempts: List[IpuPlan] = []
     reasons: List[str] = []
     for execution in executions:
+        state = StateBytes(weight=2 if half else 4,
+                           optimizer_offchip=ipu.optimizer_state_offchip or execution == "phased",
+                           shards=shards, matmul_proportion=ipu.matmul_proportion,
+                           recompute=ipu.recompute_checkpoint_every_layer)
         if execution == "pipelined":
             micros = [m for m in ([layout.micro_batch_size] if fixed_split else _divisors(per_replica))
                       if per_replica // m >= needed]
@@ -261,26 +245,29 @@ def plan_ipu(config, layout: LayoutPlan, source_length: int, target_length: int)
                 raise UserError("pipelined inference over {} IPUs needs at least {} device iterations, but "
                                 "ipu.inference_device_iterations is {}: raise it to {} or more.".format(
                                     layout.stages, layout.stages, iterations, layout.stages))
+            candidates = [_build_pipelined(variant, m, k, source_length, target_length, state, half, iterations)
+                          for variant in _layouts(config, layout) for m in micros
+                          for k in _slice_choices(layout.size.vocab_size, ipu.embedding_serialization_factor)]
+            chosen = _choose_first(candidates, automatic=len(candidates) > 1)
         else:
-            # Phased execution has no pipeline to fill, but the layout plan keeps at least one
-            # micro-batch per stage (`plan_layout`), so a plan exported and read back stays valid.
+            # No pipeline to fill, but the layout plan keeps at least one micro-batch per stage
+            # (`plan_layout`), so a plan exported and read back stays valid.
             micros = [layout.micro_batch_size] if fixed_split else [
                 m for m in _divisors(per_replica) if per_replica // m >= layout.stages]
             iterations = ipu.inference_device_iterations or 1
-        state = StateBytes(weight=2 if half else 4,
-                           optimizer_offchip=ipu.optimizer_state_offchip or execution == "phased",
-                           shards=shards, matmul_proportion=ipu.matmul_proportion,
-                           recompute=ipu.recompute_checkpoint_every_layer)
-        candidates = [_build(variant, execution, m, k, source_length, target_length, state, half, iterations)
-                      for variant in _layouts(config, layout, execution) for m in micros for k in slices]
-        chosen = _choose(candidates, automatic=len(candidates) > 1)
+            candidates = _phased_candidates(config, layout, micros, source_length, target_length, state, half,
+                                            iterations, phasings, reasons)
+            chosen = _choose_fastest(candidates)
+            if chosen is not None:
+                chosen = dataclasses.replace(chosen, reason=_phasing_reason(chosen, candidates, reasons))
         if chosen is not None:
             return chosen
-        attempts.append(min(candidates, key=lambda p: p.peak_bytes))
+        if candidates:
+            attempts.append(min(candidates, key=lambda p: p.peak_bytes))
     raise _refusal(layout, attempts, reasons)
 
 
-def _choose(candidates: Sequence[IpuPlan], automatic: bool) -> Optional[IpuPlan]:
+def _choose_first(candidates: Sequence[IpuPlan], automatic: bool) -> Optional[IpuPlan]:
     """When choosing automatically: the first candidate (largest micro-batch, then fewest slices)
     under the headroom target, else the fitting one with the most room; with nothing to choose,
     the candidate if it fits."""
@@ -292,13 +279,21 @@ def _choose(candidates: Sequence[IpuPlan], automatic: bool) -> Optional[IpuPlan]
     return min(fitting, key=lambda plan: plan.peak_bytes) if fitting else None
 
 
+def _choose_fastest(candidates: Sequence[IpuPlan]) -> Optional[IpuPlan]:
+    """The fastest estimated step under the headroom target, else the fastest that fits."""
+    for pool in ([p for p in candidates if p.peak_bytes <= HEADROOM * SRAM_BYTES], [p for p in candidates if p.fits]):
+        if pool:
+            return min(pool, key=lambda p: p.cost.step_seconds)
+    return None
+
+
 def _refusal(layout: LayoutPlan, attempts: Sequence[IpuPlan], reasons: Sequence[str]) -> IpuPlanRefused:
     worst = ["{} execution needs {:,.0f} MB on IPU {}".format(
         p.execution, p.peak_bytes / 1e6, max(p.ipus, key=lambda m: m.onchip).ipu) for p in attempts]
     message = ("Flan-T5 {} does not fit {} IPU(s) per replica x {} replica(s): {} ({:,.0f} MB of SRAM each). "
-               "Try more replicas (replicated tensor sharding splits the streamed optimizer state), shorter prompts "
-               "(data.max_source_length), a lower ipu.matmul_proportion, or, for a pipeline, more IPUs per replica "
-               "(--stages); `ipu-t5 plan` prints the per-IPU table.".format(
+               "Try more IPUs per replica (--stages), more replicas (replicated tensor sharding splits the streamed "
+               "state), shorter prompts (data.max_source_length) or a lower ipu.matmul_proportion; `ipu-t5 plan` "
+               "prints the per-IPU table.".format(
                    layout.size.name, layout.stages, layout.replicas, "; ".join(worst + list(reasons)),
                    SRAM_BYTES / 1e6))
     return IpuPlanRefused(message, "\n\n".join(p.table() for p in attempts), attempts)

@@ -11,9 +11,12 @@ machine, and it is held to the real API so that it cannot accept what poptorch w
 - It records the calls (`Record`: every call with its bound arguments, BeginBlock placements,
   executors) for tests to assert.
 - At compile time (the first call of an executor) it enforces poptorch's and PopART's rules: blocks
-  known to an explicit strategy, pipeline stages in ascending order, IPUs used a power of two unless
-  `autoRoundNumIPUs`, training gradient accumulation >= 2 x stages - 1, inference device iterations
-  >= stages, a host batch divisible into micro-batches, free IPUs to attach to.
+  known to an explicit strategy, each in exactly one stage, pipeline stages and phases in
+  ascending order, IPUs used a power of two unless `autoRoundNumIPUs`, training gradient
+  accumulation >= 2 x stages - 1, inference device iterations >= stages, a host batch divisible
+  into micro-batches, free IPUs to attach to; and the documented phase rules: the stages of a
+  phase on distinct IPUs within the replica, serial phases all on one group of IPUs, parallel
+  phases alternating between the even and the odd IPUs.
 - It executes on the CPU with poptorch's semantics: weights and optimizer state live "on the device"
   (the host copies go stale until `copyWeightsToHost` or a detach), `trainingModel` runs forward,
   backward and one optimizer step per device iteration over micro-batch x replicas x gradient
@@ -264,6 +267,24 @@ class ShardedExecution(PipelinedExecution):
 class _Phased(_Strategy):
     phased = True
 
+    def _check_phases(self, ipus_per_replica: int):
+        """poptorch's phase rules: every stage of a phase on its own IPU within the replica, and the
+        strategy's own rule for the groups of IPUs the phases use."""
+        ipus_of_phases = []
+        for index, phase in enumerate(self.phases):
+            ipus = [stage.ipu_id for stage in phase.stages]
+            if None in ipus:
+                raise Error("phase {} has a stage with no IPU: give every stage of a phase one".format(index))
+            outside = sorted(i for i in ipus if not 0 <= i < ipus_per_replica)
+            if outside:
+                raise Error("phase {} has stages on IPU(s) {}, outside the {} IPUs of a replica".format(
+                    index, outside, ipus_per_replica))
+            if len(set(ipus)) != len(ipus):
+                raise Error("phase {} has two stages on one IPU ({}): the stages of a phase run at the same time on "
+                            "different IPUs".format(index, ipus))
+            ipus_of_phases.append(ipus)
+        self._check_groups(ipus_of_phases)
+
     def __init__(self, *phases):
         super().__init__()
         assert phases, "There is currently no AutoStage for PhasedExecution, please explicitly specify the phases"
@@ -277,6 +298,8 @@ class _Phased(_Strategy):
 
 
 class SerialPhasedExecution(_Phased):
+    """ "All the phases run serially on a single group of IPUs" (poptorch's docstring)."""
+
     @checked("poptorch.SerialPhasedExecution")
     def __init__(self, *phases):
         super().__init__(*phases)
@@ -290,6 +313,38 @@ class SerialPhasedExecution(_Phased):
     @checked("poptorch.SerialPhasedExecution.phase")
     def phase(self, phase):
         return self.phases[phase]
+
+    def _check_groups(self, ipus_of_phases):
+        groups = {frozenset(ipus) for ipus in ipus_of_phases}
+        if len(groups) > 1:
+            raise Error("SerialPhasedExecution runs all the phases on a single group of IPUs, but the phases use {}"
+                        .format(sorted(sorted(g) for g in groups)))
+
+
+class ParallelPhasedExecution(_Phased):
+    """Phases alternate between two groups of IPUs: "Even phases must run on even IPUs and odd
+    phases on odd IPUs" (poptorch's user guide)."""
+
+    @checked("poptorch.ParallelPhasedExecution")
+    def __init__(self, *phases):
+        super().__init__(*phases)
+
+    @checked("poptorch.ParallelPhasedExecution.phase")
+    def phase(self, phase):
+        return self.phases[phase]
+
+    @checked("poptorch.ParallelPhasedExecution.sendTensorsOffChipAfterFwd")
+    def sendTensorsOffChipAfterFwd(self, off_chip=True):
+        assert isinstance(off_chip, bool)
+        self.liveness = Liveness.OffChipAfterFwd if off_chip else Liveness.AlwaysLive
+        return self
+
+    def _check_groups(self, ipus_of_phases):
+        for index, ipus in enumerate(ipus_of_phases):
+            wrong = sorted(i for i in ipus if i % 2 != index % 2)
+            if wrong:
+                raise Error("ParallelPhasedExecution: phase {} is {} and must run on {} IPUs, but uses IPU(s) {}".format(
+                    index, "even" if index % 2 == 0 else "odd", "even" if index % 2 == 0 else "odd", wrong))
 
 
 class _BlockHook:
@@ -464,6 +519,8 @@ class PoplarExecutor:
                 ipu = ipu_id
                 positions.append(ipu_id)
             ipus.append(ipu)
+        if strategy.phased:
+            strategy._check_phases(RECORD.ipus // self._replicas)
         if any(later < earlier for earlier, later in zip(positions, positions[1:])):
             raise Error("{} ids must be ascending in execution order; got {}".format(
                 "phase" if strategy.phased else "stage", positions))
@@ -676,7 +733,8 @@ def inferenceModel(model, options=None):
 PUBLIC = {
     "Options": Options, "TensorLocationSettings": TensorLocationSettings, "Stage": Stage, "Phase": Phase,
     "PipelinedExecution": PipelinedExecution, "ShardedExecution": ShardedExecution,
-    "SerialPhasedExecution": SerialPhasedExecution, "BeginBlock": BeginBlock, "identity_loss": identity_loss,
+    "SerialPhasedExecution": SerialPhasedExecution, "ParallelPhasedExecution": ParallelPhasedExecution,
+    "BeginBlock": BeginBlock, "identity_loss": identity_loss,
     "ipuHardwareIsAvailable": ipuHardwareIsAvailable, "trainingModel": trainingModel,
     "inferenceModel": inferenceModel, "OutputMode": OutputMode, "ReductionType": ReductionType,
     "Liveness": Liveness, "AutoStage": AutoStage, "Error": Error, "PoplarExecutor": PoplarExecutor,

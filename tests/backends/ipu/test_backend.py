@@ -100,48 +100,42 @@ def test_standin_rejects_what_the_real_poptorch_rejects(standin):
 
 # ----- placement of the big sizes (structure only: no weights are materialised) -----
 
-def placed_ipu_of_parameters(record, module):
-    """For every parameter under `module`: the ipu_id of the innermost placed module holding it."""
-    placed = {id(m): ipu for m, _, ipu in record.placements}
-    innermost = {}
-    for prefix, sub in module.named_modules():
-        if id(sub) not in placed:
-            continue
-        depth = len(prefix.split(".")) if prefix else 0
-        for name, _ in sub.named_parameters():
-            full = "{}.{}".format(prefix, name) if prefix else name
-            if full not in innermost or depth > innermost[full][0]:
-                innermost[full] = (depth, placed[id(sub)])
-    return {name: ipu for name, (_, ipu) in innermost.items()}
-
-
 @pytest.mark.parametrize("model, replicas, per_replica", [("xxl", 4, 16), ("xl", 1, 8)])
-def test_big_sizes_place_every_block_on_its_planned_ipu(standin, model, replicas, per_replica):
+def test_big_sizes_split_every_phase_over_every_ipu(standin, model, replicas, per_replica):
     config = load_config(model, **{"layout.replicas": replicas, "layout.backend": "ipu"})
     backend = IpuBackend(config, plan_from_config(config, 128, 4))
     backend.lengths = Lengths(128, 4)
     backend.setup(meta_model(SIZES[model]))
-    plan = backend.plan
+    plan = backend.ipu_plan
     (training,) = standin.executors
     opts = training.options
     assert opts.value("replicationFactor", "replication_factor") == replicas
-    assert opts.Training.value("gradientAccumulation", "gradient_accumulation") == plan.micro_batches
+    assert opts.Training.value("gradientAccumulation", "gradient_accumulation") == plan.layout.micro_batches
     strategy = opts.value("setExecutionStrategy", "strategy")
+    assert isinstance(strategy, poptorch_standin.SerialPhasedExecution)
+    assert strategy.liveness == poptorch_standin.Liveness.OffChipAfterEachPhase
+    # Every phase: one stage per IPU of the replica, part j on IPU j.
+    assert len(strategy.phases) == len(plan.phases())
+    for phase, (name, ipus) in zip(strategy.phases, plan.phases()):
+        assert ipus == tuple(range(per_replica))
+        assert [(s.block_ids, s.ipu_id) for s in phase.stages] == [(("{}/{}".format(name, j),), j) for j in ipus]
     stage_ipus = {block: stage.ipu_id for block, (_, stage) in strategy.block_map.items()}
-    assert (max(stage_ipus.values()) + 1) * replicas == per_replica * replicas == backend.ipu_plan.total_ipus
-    assert plan.stages == per_replica
-    owners = placed_ipu_of_parameters(standin, backend.t5)
-    assert set(owners) == {n for n, _ in backend.t5.named_parameters()}  # every weight is in a block
-    for block in SIZES[model].block_names:
-        stack, index = block.split(".")
-        mine = {n: ipu for n, ipu in owners.items() if n.startswith("{}.block.{}.".format(stack, index))}
-        assert mine and set(mine.values()) == {plan.stage_of(block)}, block
     for _, user_id, ipu in standin.placements:
         assert stage_ipus[user_id] == ipu  # BeginBlock and the strategy agree
-    assert len({id(module) for module, _, _ in standin.placements}) == len(standin.placements)
-    if backend.ipu_plan.execution == "phased":
-        assert [phase.stages[0].block_ids[0] for phase in strategy.phases] == [n for n, _ in backend.ipu_plan.phases()]
-        assert strategy.liveness == poptorch_standin.Liveness.OffChipAfterEachPhase
+    # Every weight is read by exactly one placed module, the one of its slice's part: one IPU each.
+    placed = {id(module): user_id for module, user_id, _ in standin.placements}
+    readers = {}
+    for _, part, module in backend.t5.ipu_split.phase_modules():
+        refs = getattr(module, "refs", None)
+        for sliced in (refs.sliced.values() if refs else ()):
+            readers.setdefault(id(sliced[module.index]), []).append(placed[id(module)])
+    names = {id(p): n for n, p in backend.t5.named_parameters()}
+    assert set(readers) == set(names) and all(len(r) == 1 for r in readers.values())
+    for param, (user_id,) in readers.items():
+        name = names[param]
+        slice_index = int(name.split(".slices.")[1].split(".")[0])
+        parts = per_replica if name.split(".")[0] not in ("shared", "lm_head") else plan.embedding_serialization_factor
+        assert stage_ipus[user_id] == slice_index * per_replica // parts, name
 
 
 # ----- end to end on a tiny model, executed by the stand-in on the CPU -----
@@ -358,6 +352,22 @@ def test_lora_float16_step_keeps_the_base_frozen(standin, tmp_path):
     assert {n for n in moved if ".lora_B." in n} == {n for n in before if ".lora_B." in n}
 
 
+def train_export_and_checkpoint(config, where, more_steps):
+    """A run trained, validated and exported, a checkpoint saved, then trained on to `more_steps`
+    steps without a break: (trainer, export directory, checkpoint, the unbroken run's final loss)."""
+    from ipu_t5.training.trainer import T5Trainer
+
+    trainer = T5Trainer(config)
+    trainer.train()
+    trainer.evaluate()
+    hf_dir = trainer.export_hf()
+    checkpoint = trainer.save_checkpoint(where / "run" / "checkpoints" / "final")
+    trainer.config.training.max_steps = more_steps
+    straight = trainer.train()["final_loss"]
+    trainer.close()
+    return trainer, hf_dir, checkpoint, straight
+
+
 def test_lora_run_end_to_end_on_the_ipu_backend(standin, tmp_path):
     from safetensors.torch import load_file
 
@@ -372,14 +382,7 @@ def test_lora_run_end_to_end_on_the_ipu_backend(standin, tmp_path):
         settings.update(values)
         return tiny_config(where, **settings)
 
-    trainer = T5Trainer(config(tmp_path))
-    trainer.train()
-    trainer.evaluate()
-    hf_dir = trainer.export_hf()
-    checkpoint = trainer.save_checkpoint(tmp_path / "run" / "checkpoints" / "final")
-    trainer.config.training.max_steps = 3
-    straight = trainer.train()["final_loss"]
-    trainer.close()
+    trainer, hf_dir, checkpoint, straight = train_export_and_checkpoint(config(tmp_path), tmp_path, 3)
     assert trainer.backend.name == "ipu"
     saved = load_file(str(checkpoint / "model.safetensors"))
     assert len(saved) == 2 * 12 and all(lora.is_adapter_key(n) for n in saved)
