@@ -61,8 +61,11 @@ class Backend(abc.ABC):
         return self.name
 
     @abc.abstractmethod
-    def setup(self, model: torch.nn.Module) -> None:
-        """Take the whole model (on CPU), place it, and build the optimizer."""
+    def setup(self, model) -> None:
+        """Build the model from `model`, an `ipu_t5.model_source.ModelSource` (only the part this
+        process holds: a meta-device frame materialised on this process's device, its weights read
+        or drawn by name), or take a whole `torch.nn.Module` as it is; place it and build the
+        optimizer."""
 
     @abc.abstractmethod
     def train_step(self, batch: GlobalBatch, step: int) -> StepResult:

@@ -17,10 +17,12 @@ def flat_shares(shares: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[s
             yield prefix + key, value
 
 
-def transfer(operation: str, state: Dict[str, Any], path: Path) -> None:
+def transfer(operation: str, state: Dict[str, Any], path: Path, alone: bool = False) -> None:
     """torch.distributed.checkpoint's "save" (every process writes its share of `state`) or "load"
     (fills `state`'s tensors in place, each process reading what it holds): dcp.save / dcp.load
-    from torch 2.2, save_state_dict / load_state_dict in the SDK's torch 2.0."""
+    from torch 2.2, save_state_dict / load_state_dict in the SDK's torch 2.0. `alone`: this process
+    only, without the collective the other processes would have to join (a load of names that only
+    this process asks for)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -31,7 +33,7 @@ def transfer(operation: str, state: Dict[str, Any], path: Path) -> None:
         function, args, kwargs = getattr(dcp, operation + "_state_dict"), (state, storage(str(path))), {}
     # Without a process group (one process reading what a sharded backend wrote): say so where
     # this torch asks, and do not warn about it.
-    alone = not (dist.is_available() and dist.is_initialized())
+    alone = alone or not (dist.is_available() and dist.is_initialized())
     if alone and "no_dist" in inspect.signature(function).parameters:
         kwargs["no_dist"] = True
     with warnings.catch_warnings():

@@ -63,14 +63,20 @@ class Checkpoint:
         path = self.path / PROCESS_FILE.format(rank)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def load_into(self, backend) -> None:
-        """Load weights and optimizer state into `backend`, whatever layout either one has."""
+    def load_into(self, backend, model: bool = True) -> None:
+        """Load weights (unless not `model`: the backend was built from them) and optimizer state into
+        `backend`, whatever layout either one has: a sharded checkpoint into a sharded backend
+        through torch.distributed.checkpoint, anything else by name, each tensor read from disk when
+        the backend looks it up."""
         shares = backend.checkpoint_state() if self.sharded else None
         if shares is not None:
+            if not model:
+                shares = {k: v for k, v in shares.items() if k != "model"}
             dcp.transfer("load", shares, self.path / SHARDED_DIR)
             backend.load_checkpoint_state(shares)
             return
-        backend.load_model_state_dict(self.model_tensors())
+        if model:
+            backend.load_model_state_dict(self.model_tensors())
         backend.load_optimizer_state_dict(self.optimizer_state())
 
 

@@ -83,6 +83,7 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
             raise
 
     staging = Path(backend.on_main(begin))
+    written: Dict[str, Dict[str, object]] = {}
     if shares is not None:
         try:
             dcp.transfer("save", shares, staging / SHARDED_DIR)
@@ -92,6 +93,11 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
             if atomic.is_no_space(err):
                 raise _no_space(path, needed) from None
             raise
+        # Every process reads back, checksums and syncs its share of the files, in parallel.
+        part = atomic.fsync_tree(staging / SHARDED_DIR, checksum=True,
+                                 share=(backend.process_index, backend.num_processes))
+        for entries in backend.gather_object(part):
+            written.update({"{}/{}".format(SHARDED_DIR, k): v for k, v in entries.items()})
 
     def finish() -> None:
         try:
@@ -99,7 +105,7 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
                 with open(str(staging / PROCESS_FILE.format(rank)), "w") as f:
                     json.dump(state, f)
             _write_main_files(staging, tensors, needed, trainer_state, run_config, hf_config, tokenizer,
-                              backend.num_processes, shares is not None, path)
+                              backend.num_processes, shares is not None, path, written)
             atomic.replace_dir(staging, path)
         except BaseException as err:
             shutil.rmtree(str(staging), ignore_errors=True)
@@ -113,7 +119,8 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
 
 def _write_main_files(staging: Path, tensors: Dict[str, Dict[str, torch.Tensor]], needed: int,
                       trainer_state: Dict[str, Any], run_config: Dict[str, Any], hf_config, tokenizer,
-                      num_processes: int, sharded: bool, path: Path) -> None:
+                      num_processes: int, sharded: bool, path: Path,
+                      written: Dict[str, Dict[str, object]]) -> None:
     import transformers
 
     from .. import __version__
@@ -132,7 +139,7 @@ def _write_main_files(staging: Path, tensors: Dict[str, Dict[str, torch.Tensor]]
         "tensors": "torch.distributed.checkpoint" if sharded else "safetensors",
         "num_processes": num_processes,
         "versions": {"ipu_t5": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "files": atomic.fsync_tree(staging, checksum=True),
+        "files": atomic.fsync_tree(staging, checksum=True, done=written),
     })
     # Written last and synced (the other files already are): its presence marks the checkpoint complete.
     with open(str(staging / STATE_FILE), "w") as f:

@@ -25,7 +25,8 @@ from ..data.features import Lengths
 from ..data.prepare import prepare_data
 from ..errors import UserError
 from ..layout import plan_from_config
-from ..models import build_model, canonical_size, load_pretrained, model_from_config, set_dropout
+from ..model_source import run_source
+from ..models import canonical_size, parameter_shapes
 from ..tasks import build_task
 from .best_metric import BestMetric
 from .checkpoints import RunCheckpoints
@@ -93,28 +94,31 @@ class T5Trainer(RunCheckpoints):
         self.prompt_length = data.prompt_length
         self.lengths: Lengths = data.lengths
         self.train_tokens = data.train_tokens
-        if pretrained is None and candidate is not None and not lora.enabled(config):
-            # The architecture; its weights are loaded by _resume. A LoRA checkpoint holds only the
-            # adapters, so the base is the run's own starting point, built as before.
-            pretrained = candidate.hf_config()
-        model = self._model(pretrained)
-        self.hf_config = model.config
-        self.base_model = str(pretrained) if isinstance(pretrained, (str, Path)) else (
-            config.model.pretrained or canonical_size(config.model.name).hub_id)
-        if lora.enabled(config):
-            # Before the backend sees the model: every backend then trains only the adapters. The
-            # A matrices start from the run's seed, whatever ran before in this process.
-            torch.manual_seed(config.training.seed)
-            lora.apply_lora(model, config.peft)
-            self.adapter_shapes = {k: tuple(v.shape) for k, v in lora.adapter_state(model.state_dict()).items()}
-        self.num_params = sum(p.numel() for p in model.parameters())
-        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
         self.backend = backend or backend_type(config, self.plan)
         if self.backend.lengths is None:
             self.backend.lengths = self.lengths
+        # Verified (every file's checksum) before any weight is read from it.
+        found = checkpointing.find_for_resume(self.backend, resume, self.output_dir, self._say) if resume else None
+        weights = None
+        if pretrained is None and found is not None and not lora.enabled(config):
+            # The architecture and weights of the checkpoint, read by each process for what it holds. A
+            # LoRA checkpoint holds only the adapters, so the base is the run's own starting point.
+            pretrained, weights = found.hf_config(), found.model_tensors()
+            checkpointing.check_tensors(found, parameter_shapes(pretrained))
+        # A description of the model; each backend builds only what it holds.
+        self.source = run_source(config, len(self.tokenizer), self.backend, pretrained, weights)
+        self.hf_config = self.source.hf_config
+        self.base_model = str(pretrained) if isinstance(pretrained, (str, Path)) else (
+            config.model.pretrained or canonical_size(config.model.name).hub_id)
+        frame = self.source.meta_model()
+        if lora.enabled(config):
+            self.adapter_shapes = {k: tuple(v.shape) for k, v in lora.adapter_state(frame.state_dict()).items()}
+        self.num_params = sum(p.numel() for p in frame.parameters())
+        self.num_trainable = sum(p.numel() for p in frame.parameters() if p.requires_grad)
+        del frame
         torch.manual_seed(config.training.seed)
-        self.backend.setup(model)
+        self.backend.setup(self.source)
         # The backend may refine the plan (the IPU chooses its micro-batch and blocks per IPU).
         self.plan = self.backend.plan
         self.metric = accuracy_metric
@@ -139,25 +143,8 @@ class T5Trainer(RunCheckpoints):
         self._stop: Optional[GracefulStop] = None
         self._claimed = False
         self._log: Optional[MetricsLog] = None
-        if resume:
-            self._resume(resume)
-
-    def _model(self, pretrained):
-        """`pretrained` is a module, a hub id or directory, a T5Config (resuming: the weights come
-        from the checkpoint), or None for the config's model."""
-        from transformers import PretrainedConfig
-
-        if pretrained is None:
-            return build_model(self.config, len(self.tokenizer))
-        if isinstance(pretrained, PretrainedConfig):
-            model = model_from_config(pretrained)
-        elif isinstance(pretrained, (str, Path)):
-            model = load_pretrained(str(pretrained))
-        else:
-            model = pretrained
-        if self.config.model.dropout_rate is not None:
-            set_dropout(model, self.config.model.dropout_rate)
-        return model
+        if found is not None:
+            self._resume(found, weights_loaded=weights is not None)
 
     # ----- output -----
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ...data.batching import GlobalBatch, collate
 from ...errors import UserError
+from ...model_source import ModelSource
 from ..base import Backend, StepResult
 from ..fast_ops import use_fast_ops
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
@@ -86,13 +87,18 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
             self.config.layout.data_parallel.upper() if self.plan.replicas > 1 else "no data parallelism",
             "bf16 autocast" if self.amp_dtype else "fp32")
 
-    def setup(self, model: torch.nn.Module) -> None:
-        use_fast_ops(model, float32=self.amp_dtype is None)
-        hf = model.config
+    def setup(self, model) -> None:
+        source = ModelSource.of(model)
+        # The whole model on the meta device: its parts are cut into this rank's chunks, and only
+        # those are materialised on this rank's device, their weights read or drawn by name.
+        frame = source.meta_model()
+        use_fast_ops(frame, float32=self.amp_dtype is None)
+        hf = frame.config
+        self.hf_config = hf
         self.pad_id, self.eos_id, self.start_id = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
         self.d_model, self.heads, self.vocab, self.num_layers = hf.d_model, hf.num_heads, hf.vocab_size, hf.num_layers
-        chunks = build_chunks(model, [self.plan.stage_blocks[c] for c in self.chunk_ids], self.amp_dtype)
-        self.chunks = {c: chunk.to(self.device) for c, chunk in zip(self.chunk_ids, chunks)}
+        chunks = build_chunks(frame, [self.plan.stage_blocks[c] for c in self.chunk_ids], self.amp_dtype)
+        self.chunks = {c: source.materialise(chunk, self.device) for c, chunk in zip(self.chunk_ids, chunks)}
         self.modules = {c: self._data_parallel(chunk) for c, chunk in self.chunks.items()}
         # Parameters by HF name; FSDP2 replaces them, so they are looked up after wrapping.
         self.named = [(name, p) for c in self.chunk_ids for name, p in self.chunks[c].named_parameters()]
