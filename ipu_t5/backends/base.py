@@ -100,6 +100,12 @@ class Backend(abc.ABC):
         """Restore optimizer state saved by `optimizer_state_dict` under any layout: {parameter
         name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}}, possibly lazy as above."""
 
+    def export_share(self) -> Mapping[str, torch.Tensor]:
+        """The weights this process writes in a Hugging Face export, by Hugging Face name: every name
+        in exactly one process's share ({} for processes that write none). Every process must call
+        it. By default the main process writes the whole model (`model_state_dict`)."""
+        return self.model_state_dict()
+
     def checkpoint_state(self) -> Optional[Dict[str, Dict[str, Any]]]:
         """This process's share of the training state, for backends that save through
         torch.distributed.checkpoint; None (the default) has the main process save full tensors

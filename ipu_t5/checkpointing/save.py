@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from ..compat import export_config_dict
 from ..errors import UserError
+from ..models import TIED_ALIASES
 from . import atomic, dcp
 from .format import (FORMAT, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, PROCESS_FILE, SHARDED_DIR, STATE_FILE,
                      STEP_PREFIX, CheckpointError, checkpoints_dir, list_steps, step_path)
@@ -19,6 +20,11 @@ from .format import (FORMAT, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, PROCESS
 
 def _tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _cpu_tensors(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A one-process checkpoint's weights: float32, contiguous, tied aliases left out."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items() if k not in TIED_ALIASES}
 
 
 def flatten_optimizer_state(state: Mapping[str, Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
@@ -64,10 +70,8 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
     process_states = backend.gather_object({"rng": rng.capture(), "backend": backend.extra_state()})
     tensors: Dict[str, Dict[str, torch.Tensor]] = {}
     if shares is None:
-        from .export import export_tensors
-
         model_state = backend.model_state_dict()
-        tensors = {MODEL_FILE: export_tensors(select(model_state) if select else model_state, torch.float32),
+        tensors = {MODEL_FILE: _cpu_tensors(select(model_state) if select else model_state),
                    OPTIMIZER_FILE: flatten_optimizer_state(backend.optimizer_state_dict())}
         needed = sum(_tensor_bytes(t) for t in tensors.values())
     else:

@@ -341,21 +341,21 @@ class T5Trainer(RunCheckpoints):
         (default `<output-dir>/adapter`). Returns the export's path, also kept as `hf_path`."""
         self._claim()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
-        state = self.backend.model_state_dict()
-
-        def export() -> None:
-            merged = state
-            if lora.enabled(self.config):
-                write_adapter(Path(adapter_path) if adapter_path else self.output_dir / "adapter", state,
-                                   self.config.peft, self.base_model, self.tokenizer)
-                merged = lora.merged_state(state, self.config.peft)
-            example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
-            exported = write_hf_checkpoint(hf_path, merged, self.hf_config, self.tokenizer, self.config.to_dict(),
-                                           self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
-                                           example_prompt=example, prompt_length=self.prompt_length)
-            self._say(exported.describe())
-
-        self.backend.on_main(export)
+        # Each process writes the weights it holds; none gathers the model.
+        share = self.backend.export_share()
+        if lora.enabled(self.config):
+            adapters: Dict[str, torch.Tensor] = {}
+            for part in self.backend.gather_object({k: v.detach().cpu() for k, v in lora.adapter_state(share).items()}):
+                adapters.update(part)
+            self.backend.on_main(lambda: write_adapter(
+                Path(adapter_path) if adapter_path else self.output_dir / "adapter", adapters, self.config.peft,
+                self.base_model, self.tokenizer))
+            share = lora.merged_state(share, self.config.peft)
+        example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
+        exported = write_hf_checkpoint(hf_path, share, self.hf_config, self.tokenizer, self.config.to_dict(),
+                                       self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
+                                       example_prompt=example, prompt_length=self.prompt_length, group=self.backend)
+        self._say(exported.describe())
         if ckpt_path:
             self.save_checkpoint(ckpt_path)
         self.hf_path = hf_path

@@ -95,6 +95,16 @@ class NamedState:
                     for k, v in state[name].items()}
 
 
+    def export_share(self) -> Dict[str, torch.Tensor]:
+        """Replica 0 of each stage writes the weights its stage owns (under FSDP2 gathered from the
+        stage's replicas one tensor at a time, the other replicas keeping none); the others write none."""
+        share = {}
+        for name, param in self.owned:
+            whole = self._gather(param.detach())
+            if self.topology.replica == 0:
+                share[name] = whole
+        return share
+
     def _adam_state(self, param: torch.Tensor) -> Dict[str, torch.Tensor]:
         """AdamW's state of `param`, created as AdamW creates it before its first step when there is
         none yet (a load needs the tensors to fill)."""
