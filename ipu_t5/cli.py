@@ -131,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if trainer.is_main_process:
                 print("ipu-t5: resume with: {}".format(resume_command(args.argv)))
             return 0
+        trainer.end_training()
         results = None
         if trainer.eval_features is not None:
             # Training that stopped early has just validated this very step.

@@ -153,8 +153,9 @@ def pretrained_source(source: str, vocab_size: int, backend=None, **fields: Any)
         raise UserError("'{}' holds no safetensors weights (model.safetensors, or shards with "
                         "model.safetensors.index.json), which ipu-t5 reads tensor by tensor: convert it with "
                         "T5ForConditionalGeneration.from_pretrained(DIR).save_pretrained(NEW_DIR).".format(source))
+    # Its own tie_word_embeddings stays: the models built from it are untied by
+    # `models.model_from_config` (where the embeddings also stay shared by the encoder and decoder).
     hf_config = T5Config.from_pretrained(str(directory))
-    hf_config.tie_word_embeddings = False
     # Older checkpoints store the embedding under its tied aliases only; newer ones under shared.weight.
     aliases = dict({alias: "shared.weight" for alias in TIED_ALIASES}, **{"shared.weight": TIED_ALIASES[0]})
     weights = SafetensorsView(files, aliases)

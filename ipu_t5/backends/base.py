@@ -126,6 +126,10 @@ class Backend(abc.ABC):
         raise NotImplementedError("{} returns checkpoint_state() and must implement "
                                   "load_checkpoint_state()".format(type(self).__name__))
 
+    def release_optimizer_state(self) -> None:
+        """Free the optimizer's state (AdamW's moments) once training is over, so the export and
+        validation that follow have that memory; nothing by default (state kept on a device)."""
+
     def extra_state(self) -> Dict[str, Any]:
         """Small JSON-serialisable state of this process, beyond weights and optimizer, that a
         resumed run needs to continue exactly: a device's own random generator (poptorch's

@@ -95,6 +95,8 @@ class SingleProcessBackend(Backend):
         lr = lr_at(step, self.config.training)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
+        # Gradients exist only within a step: checkpoints, exports and validation run without them.
+        self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss.item(), grad_norm=float(grad_norm), lr=lr)
 
     @torch.no_grad()
@@ -125,3 +127,6 @@ class SingleProcessBackend(Backend):
 
     def load_optimizer_state_dict(self, state: Dict) -> None:
         load_named_optimizer_state(self.optimizer, self.model.named_parameters(), state)
+
+    def release_optimizer_state(self) -> None:
+        self.optimizer.state.clear()

@@ -216,7 +216,8 @@ def write_hf_checkpoint(
             weight_map = {name: filename for plan in plans for filename, names in plan.items() for name in names}
             _write_metadata(staging, weight_map, needed, hf_config, tokenizer, run_config, results, max_new_tokens,
                             dtype, example_prompt, prompt_length)
-            difference, skipped = _check_reload(staging, hf_config, dtype)
+            # One process holding every weight computes the reference on them, without reading the files.
+            difference, skipped = _check_reload(staging, hf_config, dtype, state if len(plans) == 1 else None)
             atomic.fsync_tree(staging)
             atomic.replace_dir(staging, out_dir)
         except Exception as err:
@@ -261,19 +262,25 @@ def _no_space(out_dir: Path, needed: int) -> UserError:
                                       atomic.human_bytes(atomic.free_bytes(out_dir.parent))))
 
 
-def _check_reload(directory: Path, hf_config, dtype: torch.dtype) -> Tuple[Optional[float], Optional[str]]:
+def _check_reload(directory: Path, hf_config, dtype: torch.dtype,
+                  state: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[Optional[float], Optional[str]]:
     """Where the model fits this process: Hugging Face's T5 under the run's config computing on the
-    written tensors (rounded to `dtype`, computed in float32, as a float32 reload computes), then plain
-    transformers reloading `directory` in float32; their logits on a fixed batch must match. One model
-    is held at a time. Returns (max difference, None), or (None, why the reload was skipped)."""
+    weights (`state`, or else the written tensors, equal bit for bit), rounded to `dtype` and computed in
+    float32 as a float32 reload computes, then plain transformers reloading `directory` in float32;
+    their logits on a fixed batch must match. One model is held at a time (on `state` the reference
+    copies nothing). Returns (max difference, None), or (None, why the reload was skipped)."""
+    import gc
+
     from transformers import AutoModelForSeq2SeqLM
 
     fits, phrase = fits_in_memory(hf_config)
     if not fits:
         return None, phrase
     batch = parity_batch(hf_config)
-    written = SafetensorsView(weight_files(directory))
-    reference = logits_on(with_weights(hf_config, written, None if dtype == torch.float32 else dtype), batch)
+    weights = state if state is not None else SafetensorsView(weight_files(directory))
+    reference = logits_on(with_weights(hf_config, weights, None if dtype == torch.float32 else dtype), batch)
+    # The reference model is garbage (its modules refer to each other) before the reload is built.
+    gc.collect()
     model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), **dtype_kwarg(torch.float32)).eval()
     difference = float((logits_on(model, batch) - reference).abs().max())
     if not difference <= TOLERANCE:

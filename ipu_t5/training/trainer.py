@@ -108,10 +108,11 @@ class T5Trainer(RunCheckpoints):
             checkpointing.check_tensors(found, parameter_shapes(pretrained))
         # A description of the model; each backend builds only what it holds.
         self.source = run_source(config, len(self.tokenizer), self.backend, pretrained, weights)
-        self.hf_config = self.source.hf_config
         self.base_model = str(pretrained) if isinstance(pretrained, (str, Path)) else (
             config.model.pretrained or canonical_size(config.model.name).hub_id)
         frame = self.source.meta_model()
+        # The built model's own config: untied, as every model built from the source is.
+        self.hf_config = frame.config
         if lora.enabled(config):
             self.adapter_shapes = {k: tuple(v.shape) for k, v in lora.adapter_state(frame.state_dict()).items()}
         self.num_params = sum(p.numel() for p in frame.parameters())
@@ -142,6 +143,7 @@ class T5Trainer(RunCheckpoints):
         self._saved_step: Optional[int] = None
         self._stop: Optional[GracefulStop] = None
         self._claimed = False
+        self._trained_out = False
         self._log: Optional[MetricsLog] = None
         if found is not None:
             self._resume(found, weights_loaded=weights is not None)
@@ -194,6 +196,9 @@ class T5Trainer(RunCheckpoints):
         `validation.early_stopping_patience` training ends once validation stops improving
         (`summary["stopped_early"]`).
         """
+        if self._trained_out:
+            raise UserError("this trainer released its optimizer state (end_training): build a new T5Trainer with "
+                            "--resume to train on.")
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
         self._refuse_restart_over_checkpoints()
@@ -264,6 +269,13 @@ class T5Trainer(RunCheckpoints):
             self._say("ipu-t5: stopped by {} after step {} of {}; checkpoint {}".format(
                 stopped, self.step, cfg.max_steps, summary["checkpoint"]))
         return summary
+
+    def end_training(self) -> None:
+        """Training is over (its last checkpoint, when checkpoints are on, holds the optimizer state):
+        free the optimizer's state, so the export and validation that follow have that memory. The
+        trainer then refuses to train."""
+        self.backend.release_optimizer_state()
+        self._trained_out = True
 
     @property
     def best_metric(self) -> Optional[float]:

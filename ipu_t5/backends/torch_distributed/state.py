@@ -88,7 +88,7 @@ class NamedState:
         return state
 
     def load_optimizer_state_dict(self, state: Dict) -> None:
-        for name, param in self.named:
+        for name, param in self.owned:
             if name in state:
                 self.optimizer.state[param] = {
                     k: (self._shard_like(v, param) if torch.is_tensor(v) and v.ndim else v)
@@ -119,26 +119,21 @@ class NamedState:
     def checkpoint_state(self) -> Dict[str, Dict[str, Any]]:
         """This rank's weights and AdamW state by HF name, as live tensors (FSDP2 DTensors stay
         sharded) that torch.distributed.checkpoint writes from, or reads into, in place. The
-        decoder side's copy of the shared embedding is listed too, under the same name: it equals
-        the original, so a save writes one of them, and a load fills each rank's copy."""
+        decoder side's copy of the shared embedding is listed under the same name: it equals the
+        original, so a save writes one of them, and a load fills the rank that holds only the copy."""
         model: Dict[str, Any] = {}
-        optimizer: Dict[str, Any] = {}
         self._copies = []
         for name, param in self.named:
             if name in model:
-                # This rank holds both copies of the embedding: the second is filled from the first.
-                self._copies.append((model[name], optimizer.get(name), param))
+                # This rank holds both: the copy is filled from the original.
+                self._copies.append((model[name], param))
                 continue
             model[name] = param.detach()
-            if param.requires_grad:
-                optimizer[name] = dict(self._adam_state(param))
+        optimizer = {name: dict(self._adam_state(param)) for name, param in self.owned if param.requires_grad}
         return {"model": model, "optimizer": optimizer}
 
     def load_checkpoint_state(self, state: Dict[str, Dict[str, Any]]) -> None:
         # The tensors were filled in place; what remains is a second copy of the embedding on this rank.
         with torch.no_grad():
-            for loaded, adam, param in self._copies:
+            for loaded, param in self._copies:
                 local_shard(param).copy_(local_shard(loaded))
-                if adam is not None:
-                    for key, value in self._adam_state(param).items():
-                        local_shard(value).copy_(local_shard(adam[key]))

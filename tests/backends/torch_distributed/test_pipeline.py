@@ -62,7 +62,8 @@ def _run_worker(out, stages, replicas, runs, *options):
     found = {run: torch.load(str(out / run.replace(":", "-") / "result.pt")) for run in runs}
     if "--resume-from" in options:
         found["resumed"] = torch.load(str(out / "resumed" / "result.pt"))
-    found["checkpoint"] = out / runs[0] / "checkpoint"
+    if runs:
+        found["checkpoint"] = out / runs[0] / "checkpoint"
     found["out"] = out
     return found
 
@@ -151,6 +152,41 @@ def test_2x2_checkpoint_continues_in_one_process(launched, reference, tmp_path):
     _assert_continues_in_one_process(launched((2, 2))["checkpoint"], reference, tmp_path / "run")
 
 
+@pytest.mark.slow
+def test_2x2_checkpoint_continues_under_4x1(launched, reference, tmp_path):
+    found = _run_worker(tmp_path / "layout4x1", 4, 1, [], "--resume-from", str(launched((2, 2))["checkpoint"]))
+    _assert_losses_equal(found["resumed"]["losses"], reference["eight"]["losses"][STEPS:])
+    _assert_weights_equal(found["resumed"]["weights"], reference["eight"]["weights"])
+
+
+@pytest.mark.slow
+def test_2x2_checkpoint_is_sharded_and_exports_in_one_process_as_the_split_exported_it(launched, tmp_path):
+    """Every rank wrote its share through torch.distributed.checkpoint; `ipu-t5 export` reads it in
+    one process, tensor by tensor, into the same tensors, bit for bit, as the 2x2 run's own export
+    (each stage its own shard), and both predict the same."""
+    from ipu_t5 import checkpointing
+    from ipu_t5.checkpointing.export import reload_and_predict, same_bits
+    from ipu_t5.checkpointing.views import SafetensorsView, weight_files
+
+    found = launched((2, 2))
+    checkpoint = found["checkpoint"]
+    assert checkpointing.inspect(checkpoint).sharded and not (checkpoint / checkpointing.MODEL_FILE).exists()
+    writers = {p.name.split("_")[2] for p in (checkpoint / checkpointing.SHARDED_DIR).glob("__*.distcp")}
+    assert len(writers) >= 2, writers
+    split_export = found["out"] / "1F1B" / "hf"
+    assert len(weight_files(split_export)) == 2
+    done = run_cli(["export", str(checkpoint), "--out", str(tmp_path / "hf")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reloaded with transformers" in done.stdout
+    assert weight_files(tmp_path / "hf") == [tmp_path / "hf" / "model.safetensors"]
+    split, alone = SafetensorsView(weight_files(split_export)), SafetensorsView(weight_files(tmp_path / "hf"))
+    assert sorted(split) == sorted(alone)
+    assert all(same_bits(split[name], alone[name]) for name in split)
+    prompts = [json.loads(line)["prompt"] for line in open(found["out"] / "1F1B" / "eval_predictions.jsonl")]
+    generated = [json.loads(line)["generated"] for line in open(found["out"] / "1F1B" / "eval_predictions.jsonl")]
+    assert reload_and_predict(split_export, prompts) == reload_and_predict(tmp_path / "hf", prompts) == generated
+
+
 # ----- LoRA under the split: the adapters train, the base stays as it was -----
 
 LORA_RUNS = ["1F1B", "GPipe", "1F1B:fsdp", "Interleaved1F1B"]
@@ -194,15 +230,14 @@ def test_lora_under_2x2_matches_one_process_and_trains_only_the_adapters(lora_la
 
 @pytest.mark.slow
 def test_lora_merged_export_under_2x2_predicts_what_validation_predicted(lora_launched, lora_reference):
-    from safetensors import safe_open
-
     from ipu_t5.checkpointing.export import reload_and_predict
+    from ipu_t5.checkpointing.views import SafetensorsView, weight_files
 
     for run in LORA_RUNS:
         assert lora_launched[run]["predictions"] == lora_reference["five"]["predictions"], run
         run_dir = lora_launched["out"] / run.replace(":", "-")
-        with safe_open(str(run_dir / "hf" / "model.safetensors"), "pt") as f:
-            names = list(f.keys())
+        # Each stage wrote its own shard of the merged weights.
+        names = list(SafetensorsView(weight_files(run_dir / "hf")))
         assert not [n for n in names if ".lora_" in n or ".base_layer." in n]
         rows = [json.loads(line) for line in open(run_dir / "eval_predictions.jsonl")]
         assert len(rows) == 21
@@ -258,7 +293,10 @@ def test_cli_launches_2x2_and_only_rank_0_writes(tmp_path):
     assert "reloaded with plain transformers: 24/24 predictions identical" in done.stdout
     assert "2 stage(s) x 2 replica(s) on 4 CPU process(es)" in done.stderr + done.stdout
     assert len(losses(out)) == 6
-    assert (out / "hf" / "model.safetensors").is_file()
+    # Each stage wrote its own shard of the export; the main process the index.
+    index = json.loads((out / "hf" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
+                                                         "model-00002-of-00002.safetensors"]
 
 
 @pytest.mark.slow
