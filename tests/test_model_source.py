@@ -23,6 +23,15 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _block(frame, index):
+    """Decoder block `index` of `frame` in a module of its own, under its Hugging Face names (as a
+    pipeline stage holds it)."""
+    part = torch.nn.Module()
+    part.decoder = torch.nn.Module()
+    part.decoder.block = torch.nn.ModuleDict({str(index): frame.decoder.block[index]})
+    return part
+
+
 def test_random_weights_are_a_function_of_seed_and_name_alone():
     """A part built alone (as a pipeline stage builds it) holds what the whole model holds, whatever
     was drawn before; another seed draws other weights."""
@@ -31,9 +40,9 @@ def test_random_weights_are_a_function_of_seed_and_name_alone():
     torch.manual_seed(123)
     torch.randn(1000)
     frame = source.meta_model()
-    part = source.materialise(frame.decoder.block[1])
+    part = source.materialise(_block(frame, 1))
     for name, param in part.named_parameters():
-        assert torch.equal(param, whole["decoder.block.1." + name]), name
+        assert torch.equal(param, whole[name]), name
     other = _state(_tiny_source(seed=7).build())
     assert not torch.equal(other["encoder.block.0.layer.0.SelfAttention.q.weight"],
                            whole["encoder.block.0.layer.0.SelfAttention.q.weight"])
@@ -55,8 +64,10 @@ def test_random_weights_follow_flan_t5_initialisation():
     }
     state = dict(model.named_parameters())
     for name, std in expected.items():
-        assert abs(state[name].std().item() / std - 1) < 0.1, name
-        assert abs(state[name].mean().item()) < 0.1 * std, name
+        # Within 4 standard errors of the estimates.
+        count = state[name].numel()
+        assert abs(state[name].std().item() / std - 1) < 4 / (2 * count) ** 0.5, name
+        assert abs(state[name].mean().item()) < 4 * std / count ** 0.5, name
     assert torch.equal(state["encoder.final_layer_norm.weight"], torch.ones(d))
     # The tied input embeddings stay one tensor; the LM head is its own.
     assert model.encoder.embed_tokens.weight is model.shared.weight is model.decoder.embed_tokens.weight
@@ -103,10 +114,10 @@ def test_pretrained_weights_from_a_sharded_set_are_read_one_by_one(reference_mod
 
     monkeypatch.setattr(views.SafetensorsView, "__getitem__", recording)
     source = pretrained_source(str(directory), 512)
-    part = source.materialise(source.meta_model().decoder.block[0])
-    assert sorted(read) == sorted("decoder.block.0." + n for n, _ in part.named_parameters())
+    part = source.materialise(_block(source.meta_model(), 0))
+    assert sorted(read) == sorted(n for n, _ in part.named_parameters())
     for name, param in part.named_parameters():
-        assert torch.equal(param, reference_model.get_parameter("decoder.block.0." + name))
+        assert torch.equal(param, reference_model.get_parameter(name))
     whole = source.build()
     for name, param in reference_model.named_parameters():
         assert torch.equal(whole.get_parameter(name), param), name
