@@ -7,7 +7,7 @@ import torch
 
 from ipu_t5.config import load_config
 from ipu_t5.errors import UserError
-from ipu_t5.initialise import distribution, initial_tensor, seed_of
+from ipu_t5.initialise import distribution, seed_of
 from ipu_t5.model_source import ModelSource, pretrained_source, run_source
 from ipu_t5.models import SIZES
 

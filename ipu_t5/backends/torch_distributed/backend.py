@@ -94,7 +94,6 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         frame = source.meta_model()
         use_fast_ops(frame, float32=self.amp_dtype is None)
         hf = frame.config
-        self.hf_config = hf
         self.pad_id, self.eos_id, self.start_id = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
         self.d_model, self.heads, self.vocab, self.num_layers = hf.d_model, hf.num_heads, hf.vocab_size, hf.num_layers
         chunks = build_chunks(frame, [self.plan.stage_blocks[c] for c in self.chunk_ids], self.amp_dtype)

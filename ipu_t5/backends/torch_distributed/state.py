@@ -94,7 +94,6 @@ class NamedState:
                     k: (self._shard_like(v, param) if torch.is_tensor(v) and v.ndim else v)
                     for k, v in state[name].items()}
 
-
     def export_share(self) -> Dict[str, torch.Tensor]:
         """Replica 0 of each stage writes the weights its stage owns (under FSDP2 gathered from the
         stage's replicas one tensor at a time, the other replicas keeping none); the others write none."""

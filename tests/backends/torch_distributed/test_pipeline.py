@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ipu_t5.models import TIED_ALIASES
-from tests.conftest import ROOT, losses, run_cli, subprocess_env
+from tests.conftest import ROOT, losses, run_cli, sdk_python, subprocess_env
 from tests.backends.torch_distributed.pipeline_worker import RESUMED_STEPS, STEPS, make_config, result
 
 
@@ -182,9 +182,16 @@ def test_2x2_checkpoint_is_sharded_and_exports_in_one_process_as_the_split_expor
     split, alone = SafetensorsView(weight_files(split_export)), SafetensorsView(weight_files(tmp_path / "hf"))
     assert sorted(split) == sorted(alone)
     assert all(same_bits(split[name], alone[name]) for name in split)
-    prompts = [json.loads(line)["prompt"] for line in open(found["out"] / "1F1B" / "eval_predictions.jsonl")]
-    generated = [json.loads(line)["generated"] for line in open(found["out"] / "1F1B" / "eval_predictions.jsonl")]
+    rows = [json.loads(line) for line in (found["out"] / "1F1B" / "eval_predictions.jsonl").read_text().splitlines()]
+    prompts, generated = [r["prompt"] for r in rows], [r["generated"] for r in rows]
     assert reload_and_predict(split_export, prompts) == reload_and_predict(tmp_path / "hf", prompts) == generated
+    if sdk_python():
+        # The Poplar SDK's torch 2.0 reads what this torch's torch.distributed.checkpoint wrote.
+        done = subprocess.run([sdk_python(), "-m", "ipu_t5", "export", str(checkpoint), "--out", str(tmp_path / "sdk")],
+                              cwd=str(ROOT), env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        sdk = SafetensorsView(weight_files(tmp_path / "sdk"))
+        assert sorted(sdk) == sorted(split) and all(same_bits(split[name], sdk[name]) for name in split)
 
 
 # ----- LoRA under the split: the adapters train, the base stays as it was -----
