@@ -32,6 +32,8 @@ setup(
         "numpy",
         # LoRA; 0.13 is the newest that the Poplar SDK's stack (torch 2.0.1) was tested with.
         "peft>=0.13",
+        # Whether the export's reload check fits in memory.
+        "psutil>=5.9",
         # The summarization task's ROUGE.
         "rouge_score>=0.1.2",
     ],

@@ -116,7 +116,7 @@ def _results_row(results: Dict[str, Any]) -> List[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune, validate, export, reload the export with plain transformers, print a summary."""
     from . import lora
-    from .checkpointing.export import reload_and_predict
+    from .checkpointing.export import fits_in_memory, reload_and_predict
     from .training.trainer import T5Trainer
 
     config = config_from_args(args)
@@ -131,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if trainer.is_main_process:
                 print("ipu-t5: resume with: {}".format(resume_command(args.argv)))
             return 0
+        trainer.end_training()
         results = None
         if trainer.eval_features is not None:
             # Training that stopped early has just validated this very step.
@@ -150,27 +151,32 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary.update({"trainable_parameters": trainer.num_trainable, "parameters": trainer.num_params,
                             "adapter": str(adapter)})
         if results is not None:
+            rows += [_results_row(results), ["validation samples/s", "{:.1f}".format(results["samples_per_second"])]]
+            summary.update({k: results[k] for k in results["metrics"]})
+            summary["main_metric"] = results["main_metric"]
+        # Reloading the export holds the whole model in this process: only where it fits.
+        fits, memory = fits_in_memory(trainer.hf_config)
+        if results is not None and fits:
             predictions = [json.loads(line) for line in open(config.output_dir / "eval_predictions.jsonl")]
             sample = predictions[:256]
             reloaded = reload_and_predict(hf_dir, [p["prompt"] for p in sample])
             same = sum(r == p["generated"] for r, p in zip(reloaded, sample))
             example = sample[0]
-            rows += [_results_row(results),
-                     ["validation samples/s", "{:.1f}".format(results["samples_per_second"])],
-                     ["export", "{} (reloaded with plain transformers: {}/{} predictions identical)".format(
+            rows += [["export", "{} (reloaded with plain transformers: {}/{} predictions identical)".format(
                          hf_dir, same, len(sample))],
                      ["example", "{!r} -> {!r} (target {!r})".format(
                          example["prompt"], reloaded[0], example["target"])]]
-            summary.update({k: results[k] for k in results["metrics"]})
-            summary.update({"main_metric": results["main_metric"], "export_predictions_identical": same,
-                            "export_predictions_checked": len(sample)})
+            summary.update({"export_predictions_identical": same, "export_predictions_checked": len(sample)})
+        elif results is not None:
+            rows.append(["export", "{} (its predictions were not reloaded with plain transformers: {})".format(
+                hf_dir, memory)])
         else:
             rows.append(["export", str(hf_dir)])
         summary["export"] = str(hf_dir)
         with open(config.output_dir / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
         print("\nipu-t5 run summary\n" + _table(rows))
-        if results is not None and same != len(sample):
+        if results is not None and fits and same != len(sample):
             raise UserError("the reloaded export predicted differently from validation on {} of {} prompts: "
                             "the export at {} is not faithful.".format(len(sample) - same, len(sample), hf_dir))
         return 0
@@ -223,7 +229,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .checkpointing.export import DEFAULT_MAX_SHARD_SIZE, DTYPES, write_hf_checkpoint
     from .config import config_from_dict
     from .data.features import prompt_cap
-    from .models import canonical_size
+    from .model_source import run_source
+    from .models import canonical_size, parameter_shapes
 
     source = Path(args.checkpoint)
     if (source / "run_config.yaml").is_file() and not (source / checkpointing.STATE_FILE).exists():
@@ -242,10 +249,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         _offline_if_possible(run_config)
         out = Path(args.out)
         adapter_out = Path(args.adapter_out) if args.adapter_out else out.with_name(out.name + "-adapter")
-        full = lora.restore_full_state(run_config, dict(tensors), len(tokenizer))
+        adapters = dict(tensors)
+        # The base weights as the run started from them, read or drawn one at a time while merged.
+        origin = run_source(run_config, len(tokenizer))
+        expected = {k: tuple(v.shape) for k, v in lora.adapter_state(origin.meta_model().state_dict()).items()}
+        if {k: tuple(v.shape) for k, v in adapters.items()} != expected:
+            raise UserError("the checkpoint's adapter does not fit the model its config builds ({} tensors where the "
+                            "config's LoRA has {}): was the checkpoint written by this run?".format(
+                                len(adapters), len(expected)))
         base = run_config.model.pretrained or canonical_size(run_config.model.name).hub_id
-        write_adapter(adapter_out, full, run_config.peft, base, tokenizer)
-        tensors = lora.merged_state(full, run_config.peft)
+        write_adapter(adapter_out, adapters, run_config.peft, base, tokenizer)
+        tensors = lora.MergedWeights(origin.tensor, parameter_shapes(origin.hf_config), adapters, run_config.peft)
         extra = " (LoRA merged; adapter in {})".format(adapter_out)
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

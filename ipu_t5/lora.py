@@ -8,7 +8,7 @@ renames each adapted Linear's weight, `...SelfAttention.q.weight` becoming
 `...q.lora_B.default.weight` (out x r) beside it. Backends hand weights over by those names; this
 module turns them back into Hugging Face names (merged) and into peft's saved-adapter names.
 """
-from typing import Dict, Optional
+from typing import Callable, Dict, Iterator, Mapping, Optional
 
 import torch
 
@@ -62,6 +62,12 @@ def adapter_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if is_adapter_key(k)}
 
 
+def _merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B @ A, computed in float32 on the CPU, in W's dtype."""
+    delta = scaling * (b.detach().float().cpu() @ a.detach().float().cpu())
+    return (weight.detach().float().cpu() + delta).to(weight.dtype)
+
+
 def merged_state(state: Dict[str, torch.Tensor], peft_cfg) -> Dict[str, torch.Tensor]:
     """Hugging Face names and plain weights: W + (alpha / r) * B @ A for every adapted layer,
     without adapter tensors. The merged model computes what the adapted model computes in eval
@@ -73,22 +79,33 @@ def merged_state(state: Dict[str, torch.Tensor], peft_cfg) -> Dict[str, torch.Te
         if name.endswith(suffix):
             module = name[:-len(suffix)]
             b = state["{}.lora_B.{}.weight".format(module, ADAPTER_NAME)]
-            weight = merged[module + ".weight"]
-            delta = scaling * (b.detach().float().cpu() @ a.detach().float().cpu())
-            merged[module + ".weight"] = (weight.detach().float().cpu() + delta).to(weight.dtype)
+            merged[module + ".weight"] = _merge(merged[module + ".weight"], a, b, scaling)
     return merged
 
 
-def restore_full_state(run_config, adapter: Dict[str, torch.Tensor], vocab_size: int) -> Dict[str, torch.Tensor]:
-    """The whole adapted model's state from an adapter-only checkpoint: the run's base weights
-    rebuilt from its config, with the adapter loaded into them."""
-    from .models import build_model
+class MergedWeights(Mapping):
+    """The merged weights of a LoRA run by Hugging Face name, each computed when looked up from its
+    base weight (`base(name, shape)`) and the run's `adapters` (peft's names): an export that never
+    holds the whole model."""
 
-    model = apply_lora(build_model(run_config, vocab_size), run_config.peft)
-    result = model.load_state_dict(adapter, strict=False)
-    missing = [k for k in result.missing_keys if is_adapter_key(k)]
-    if result.unexpected_keys or missing:
-        raise UserError("the checkpoint's adapter does not fit the model its config builds ({} unexpected, {} "
-                        "missing adapter tensors): was the checkpoint written by this run?".format(
-                            len(result.unexpected_keys), len(missing)))
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    def __init__(self, base: Callable[[str, tuple], torch.Tensor], shapes: Dict[str, tuple],
+                 adapters: Mapping[str, torch.Tensor], peft_cfg):
+        self._base, self._shapes, self._adapters = base, shapes, adapters
+        self._scaling = peft_cfg.lora_alpha / peft_cfg.r
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        weight = self._base(name, self._shapes[name])
+        module = name[:-len(".weight")]
+        a = self._adapters.get("{}.lora_A.{}.weight".format(module, ADAPTER_NAME))
+        if a is None:
+            return weight
+        return _merge(weight, a, self._adapters["{}.lora_B.{}.weight".format(module, ADAPTER_NAME)], self._scaling)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def shapes(self) -> Dict[str, tuple]:
+        return dict(self._shapes)

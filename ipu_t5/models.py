@@ -121,30 +121,10 @@ def canonical_size(name: str) -> ModelSize:
 
 
 def build_model(config, vocab_size: int):
-    """The model a run starts from: `pretrained` weights, the size's hub weights, or (tiny) a
-    seeded random initialisation. The LM head is always untied, as in every Flan-T5."""
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    """The whole model a run of `config` starts from (`ipu_t5.model_source.build_model`)."""
+    from .model_source import build_model as build
 
-    from .compat import untie_lm_head
-
-    size = canonical_size(config.model.name)
-    source = config.model.pretrained or size.hub_id
-    if source is None:
-        kwargs = size.t5_config_kwargs()
-        kwargs["vocab_size"] = vocab_size
-        torch.manual_seed(config.training.seed)
-        model = T5ForConditionalGeneration(T5Config(**kwargs))
-        untie_lm_head(model)
-    else:
-        model = load_pretrained(source, dtype=torch.float32)
-        if model.config.vocab_size < vocab_size:
-            raise UserError("the tokenizer has {} tokens but '{}' embeds only {}: use the tokenizer "
-                            "that belongs to the weights (model.tokenizer).".format(
-                                vocab_size, source, model.config.vocab_size))
-    if config.model.dropout_rate is not None:
-        set_dropout(model, config.model.dropout_rate)
-    return model
+    return build(config, vocab_size)
 
 
 def refuse_training_checkpoint(source: str) -> None:
@@ -153,30 +133,6 @@ def refuse_training_checkpoint(source: str) -> None:
         raise UserError("'{}' is an ipu-t5 training checkpoint, not Hugging Face weights: continue its run with "
                         "--resume {}, or export it (ipu-t5 export {} --out DIR) and start from DIR.".format(
                             source, source, source))
-
-
-def load_pretrained(source: str, dtype=None):
-    """`T5ForConditionalGeneration.from_pretrained` with a clear error when weights are unreachable."""
-    from transformers import T5ForConditionalGeneration
-
-    from .compat import dtype_kwarg, lm_head_is_tied
-
-    local = Path(source).expanduser()
-    refuse_training_checkpoint(source)
-    if local.exists() and not (local / "config.json").is_file():
-        raise UserError("'{}' is a path but holds no config.json: give a Hugging Face checkpoint "
-                        "directory (an ipu-t5 export works) or a hub id.".format(source))
-    try:
-        model = T5ForConditionalGeneration.from_pretrained(
-            str(local) if local.exists() else source, **(dtype_kwarg(dtype) if dtype else {}))
-    except OSError as err:
-        raise UserError("could not load weights '{}': {}. Without network access, download them "
-                        "first and set model.pretrained to the directory.".format(
-                            source, str(err).splitlines()[0])) from None
-    if lm_head_is_tied(model):
-        raise UserError("'{}' ties its LM head to the embedding (the original T5, not Flan-T5): "
-                        "ipu-t5 fine-tunes Flan-T5, whose head is its own matrix.".format(source))
-    return model
 
 
 def set_dropout(model, rate: float) -> None:

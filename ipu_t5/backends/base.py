@@ -61,8 +61,11 @@ class Backend(abc.ABC):
         return self.name
 
     @abc.abstractmethod
-    def setup(self, model: torch.nn.Module) -> None:
-        """Take the whole model (on CPU), place it, and build the optimizer."""
+    def setup(self, model) -> None:
+        """Build the model from `model`, an `ipu_t5.model_source.ModelSource` (only the part this
+        process holds: a meta-device frame materialised on this process's device, its weights read
+        or drawn by name), or take a whole `torch.nn.Module` as it is; place it and build the
+        optimizer."""
 
     @abc.abstractmethod
     def train_step(self, batch: GlobalBatch, step: int) -> StepResult:
@@ -97,6 +100,12 @@ class Backend(abc.ABC):
         """Restore optimizer state saved by `optimizer_state_dict` under any layout: {parameter
         name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}}, possibly lazy as above."""
 
+    def export_share(self) -> Mapping[str, torch.Tensor]:
+        """The weights this process writes in a Hugging Face export, by Hugging Face name: every name
+        in exactly one process's share ({} for processes that write none). Every process must call
+        it. By default the main process writes the whole model (`model_state_dict`)."""
+        return self.model_state_dict()
+
     def checkpoint_state(self) -> Optional[Dict[str, Dict[str, Any]]]:
         """This process's share of the training state, for backends that save through
         torch.distributed.checkpoint; None (the default) has the main process save full tensors
@@ -116,6 +125,10 @@ class Backend(abc.ABC):
         on backends whose `checkpoint_state` returns a dict."""
         raise NotImplementedError("{} returns checkpoint_state() and must implement "
                                   "load_checkpoint_state()".format(type(self).__name__))
+
+    def release_optimizer_state(self) -> None:
+        """Free the optimizer's state (AdamW's moments) once training is over, so the export and
+        validation that follow have that memory; nothing by default (state kept on a device)."""
 
     def extra_state(self) -> Dict[str, Any]:
         """Small JSON-serialisable state of this process, beyond weights and optimizer, that a

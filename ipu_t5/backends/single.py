@@ -6,6 +6,7 @@ import torch
 
 from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
+from ..model_source import whole_model
 from .base import Backend, StepResult, trim_at_eos
 from .fast_ops import use_fast_ops
 from .optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
@@ -59,7 +60,8 @@ class SingleProcessBackend(Backend):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def setup(self, model: torch.nn.Module) -> None:
+    def setup(self, model) -> None:
+        model = whole_model(model, self.device)
         use_fast_ops(model, float32=self.amp_dtype is None)
         self.model = model.to(self.device)
         self.pad_id = model.config.pad_token_id
@@ -93,6 +95,8 @@ class SingleProcessBackend(Backend):
         lr = lr_at(step, self.config.training)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
+        # Gradients exist only within a step: checkpoints, exports and validation run without them.
+        self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss.item(), grad_norm=float(grad_norm), lr=lr)
 
     @torch.no_grad()
@@ -111,10 +115,18 @@ class SingleProcessBackend(Backend):
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state, strict=False)
+        # Name by name, so a lazy `state` is read one tensor at a time (load_state_dict would read
+        # every tensor into a copy of the whole model first).
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in state:
+                    param.copy_(state[name])
 
     def optimizer_state_dict(self) -> Dict:
         return named_optimizer_state(self.optimizer, self.model.named_parameters())
 
     def load_optimizer_state_dict(self, state: Dict) -> None:
         load_named_optimizer_state(self.optimizer, self.model.named_parameters(), state)
+
+    def release_optimizer_state(self) -> None:
+        self.optimizer.state.clear()

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 # A full disk, or a full quota.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -42,23 +42,35 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Path, checksum: bool = False) -> Dict[str, Dict[str, object]]:
+def fsync_tree(root: Path, checksum: bool = False, share: Tuple[int, int] = (0, 1),
+               done: Optional[Dict[str, Dict[str, object]]] = None) -> Dict[str, Dict[str, object]]:
     """fsync every file and directory under `root`; returns {relative path: {bytes[, crc32]}}.
 
     With `checksum`, each file is read back once for its CRC-32, which later tells a corrupt or
-    truncated file from a good one.
+    truncated file from a good one. Processes can share the work: with `share` (index, count) this
+    one takes every count-th file from the index-th (sorted by path) and leaves the directories to
+    the others; `done` holds entries other processes computed, taken as they are.
     """
+    index, count = share
+    done = done or {}
+    names = sorted(str(Path(d, f).relative_to(root)) for d, _, files in os.walk(str(root)) for f in files)
     manifest: Dict[str, Dict[str, object]] = {}
-    for directory, _, files in os.walk(str(root)):
-        for name in sorted(files):
-            path = Path(directory) / name
-            entry: Dict[str, object] = {"bytes": path.stat().st_size}
-            with open(str(path), "rb") as f:
-                if checksum:
-                    entry["crc32"] = file_crc32(f)
-                os.fsync(f.fileno())
-            manifest[str(path.relative_to(root))] = entry
-        fsync_path(Path(directory))
+    for position, name in enumerate(names):
+        if name in done:
+            manifest[name] = done[name]
+            continue
+        if position % count != index:
+            continue
+        path = Path(root) / name
+        entry: Dict[str, object] = {"bytes": path.stat().st_size}
+        with open(str(path), "rb") as f:
+            if checksum:
+                entry["crc32"] = file_crc32(f)
+            os.fsync(f.fileno())
+        manifest[name] = entry
+    if count == 1:
+        for directory, _, _ in os.walk(str(root)):
+            fsync_path(Path(directory))
     return manifest
 
 

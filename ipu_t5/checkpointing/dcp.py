@@ -1,6 +1,7 @@
 """torch.distributed.checkpoint for sharded backends: every process writes (or reads) its own share
 of one state dict, by name; a single process can read what several wrote."""
 import inspect
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Tuple
@@ -17,21 +18,23 @@ def flat_shares(shares: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[s
             yield prefix + key, value
 
 
-def transfer(operation: str, state: Dict[str, Any], path: Path) -> None:
+def transfer(operation: str, state: Dict[str, Any], path: Path, alone: bool = False) -> None:
     """torch.distributed.checkpoint's "save" (every process writes its share of `state`) or "load"
     (fills `state`'s tensors in place, each process reading what it holds): dcp.save / dcp.load
-    from torch 2.2, save_state_dict / load_state_dict in the SDK's torch 2.0."""
+    from torch 2.2, save_state_dict / load_state_dict in the SDK's torch 2.0. `alone`: this process
+    only, without the collective the other processes would have to join (a load of names that only
+    this process asks for)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     if hasattr(dcp, operation):
         function, args, kwargs = getattr(dcp, operation), (state,), {"checkpoint_id": str(path)}
     else:
-        storage = dcp.FileSystemWriter if operation == "save" else dcp.FileSystemReader
+        storage = dcp.FileSystemWriter if operation == "save" else _reader()
         function, args, kwargs = getattr(dcp, operation + "_state_dict"), (state, storage(str(path))), {}
     # Without a process group (one process reading what a sharded backend wrote): say so where
     # this torch asks, and do not warn about it.
-    alone = not (dist.is_available() and dist.is_initialized())
+    alone = alone or not (dist.is_available() and dist.is_initialized())
     if alone and "no_dist" in inspect.signature(function).parameters:
         kwargs["no_dist"] = True
     with warnings.catch_warnings():
@@ -42,7 +45,33 @@ def transfer(operation: str, state: Dict[str, Any], path: Path) -> None:
 
 def metadata(path: Path) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
     """Shape and dtype of every tensor a DCP directory holds, by name, read from its metadata alone."""
+    stored = _reader()(str(path)).read_metadata()
+    return {k: (v.size, v.properties.dtype) for k, v in stored.state_dict_metadata.items() if hasattr(v, "size")}
+
+
+def _reader():
+    """torch.distributed.checkpoint's FileSystemReader; on a torch without `dcp.load` (the SDK's 2.0),
+    one that also reads the metadata a newer torch wrote, which pickles the memory-format enum under a
+    name 2.0 lacks and classes 2.0 does not use."""
     import torch.distributed.checkpoint as dcp
 
-    stored = dcp.FileSystemReader(str(path)).read_metadata()
-    return {k: (v.size, v.properties.dtype) for k, v in stored.state_dict_metadata.items() if hasattr(v, "size")}
+    if hasattr(dcp, "load"):
+        return dcp.FileSystemReader
+
+    class NewerMetadata(pickle.Unpickler):
+        def find_class(self, module, name):
+            try:
+                return super().find_class(module, name)
+            except AttributeError:
+                if name == "_MEM_FORMAT_ENCODING":
+                    from torch.distributed._shard.sharded_tensor.metadata import MEM_FORMAT_ENCODING
+
+                    return MEM_FORMAT_ENCODING
+                return type(name, (), {})  # its fields are kept as attributes, unused by this torch
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self):
+            with (Path(self.path) / ".metadata").open("rb") as f:
+                return NewerMetadata(f).load()
+
+    return Reader

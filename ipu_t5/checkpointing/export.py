@@ -1,55 +1,115 @@
 """Hugging Face export: a directory that plain `transformers` 4.x and 5.x load as the same model.
 
-Writes config.json (untied head spelled so 4.x reads it right), safetensors weights (sharded with an
-index file above `max_shard_size`, as `save_pretrained` does), tokenizer files,
-generation_config.json and a model card into a staging directory beside the target. Before that
-directory is renamed into place, plain transformers reloads it and its logits on a fixed batch are
-compared with the trainer's: an export that would load "fine" and compute something else (a tied
-head, a missing weight) is never put in place.
+Writes config.json (untied head spelled so 4.x reads it right), safetensors weights (one
+`model.safetensors`, or `model-0000i-of-0000N.safetensors` with `model.safetensors.index.json`, as
+`save_pretrained` writes a sharded model), tokenizer files, generation_config.json and a model card
+into a staging directory beside the target, renamed into place only once checked.
+
+The weights are written by the processes that hold them: each writer's share is cut into files of
+at most `max_shard_size`, each file written, read back and compared bit for bit with what was meant
+to be written by the process that wrote it, so no process ever holds more than its share plus one
+file. The main process writes the rest. Then, where the whole model fits its memory, plain
+transformers reloads the export and its logits on a fixed batch are compared with Hugging Face's T5
+computing on the written tensors under the run's own config: an export that would load "fine" and
+compute something else (a tied head, a rescaled decoder, a missing weight) is never put in place.
+Where the model does not fit, that reload is skipped and the export says so and why.
 """
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import yaml
 
 from ..compat import dtype_kwarg, export_config_dict
 from ..errors import UserError
 from ..models import TIED_ALIASES, with_weights
 from ..tokenizer import save_with_prompt_length
 from . import atomic
+from .model_card import model_card
+from .safetensors_stream import write_streamed
+from .views import HF_INDEX, HF_WEIGHTS, SafetensorsView, weight_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-# Largest difference allowed between the reloaded export's float32 logits and the trainer's.
+# Largest difference allowed between the reloaded export's float32 logits and the reference's.
 TOLERANCE = 1e-5
+# The reload check holds one float32 model at a time; it runs where that much, with this margin for
+# transformers' own overhead, is available.
+CHECK_MARGIN = 1.5
 
 
-def export_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """The tensors an HF T5 checkpoint holds: no tied aliases, contiguous, in `dtype`."""
-    return {k: state[k].detach().to("cpu", dtype).contiguous() for k in state if k not in TIED_ALIASES}
-
-
-def _shapes(state: Mapping[str, torch.Tensor]) -> Dict[str, tuple]:
-    """Shapes by name, without reading tensors a lazy view has not loaded."""
+def shapes_of(state: Mapping[str, torch.Tensor]) -> Dict[str, tuple]:
+    """Shapes by name (tied aliases left out), without reading tensors a lazy view has not loaded."""
     if hasattr(state, "shapes"):
-        return {k: v for k, v in state.shapes().items() if k not in TIED_ALIASES}
+        return {k: tuple(v) for k, v in state.shapes().items() if k not in TIED_ALIASES}
     return {k: tuple(v.shape) for k, v in state.items() if k not in TIED_ALIASES}
 
 
-def plan_shards(shapes: Dict[str, tuple], dtype: torch.dtype, max_shard_size: str):
-    """huggingface_hub's split of the weights into files of at most `max_shard_size` (a single
-    `model.safetensors` when they fit)."""
+def plan_files(shares: List[Dict[str, tuple]], dtype: torch.dtype, max_shard_size: str) -> List[Dict[str, List[str]]]:
+    """Each writer's weight files ({file name: tensor names}), in writer order: every writer's share
+    split by huggingface_hub as `save_pretrained` splits a model, the files then numbered across
+    writers (`model-00001-of-0000N.safetensors`); a single file is `model.safetensors`."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    sizes = {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape in shapes.items()}
-    try:
-        return split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_size)
-    except ValueError as err:
-        raise UserError("--max-shard-size {!r} is not a size ({}): write it like 5GB or 500MB.".format(
-            max_shard_size, err)) from None
+    groups: List[List[List[str]]] = []
+    for shapes in shares:
+        sizes = {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape in shapes.items()}
+        try:
+            split = split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_size) if sizes else None
+        except ValueError as err:
+            raise UserError("--max-shard-size {!r} is not a size ({}): write it like 5GB or 500MB.".format(
+                max_shard_size, err)) from None
+        groups.append([names for _, names in sorted(split.filename_to_tensors.items())] if split else [])
+    total = sum(len(g) for g in groups)
+    plans, number = [], 0
+    for group in groups:
+        plan = {}
+        for names in group:
+            number += 1
+            plan[HF_WEIGHTS if total == 1 else "model-{:05d}-of-{:05d}.safetensors".format(number, total)] = names
+        plans.append(plan)
+    return plans
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are equal bit for bit (NaNs included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def write_weight_files(directory: Path, files: Dict[str, List[str]], state: Mapping[str, torch.Tensor],
+                       dtype: torch.dtype) -> None:
+    """Write this process's weight files tensor by tensor (none held beyond the one being written),
+    then read each tensor back and compare it bit for bit with its source."""
+    from safetensors import safe_open
+
+    shapes = shapes_of(state)
+    for filename, names in files.items():
+        path = directory / filename
+        write_streamed(path, names, shapes, dtype, lambda name: state[name], metadata={"format": "pt"})
+        with safe_open(str(path), framework="pt") as f:
+            differ = [n for n in names if n not in f.keys() or not same_bits(
+                f.get_tensor(n), state[n].detach().to("cpu", dtype).contiguous())]
+        if differ:
+            raise UserError("the export's {} did not read back as written ({} of its tensors differ, first {}): "
+                            "nothing was put in place; check the disk at {}.".format(
+                                filename, len(differ), differ[0], directory))
+
+
+def fits_in_memory(hf_config) -> Tuple[bool, str]:
+    """Whether this process can hold the whole model in float32 for a plain-transformers reload, and a
+    phrase saying how much it needs and has."""
+    import psutil
+
+    from ..models import parameter_shapes
+
+    needed = 4 * sum(int(torch.Size(s).numel()) for s in parameter_shapes(hf_config).values())
+    available = psutil.virtual_memory().available
+    phrase = "the model needs {} in float32 and {} of memory are available".format(
+        atomic.human_bytes(needed), atomic.human_bytes(available))
+    return needed * CHECK_MARGIN <= available, phrase
 
 
 def parity_batch(hf_config) -> Dict[str, torch.Tensor]:
@@ -76,62 +136,34 @@ def logits_on(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class ExportResult:
-    """Where an export went and how closely its reload matched the trainer's model."""
+    """Where an export went and how its check went: the largest logits difference of the reload,
+    or None with `skipped` saying why the reload did not run."""
 
     path: Path
     files: List[str]
     dtype: torch.dtype
-    max_difference: float
+    max_difference: Optional[float]
+    skipped: Optional[str] = None
 
     def describe(self) -> str:
         """The line printed after an export."""
         import transformers
 
-        return ("exported {} ({} weight file(s), {}); reloaded with transformers {}: its logits on a fixed "
-                "batch match the trainer's (max |difference| {:.1e}, tolerance {:.0e})".format(
-                    self.path, len(self.files), str(self.dtype).replace("torch.", ""),
-                    transformers.__version__, self.max_difference, TOLERANCE))
+        head = "exported {} ({} weight file(s), {}); every tensor read back bit for bit by the process that " \
+               "wrote it".format(self.path, len(self.files), str(self.dtype).replace("torch.", ""))
+        if self.max_difference is None:
+            return head + "; the reload with plain transformers was skipped: {}".format(self.skipped)
+        return head + "; reloaded with transformers {}: its logits on a fixed batch match the trainer's (max " \
+                      "|difference| {:.1e}, tolerance {:.0e})".format(transformers.__version__, self.max_difference,
+                                                                     TOLERANCE)
 
 
-def model_card(config: Dict[str, Any], results: Optional[Dict[str, Any]], base_model: str,
-               example_prompt: Optional[str] = None, prompt_length: Optional[int] = None) -> str:
-    """README.md for the export: what it is, how it was trained, what it scored, how to load it."""
-    prompt = repr(example_prompt or "mnli hypothesis: ... premise: ...")
-    lines = ["---", "library_name: transformers", "pipeline_tag: text2text-generation",
-             "tags: [t5, flan-t5, ipu-t5, {}]".format(config["data"]["task"])]
-    if base_model:
-        lines.append("base_model: {}".format(base_model))
-    lines += ["---", "", "# Flan-T5 fine-tuned with ipu-t5", "",
-              "Task: **{}**, data source: {}.".format(config["data"]["task"], config["data"]["source"]), ""]
-    peft = config.get("peft") or {}
-    if peft.get("method") == "lora":
-        lines += ["Fine-tuned with LoRA (r={}, alpha={}, on {}); the adapters are merged into these weights, "
-                  "so this is a plain T5 checkpoint. The run exports the adapter alone as well (`<output-dir>/adapter/`), "
-                  "for `peft.PeftModel.from_pretrained`.".format(
-                      peft["r"], peft["lora_alpha"], ", ".join(peft["target_modules"])), ""]
-    if prompt_length:
-        lines += ["Prompts were truncated to at most {0} tokens (the end-of-sequence token included) in "
-                  "training and validation. The tokenizer's `model_max_length` is {0}, so "
-                  "`tokenizer(..., truncation=True)` (transformers 5.x) and `pipeline(..., truncation=True)` "
-                  "(4.x) cut prompts the same way and "
-                  "reproduce the validation results below; without `truncation=True` longer prompts are read "
-                  "whole.".format(prompt_length), ""]
-    if results:
-        shown = {k: v for k, v in results.items() if isinstance(v, (int, float))}
-        lines += ["## Validation (generation-based)", "", "| metric | value |", "|---|---|"]
-        lines += ["| {} | {} |".format(k, round(v, 4) if isinstance(v, float) else v) for k, v in shown.items()]
-        lines.append("")
-    lines += ["## Loading", "", "transformers 5.x:", "", "```python",
-              "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
-              "tok = AutoTokenizer.from_pretrained(PATH)",
-              "model = AutoModelForSeq2SeqLM.from_pretrained(PATH)",
-              "ids = tok([{}], return_tensors='pt', truncation=True)".format(prompt),
-              "print(tok.batch_decode(model.generate(**ids), skip_special_tokens=True))", "```", "",
-              "transformers 4.x:", "", "```python", "from transformers import pipeline",
-              "print(pipeline('text2text-generation', model=PATH)({}, truncation=True))".format(prompt),
-              "```", "", "## Training configuration", "", "```yaml",
-              yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
-    return "\n".join(lines)
+def _gather(group, obj) -> List[Any]:
+    return group.gather_object(obj) if group is not None else [obj]
+
+
+def _on_main(group, work: Callable[[], Any]) -> Any:
+    return group.on_main(work) if group is not None else work()
 
 
 def write_hf_checkpoint(
@@ -146,55 +178,81 @@ def write_hf_checkpoint(
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
     example_prompt: Optional[str] = None,
     prompt_length: Optional[int] = None,
+    group=None,
 ) -> ExportResult:
-    """Write the export of the weights `state` (by Hugging Face name; a lazy mapping is read one
-    shard at a time) atomically, once transformers has reloaded it as the same model.
+    """Write the export of the weights `state` (by Hugging Face name; a lazy mapping is read one file
+    at a time) atomically, once checked as the module says.
+
+    With `group` (a backend: `gather_object`, `on_main`, `is_main_process`) every process calls this
+    with its own share as `state` (each name in exactly one process's share, {} for processes that
+    write none) and writes it; the main process writes the rest and gets the result, as do the others.
 
     `prompt_length`: the token count the run truncated prompts to; the saved tokenizer's
-    `model_max_length`, and named in the model card.
-
-    An existing export at `out_dir` is replaced only by a complete, checked one. The check never
-    holds two copies of the weights: the reference logits are computed on `state`'s own tensors
-    (float32 exports) and released before the reload.
+    `model_max_length`, and named in the model card. An existing export at `out_dir` is replaced only
+    by a complete, checked one.
     """
-    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    shares = _gather(group, shapes_of(state))
+    plans = plan_files(shares, dtype, max_shard_size)
+    mine = plans[group.process_index if group is not None else 0]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = sum(int(torch.Size(shape).numel()) * itemsize for share in shares for shape in share.values())
+    staging = Path(_on_main(group, lambda: str(atomic.staging_dir(out_dir))))
+    error = None
+    try:
+        write_weight_files(staging, mine, state, dtype)
+    except UserError as err:
+        error = err
+    except Exception as err:  # a full disk on any writer leaves every process's export unwritten
+        if not atomic.is_no_space(err):
+            raise
+        error = _no_space(out_dir, needed)
+    failed = next((e for e in _gather(group, error) if e is not None), None)
+
+    def finish() -> ExportResult:
+        try:
+            if failed is not None:
+                raise failed
+            weight_map = {name: filename for plan in plans for filename, names in plan.items() for name in names}
+            _write_metadata(staging, weight_map, needed, hf_config, tokenizer, run_config, results, max_new_tokens,
+                            dtype, example_prompt, prompt_length)
+            # One process holding every weight computes the reference on them, without reading the files.
+            difference, skipped = _check_reload(staging, hf_config, dtype, state if len(plans) == 1 else None)
+            atomic.fsync_tree(staging)
+            atomic.replace_dir(staging, out_dir)
+        except Exception as err:
+            if not isinstance(err, UserError) and atomic.is_no_space(err):
+                raise _no_space(out_dir, needed) from None
+            raise
+        finally:
+            shutil.rmtree(str(staging), ignore_errors=True)
+        return ExportResult(out_dir, sorted(set(weight_map.values())), dtype, difference, skipped)
+
+    return _on_main(group, finish)
+
+
+def _write_metadata(staging: Path, weight_map: Dict[str, str], total_size: int, hf_config, tokenizer,
+                    run_config: Dict[str, Any], results: Optional[Dict[str, Any]], max_new_tokens: Optional[int],
+                    dtype: torch.dtype, example_prompt: Optional[str], prompt_length: Optional[int]) -> None:
+    """Everything but the weights: config.json, the shards' index, tokenizer, generation config, card."""
     from transformers import GenerationConfig
 
-    out_dir = Path(out_dir)
-    shapes = _shapes(state)
-    split = plan_shards(shapes, dtype, max_shard_size)
-    batch = parity_batch(hf_config)
-    # Rounded to the export's dtype first, so the comparison measures the export, not the rounding.
-    reference = logits_on(with_weights(hf_config, state, None if dtype == torch.float32 else dtype), batch)
-    needed = split.metadata["total_size"]
-    try:
-        with atomic.staged_dir(out_dir) as staging:
-            with open(str(staging / "config.json"), "w") as f:
-                json.dump(export_config_dict(hf_config, dtype), f, indent=2, sort_keys=True)
-            for filename, names in split.filename_to_tensors.items():
-                save_file(export_tensors({n: state[n] for n in names}, dtype), str(staging / filename),
-                          metadata={"format": "pt"})
-            if split.is_sharded:
-                with open(str(staging / "model.safetensors.index.json"), "w") as f:
-                    json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f,
-                              indent=2, sort_keys=True)
-            save_with_prompt_length(tokenizer, str(staging), prompt_length)
-            generation = GenerationConfig(
-                decoder_start_token_id=hf_config.decoder_start_token_id, eos_token_id=hf_config.eos_token_id,
-                pad_token_id=hf_config.pad_token_id,
-                # Validation capped new tokens at the longest target; the export does the same, so plain
-                # transformers predicts exactly what validation measured.
-                **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
-            generation.save_pretrained(str(staging))
-            base = run_config["model"].get("pretrained") or ""
-            (staging / "README.md").write_text(model_card(run_config, results, base, example_prompt,
-                                                                  prompt_length))
-            difference = _check_reload(staging, batch, reference)
-    except Exception as err:
-        if not isinstance(err, UserError) and atomic.is_no_space(err):
-            raise _no_space(out_dir, needed) from None
-        raise
-    return ExportResult(out_dir, sorted(split.filename_to_tensors), dtype, difference)
+    with open(str(staging / "config.json"), "w") as f:
+        json.dump(export_config_dict(hf_config, dtype), f, indent=2, sort_keys=True)
+    if set(weight_map.values()) != {HF_WEIGHTS}:
+        with open(str(staging / HF_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                      indent=2, sort_keys=True)
+    save_with_prompt_length(tokenizer, str(staging), prompt_length)
+    generation = GenerationConfig(
+        decoder_start_token_id=hf_config.decoder_start_token_id, eos_token_id=hf_config.eos_token_id,
+        pad_token_id=hf_config.pad_token_id,
+        # Validation capped new tokens at the longest target; the export does the same, so plain
+        # transformers predicts exactly what validation measured.
+        **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
+    generation.save_pretrained(str(staging))
+    base = run_config["model"].get("pretrained") or ""
+    (staging / "README.md").write_text(model_card(run_config, results, base, example_prompt, prompt_length))
 
 
 def _no_space(out_dir: Path, needed: int) -> UserError:
@@ -204,17 +262,32 @@ def _no_space(out_dir: Path, needed: int) -> UserError:
                                       atomic.human_bytes(atomic.free_bytes(out_dir.parent))))
 
 
-def _check_reload(directory: Path, batch: Dict[str, torch.Tensor], reference: torch.Tensor) -> float:
-    """Reload `directory` with plain transformers in float32; its logits on `batch` must match."""
+def _check_reload(directory: Path, hf_config, dtype: torch.dtype,
+                  state: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[Optional[float], Optional[str]]:
+    """Where the model fits this process: Hugging Face's T5 under the run's config computing on the
+    weights (`state`, or else the written tensors, equal bit for bit), rounded to `dtype` and computed in
+    float32 as a float32 reload computes, then plain transformers reloading `directory` in float32;
+    their logits on a fixed batch must match. One model is held at a time (on `state` the reference
+    copies nothing). Returns (max difference, None), or (None, why the reload was skipped)."""
+    import gc
+
     from transformers import AutoModelForSeq2SeqLM
 
+    fits, phrase = fits_in_memory(hf_config)
+    if not fits:
+        return None, phrase
+    batch = parity_batch(hf_config)
+    weights = state if state is not None else SafetensorsView(weight_files(directory))
+    reference = logits_on(with_weights(hf_config, weights, None if dtype == torch.float32 else dtype), batch)
+    # The reference model is garbage (its modules refer to each other) before the reload is built.
+    gc.collect()
     model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), **dtype_kwarg(torch.float32)).eval()
     difference = float((logits_on(model, batch) - reference).abs().max())
     if not difference <= TOLERANCE:
         raise UserError("the export does not reload as the trained model: transformers' logits on a fixed batch "
                         "differ from the trainer's by up to {:.3g} (tolerance {:.0e}), so nothing was written. "
                         "Please report this with your transformers version.".format(difference, TOLERANCE))
-    return difference
+    return difference, None
 
 
 def reload_and_predict(hf_dir: Path, prompts: List[str], batch_size: int = 64) -> List[str]:

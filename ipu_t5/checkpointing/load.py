@@ -3,7 +3,7 @@ model size, data order) before anything uses it, and load it into any backend's 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import yaml
@@ -63,14 +63,20 @@ class Checkpoint:
         path = self.path / PROCESS_FILE.format(rank)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def load_into(self, backend) -> None:
-        """Load weights and optimizer state into `backend`, whatever layout either one has."""
+    def load_into(self, backend, model: bool = True) -> None:
+        """Load weights (unless not `model`: the backend was built from them) and optimizer state into
+        `backend`, whatever layout either one has: a sharded checkpoint into a sharded backend
+        through torch.distributed.checkpoint, anything else by name, each tensor read from disk when
+        the backend looks it up."""
         shares = backend.checkpoint_state() if self.sharded else None
         if shares is not None:
+            if not model:
+                shares = {k: v for k, v in shares.items() if k != "model"}
             dcp.transfer("load", shares, self.path / SHARDED_DIR)
             backend.load_checkpoint_state(shares)
             return
-        backend.load_model_state_dict(self.model_tensors())
+        if model:
+            backend.load_model_state_dict(self.model_tensors())
         backend.load_optimizer_state_dict(self.optimizer_state())
 
 
@@ -78,9 +84,16 @@ def _damaged(path: Path, why: str) -> CheckpointError:
     return CheckpointError("checkpoint {} is unusable: {}.".format(path, why))
 
 
-def inspect(path: Path, verify_data: bool = True) -> Checkpoint:
+# A process's part in checking a checkpoint's checksums: (index, count, agree). It reads every
+# count-th file from the index-th; `agree` takes its finding (an error or None) and returns the first
+# error any process found, on every process, so all reach the same verdict.
+Share = Tuple[int, int, Callable[[Optional[str]], Optional[str]]]
+
+
+def inspect(path: Path, verify_data: bool = True, share: Optional[Share] = None) -> Checkpoint:
     """Check that `path` is a complete, intact checkpoint this version reads; raises
-    CheckpointError naming what is wrong. `verify_data` also checks every file's CRC-32."""
+    CheckpointError naming what is wrong. `verify_data` also checks every file's CRC-32, all of them
+    here or, with `share`, this process's part of them."""
     from .. import __version__
 
     path = Path(path)
@@ -102,7 +115,8 @@ def inspect(path: Path, verify_data: bool = True) -> Checkpoint:
                              "format {}; use the ipu-t5 version that wrote it".format(
                                  state.get("format_version"), state.get("versions", {}).get("ipu_t5", "?"),
                                  __version__, FORMAT_VERSION))
-    for name, entry in sorted(state.get("files", {}).items()):
+    files = sorted(state.get("files", {}).items())
+    for name, entry in files:
         file = path / name
         if not file.is_file():
             raise _damaged(path, "{} is missing".format(name))
@@ -110,23 +124,30 @@ def inspect(path: Path, verify_data: bool = True) -> Checkpoint:
         if size != entry["bytes"]:
             raise _damaged(path, "{} has {} bytes, {} were written (truncated or overwritten)".format(
                 name, size, entry["bytes"]))
-        if verify_data:
-            with open(str(file), "rb") as f:
+    if verify_data:
+        index, count, agree = share or (0, 1, None)
+        error = None
+        for name, entry in files[index::count]:
+            with open(str(path / name), "rb") as f:
                 crc = atomic.file_crc32(f)
             if crc != entry["crc32"]:
-                raise _damaged(path, "{} is corrupt (CRC-32 {} where {} was written)".format(name, crc, entry["crc32"]))
+                error = "{} is corrupt (CRC-32 {} where {} was written)".format(name, crc, entry["crc32"])
+                break
+        if agree is not None:
+            error = agree(error)
+        if error is not None:
+            raise _damaged(path, error)
     return Checkpoint(path, state)
 
 
-
-
-def newest_usable(output_dir: Path, say: Callable[[str], None], verify_data: bool = True) -> Optional[Checkpoint]:
+def newest_usable(output_dir: Path, say: Callable[[str], None], verify_data: bool = True,
+                  share: Optional[Share] = None) -> Optional[Checkpoint]:
     """The newest intact checkpoint of a run; each damaged one passed over is reported with `say`.
     None when the run has none at all."""
     failures = []
     for step in reversed(list_steps(output_dir)):
         try:
-            found = inspect(step_path(output_dir, step), verify_data)
+            found = inspect(step_path(output_dir, step), verify_data, share)
         except CheckpointError as err:
             failures.append(str(err))
             continue
@@ -139,11 +160,12 @@ def newest_usable(output_dir: Path, say: Callable[[str], None], verify_data: boo
     return None
 
 
-def resolve(spec: str, output_dir: Path, say: Callable[[str], None], verify_data: bool = True) -> Optional[Checkpoint]:
+def resolve(spec: str, output_dir: Path, say: Callable[[str], None], verify_data: bool = True,
+            share: Optional[Share] = None) -> Optional[Checkpoint]:
     """The checkpoint `--resume` names: "auto" for the run's newest intact one (None if it has
     none yet), or a path."""
     if spec == "auto":
-        found = newest_usable(output_dir, say, verify_data)
+        found = newest_usable(output_dir, say, verify_data, share)
         if found is None:
             say("ipu-t5: no checkpoint in {} yet: starting from step 0.".format(checkpoints_dir(output_dir)))
         return found
@@ -151,18 +173,17 @@ def resolve(spec: str, output_dir: Path, say: Callable[[str], None], verify_data
     if path.is_dir() and not (path / STATE_FILE).exists() and list_steps(path):
         raise CheckpointError("{} is a run's output directory, not a checkpoint: give one of its "
                               "checkpoints/step-N, or --resume auto with --output-dir {}.".format(path, path))
-    return inspect(path, verify_data)
+    return inspect(path, verify_data, share)
 
 
 def find_for_resume(backend, spec: str, output_dir: Path, say: Callable[[str], None]) -> Optional[Checkpoint]:
-    """`resolve` with every file's checksum verified, by the main process alone; every process gets
-    the same answer."""
-    path = backend.on_main(lambda: _path_of(resolve(spec, output_dir, say)))
-    return inspect(Path(path), verify_data=False) if path is not None else None
+    """`resolve` with every file's checksum verified, the files shared out over the backend's
+    processes (read in parallel, none reading the whole checkpoint); every process gets the same
+    answer."""
+    def agree(error: Optional[str]) -> Optional[str]:
+        return next((e for e in backend.gather_object(error) if e is not None), None)
 
-
-def _path_of(found: Optional[Checkpoint]) -> Optional[str]:
-    return str(found.path) if found is not None else None
+    return resolve(spec, output_dir, say, True, (backend.process_index, backend.num_processes, agree))
 
 
 # ----- compatibility with the run that resumes -----

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from ..compat import export_config_dict
 from ..errors import UserError
+from ..models import TIED_ALIASES
 from . import atomic, dcp
 from .format import (FORMAT, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, PROCESS_FILE, SHARDED_DIR, STATE_FILE,
                      STEP_PREFIX, CheckpointError, checkpoints_dir, list_steps, step_path)
@@ -19,6 +20,11 @@ from .format import (FORMAT, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, PROCESS
 
 def _tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _cpu_tensors(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A one-process checkpoint's weights: float32, contiguous, tied aliases left out."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items() if k not in TIED_ALIASES}
 
 
 def flatten_optimizer_state(state: Mapping[str, Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
@@ -64,10 +70,8 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
     process_states = backend.gather_object({"rng": rng.capture(), "backend": backend.extra_state()})
     tensors: Dict[str, Dict[str, torch.Tensor]] = {}
     if shares is None:
-        from .export import export_tensors
-
         model_state = backend.model_state_dict()
-        tensors = {MODEL_FILE: export_tensors(select(model_state) if select else model_state, torch.float32),
+        tensors = {MODEL_FILE: _cpu_tensors(select(model_state) if select else model_state),
                    OPTIMIZER_FILE: flatten_optimizer_state(backend.optimizer_state_dict())}
         needed = sum(_tensor_bytes(t) for t in tensors.values())
     else:
@@ -83,6 +87,7 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
             raise
 
     staging = Path(backend.on_main(begin))
+    written: Dict[str, Dict[str, object]] = {}
     if shares is not None:
         try:
             dcp.transfer("save", shares, staging / SHARDED_DIR)
@@ -92,6 +97,11 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
             if atomic.is_no_space(err):
                 raise _no_space(path, needed) from None
             raise
+        # Every process reads back, checksums and syncs its share of the files, in parallel.
+        part = atomic.fsync_tree(staging / SHARDED_DIR, checksum=True,
+                                 share=(backend.process_index, backend.num_processes))
+        for entries in backend.gather_object(part):
+            written.update({"{}/{}".format(SHARDED_DIR, k): v for k, v in entries.items()})
 
     def finish() -> None:
         try:
@@ -99,7 +109,7 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
                 with open(str(staging / PROCESS_FILE.format(rank)), "w") as f:
                     json.dump(state, f)
             _write_main_files(staging, tensors, needed, trainer_state, run_config, hf_config, tokenizer,
-                              backend.num_processes, shares is not None, path)
+                              backend.num_processes, shares is not None, path, written)
             atomic.replace_dir(staging, path)
         except BaseException as err:
             shutil.rmtree(str(staging), ignore_errors=True)
@@ -113,7 +123,8 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
 
 def _write_main_files(staging: Path, tensors: Dict[str, Dict[str, torch.Tensor]], needed: int,
                       trainer_state: Dict[str, Any], run_config: Dict[str, Any], hf_config, tokenizer,
-                      num_processes: int, sharded: bool, path: Path) -> None:
+                      num_processes: int, sharded: bool, path: Path,
+                      written: Dict[str, Dict[str, object]]) -> None:
     import transformers
 
     from .. import __version__
@@ -132,7 +143,7 @@ def _write_main_files(staging: Path, tensors: Dict[str, Dict[str, torch.Tensor]]
         "tensors": "torch.distributed.checkpoint" if sharded else "safetensors",
         "num_processes": num_processes,
         "versions": {"ipu_t5": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "files": atomic.fsync_tree(staging, checksum=True),
+        "files": atomic.fsync_tree(staging, checksum=True, done=written),
     })
     # Written last and synced (the other files already are): its presence marks the checkpoint complete.
     with open(str(staging / STATE_FILE), "w") as f:

@@ -29,10 +29,13 @@ class RunCheckpoints:
                             "--resume auto, or start it over with --overwrite.".format(self.output_dir, steps[-1]))
         self.backend.on_main(lambda: run_dir.clear(self.output_dir))
 
-    def _resume(self, spec: str) -> None:
+    def _resume(self, spec: Union[str, "checkpointing.Checkpoint"], weights_loaded: bool = False) -> None:
         """Restore weights, optimizer, random generators, data order, step and validation history
-        from the checkpoint `spec` names ("auto": this run's newest intact one)."""
-        found = checkpointing.find_for_resume(self.backend, spec, self.output_dir, self._say)
+        from the checkpoint `spec` names ("auto": this run's newest intact one), or from a checkpoint
+        already found; `weights_loaded`: the backend built its model from that checkpoint's weights,
+        so only the rest is read."""
+        found = spec if isinstance(spec, checkpointing.Checkpoint) else \
+            checkpointing.find_for_resume(self.backend, spec, self.output_dir, self._say)
         if found is None:
             return
         checkpointing.check_architecture(found, canonical_size(self.config.model.name))
@@ -41,7 +44,7 @@ class RunCheckpoints:
             expected = self.adapter_shapes
         checkpointing.check_tensors(found, expected)
         checkpointing.check_data_order(found, self.order.state_dict())
-        found.load_into(self.backend)
+        found.load_into(self.backend, model=not weights_loaded)
         state = found.state
         self.step = int(state["step"])
         self.order.load_state_dict(state["data_order"])

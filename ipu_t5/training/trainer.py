@@ -25,7 +25,8 @@ from ..data.features import Lengths
 from ..data.prepare import prepare_data
 from ..errors import UserError
 from ..layout import plan_from_config
-from ..models import build_model, canonical_size, load_pretrained, model_from_config, set_dropout
+from ..model_source import run_source
+from ..models import canonical_size, parameter_shapes
 from ..tasks import build_task
 from .best_metric import BestMetric
 from .checkpoints import RunCheckpoints
@@ -93,28 +94,32 @@ class T5Trainer(RunCheckpoints):
         self.prompt_length = data.prompt_length
         self.lengths: Lengths = data.lengths
         self.train_tokens = data.train_tokens
-        if pretrained is None and candidate is not None and not lora.enabled(config):
-            # The architecture; its weights are loaded by _resume. A LoRA checkpoint holds only the
-            # adapters, so the base is the run's own starting point, built as before.
-            pretrained = candidate.hf_config()
-        model = self._model(pretrained)
-        self.hf_config = model.config
-        self.base_model = str(pretrained) if isinstance(pretrained, (str, Path)) else (
-            config.model.pretrained or canonical_size(config.model.name).hub_id)
-        if lora.enabled(config):
-            # Before the backend sees the model: every backend then trains only the adapters. The
-            # A matrices start from the run's seed, whatever ran before in this process.
-            torch.manual_seed(config.training.seed)
-            lora.apply_lora(model, config.peft)
-            self.adapter_shapes = {k: tuple(v.shape) for k, v in lora.adapter_state(model.state_dict()).items()}
-        self.num_params = sum(p.numel() for p in model.parameters())
-        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
         self.backend = backend or backend_type(config, self.plan)
         if self.backend.lengths is None:
             self.backend.lengths = self.lengths
+        # Verified (every file's checksum) before any weight is read from it.
+        found = checkpointing.find_for_resume(self.backend, resume, self.output_dir, self._say) if resume else None
+        weights = None
+        if pretrained is None and found is not None and not lora.enabled(config):
+            # The architecture and weights of the checkpoint, read by each process for what it holds. A
+            # LoRA checkpoint holds only the adapters, so the base is the run's own starting point.
+            pretrained, weights = found.hf_config(), found.model_tensors()
+            checkpointing.check_tensors(found, parameter_shapes(pretrained))
+        # A description of the model; each backend builds only what it holds.
+        self.source = run_source(config, len(self.tokenizer), self.backend, pretrained, weights)
+        self.base_model = str(pretrained) if isinstance(pretrained, (str, Path)) else (
+            config.model.pretrained or canonical_size(config.model.name).hub_id)
+        frame = self.source.meta_model()
+        # The built model's own config: untied, as every model built from the source is.
+        self.hf_config = frame.config
+        if lora.enabled(config):
+            self.adapter_shapes = {k: tuple(v.shape) for k, v in lora.adapter_state(frame.state_dict()).items()}
+        self.num_params = sum(p.numel() for p in frame.parameters())
+        self.num_trainable = sum(p.numel() for p in frame.parameters() if p.requires_grad)
+        del frame
         torch.manual_seed(config.training.seed)
-        self.backend.setup(model)
+        self.backend.setup(self.source)
         # The backend may refine the plan (the IPU chooses its micro-batch and blocks per IPU).
         self.plan = self.backend.plan
         self.metric = accuracy_metric
@@ -138,26 +143,10 @@ class T5Trainer(RunCheckpoints):
         self._saved_step: Optional[int] = None
         self._stop: Optional[GracefulStop] = None
         self._claimed = False
+        self._trained_out = False
         self._log: Optional[MetricsLog] = None
-        if resume:
-            self._resume(resume)
-
-    def _model(self, pretrained):
-        """`pretrained` is a module, a hub id or directory, a T5Config (resuming: the weights come
-        from the checkpoint), or None for the config's model."""
-        from transformers import PretrainedConfig
-
-        if pretrained is None:
-            return build_model(self.config, len(self.tokenizer))
-        if isinstance(pretrained, PretrainedConfig):
-            model = model_from_config(pretrained)
-        elif isinstance(pretrained, (str, Path)):
-            model = load_pretrained(str(pretrained))
-        else:
-            model = pretrained
-        if self.config.model.dropout_rate is not None:
-            set_dropout(model, self.config.model.dropout_rate)
-        return model
+        if found is not None:
+            self._resume(found, weights_loaded=weights is not None)
 
     # ----- output -----
 
@@ -207,6 +196,9 @@ class T5Trainer(RunCheckpoints):
         `validation.early_stopping_patience` training ends once validation stops improving
         (`summary["stopped_early"]`).
         """
+        if self._trained_out:
+            raise UserError("this trainer released its optimizer state (end_training): build a new T5Trainer with "
+                            "--resume to train on.")
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
         self._refuse_restart_over_checkpoints()
@@ -277,6 +269,13 @@ class T5Trainer(RunCheckpoints):
             self._say("ipu-t5: stopped by {} after step {} of {}; checkpoint {}".format(
                 stopped, self.step, cfg.max_steps, summary["checkpoint"]))
         return summary
+
+    def end_training(self) -> None:
+        """Training is over (its last checkpoint, when checkpoints are on, holds the optimizer state):
+        free the optimizer's state, so the export and validation that follow have that memory. The
+        trainer then refuses to train."""
+        self.backend.release_optimizer_state()
+        self._trained_out = True
 
     @property
     def best_metric(self) -> Optional[float]:
@@ -354,21 +353,21 @@ class T5Trainer(RunCheckpoints):
         (default `<output-dir>/adapter`). Returns the export's path, also kept as `hf_path`."""
         self._claim()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
-        state = self.backend.model_state_dict()
-
-        def export() -> None:
-            merged = state
-            if lora.enabled(self.config):
-                write_adapter(Path(adapter_path) if adapter_path else self.output_dir / "adapter", state,
-                                   self.config.peft, self.base_model, self.tokenizer)
-                merged = lora.merged_state(state, self.config.peft)
-            example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
-            exported = write_hf_checkpoint(hf_path, merged, self.hf_config, self.tokenizer, self.config.to_dict(),
-                                           self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
-                                           example_prompt=example, prompt_length=self.prompt_length)
-            self._say(exported.describe())
-
-        self.backend.on_main(export)
+        # Each process writes the weights it holds; none gathers the model.
+        share = self.backend.export_share()
+        if lora.enabled(self.config):
+            adapters: Dict[str, torch.Tensor] = {}
+            for part in self.backend.gather_object({k: v.detach().cpu() for k, v in lora.adapter_state(share).items()}):
+                adapters.update(part)
+            self.backend.on_main(lambda: write_adapter(
+                Path(adapter_path) if adapter_path else self.output_dir / "adapter", adapters, self.config.peft,
+                self.base_model, self.tokenizer))
+            share = lora.merged_state(share, self.config.peft)
+        example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
+        exported = write_hf_checkpoint(hf_path, share, self.hf_config, self.tokenizer, self.config.to_dict(),
+                                       self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
+                                       example_prompt=example, prompt_length=self.prompt_length, group=self.backend)
+        self._say(exported.describe())
         if ckpt_path:
             self.save_checkpoint(ckpt_path)
         self.hf_path = hf_path

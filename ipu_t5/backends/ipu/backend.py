@@ -29,6 +29,7 @@ import torch
 from ... import lora
 from ...data.batching import IGNORE_INDEX, GlobalBatch, collate
 from ...errors import UserError
+from ...model_source import whole_model
 from ..base import Backend, StepResult, trim_at_eos
 from ..optim import adamw_kwargs, lr_at, param_groups, set_lr
 from .model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, hf_state_dict, join_slices,
@@ -102,7 +103,8 @@ class IpuBackend(Backend):
 
     # ----- setup -----
 
-    def setup(self, model: torch.nn.Module) -> None:
+    def setup(self, model) -> None:
+        model = whole_model(model)
         if self.lengths is None:
             raise UserError("the IPU backend compiles static shapes and needs the data's token lengths: build it "
                             "set backend.lengths before setup (T5Trainer does).")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ...data.batching import GlobalBatch, collate
 from ...errors import UserError
+from ...model_source import ModelSource
 from ..base import Backend, StepResult
 from ..fast_ops import use_fast_ops
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
@@ -86,13 +87,17 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
             self.config.layout.data_parallel.upper() if self.plan.replicas > 1 else "no data parallelism",
             "bf16 autocast" if self.amp_dtype else "fp32")
 
-    def setup(self, model: torch.nn.Module) -> None:
-        use_fast_ops(model, float32=self.amp_dtype is None)
-        hf = model.config
+    def setup(self, model) -> None:
+        source = ModelSource.of(model)
+        # The whole model on the meta device: its parts are cut into this rank's chunks, and only
+        # those are materialised on this rank's device, their weights read or drawn by name.
+        frame = source.meta_model()
+        use_fast_ops(frame, float32=self.amp_dtype is None)
+        hf = frame.config
         self.pad_id, self.eos_id, self.start_id = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
         self.d_model, self.heads, self.vocab, self.num_layers = hf.d_model, hf.num_heads, hf.vocab_size, hf.num_layers
-        chunks = build_chunks(model, [self.plan.stage_blocks[c] for c in self.chunk_ids], self.amp_dtype)
-        self.chunks = {c: chunk.to(self.device) for c, chunk in zip(self.chunk_ids, chunks)}
+        chunks = build_chunks(frame, [self.plan.stage_blocks[c] for c in self.chunk_ids], self.amp_dtype)
+        self.chunks = {c: source.materialise(chunk, self.device) for c, chunk in zip(self.chunk_ids, chunks)}
         self.modules = {c: self._data_parallel(chunk) for c, chunk in self.chunks.items()}
         # Parameters by HF name; FSDP2 replaces them, so they are looked up after wrapping.
         self.named = [(name, p) for c in self.chunk_ids for name, p in self.chunks[c].named_parameters()]
@@ -103,7 +108,9 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
                      if hasattr(self.chunks[c], "shared") and self.chunks[c].shared.weight.requires_grad]
         self.owned = [(name, p) for c in self.chunk_ids for name, p in self.chunks[c].named_parameters()
                       if not (name == "shared.weight" and not self.chunks[c].embeds_input)]
-        self.optimizer = build_optimizer(self.named, self.config.training)
+        # The copy is not optimized (no AdamW moments of its own): it takes the owner's new values
+        # after every step (`_sync_tied_weights`).
+        self.optimizer = build_optimizer(self.owned, self.config.training)
 
     def _data_parallel(self, chunk: torch.nn.Module) -> torch.nn.Module:
         # A chunk with nothing to train (LoRA adapting layers elsewhere) has no gradients to
@@ -194,6 +201,9 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         lr = lr_at(step, self.config.training)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
+        # Gradients exist only within a step: checkpoints, exports and validation run without them.
+        self.optimizer.zero_grad(set_to_none=True)
+        self._sync_tied_weights()
         return StepResult(loss=loss, grad_norm=grad_norm.item(), lr=lr)
 
     def _sync_tied_gradients(self) -> None:
@@ -211,8 +221,31 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0].clone()
         if self.topology.tied_group is not None:
             dist.all_reduce(total, group=self.topology.tied_group)
-        for grad in grads:
-            grad.copy_(total)
+        for param, grad in zip(self.tied, grads):
+            if param is self._tied_owner:
+                grad.copy_(total)
+            else:
+                param.grad = None  # summed into the owner's; the copy is not optimized
+
+    @property
+    def _tied_owner(self):
+        """The shared embedding of the chunk that embeds the input, if this rank holds it."""
+        return next((self.chunks[c].shared.weight for c in self.chunk_ids if self.chunks[c].embeds_input), None)
+
+    @torch.no_grad()
+    def _sync_tied_weights(self) -> None:
+        """Give the decoder side's copy of the shared embedding the owner's values after a step: from
+        this rank's own owner, or broadcast by the rank of this replica's pipeline that holds it."""
+        if not self.tied or (len(self.tied) == 1 and self.topology.tied_group is None):
+            return
+        owner = self._tied_owner
+        if len(self.tied) > 1:
+            for param in self.tied:
+                if param is not owner:
+                    local_shard(param).copy_(local_shard(owner))
+            return
+        source = self.topology.rank_of_stage(self.plan.stage_of("embedding"))
+        dist.broadcast(local_shard(self.tied[0]).detach(), src=source, group=self.topology.tied_group)
 
     def _squared_grad_norm(self) -> torch.Tensor:
         """This rank's share of the squared global gradient norm: each parameter counted once
@@ -224,6 +257,9 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
             if param.grad is not None:
                 total += local_shard(param.grad).detach().float().pow(2).sum()
         return total
+
+    def release_optimizer_state(self) -> None:
+        self.optimizer.state.clear()
 
     # ----- processes -----
 

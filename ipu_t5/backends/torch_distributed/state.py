@@ -1,7 +1,13 @@
-"""The torch.distributed backend's weights and AdamW state by Hugging Face name: each stage's
-tensors gathered onto the main process (and loaded back, cut to the FSDP2 shard each rank holds),
-so any layout writes and reads the same names."""
-from typing import Dict, Tuple
+"""The torch.distributed backend's weights and AdamW state by Hugging Face name, so any layout writes
+and reads the same names.
+
+Checkpoints go through torch.distributed.checkpoint (`checkpoint_state`): every rank writes its own
+stage's tensors (under FSDP2 its own shards) in parallel, a tensor that data-parallel replicas hold
+alike is written once, and nothing is gathered. A one-process checkpoint is read by name, each rank
+looking up only its own tensors and cutting them to the FSDP2 shard it holds. `model_state_dict` and
+`optimizer_state_dict` still gather everything onto the main process, for callers that want the
+whole model in memory (tests on small models); no checkpoint or export uses them."""
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.distributed as dist
@@ -82,9 +88,51 @@ class NamedState:
         return state
 
     def load_optimizer_state_dict(self, state: Dict) -> None:
-        for name, param in self.named:
+        for name, param in self.owned:
             if name in state:
                 self.optimizer.state[param] = {
                     k: (self._shard_like(v, param) if torch.is_tensor(v) and v.ndim else v)
                     for k, v in state[name].items()}
 
+    def export_share(self) -> Dict[str, torch.Tensor]:
+        """Replica 0 of each stage writes the weights its stage owns (under FSDP2 gathered from the
+        stage's replicas one tensor at a time, the other replicas keeping none); the others write none."""
+        share = {}
+        for name, param in self.owned:
+            whole = self._gather(param.detach())
+            if self.topology.replica == 0:
+                share[name] = whole
+        return share
+
+    def _adam_state(self, param: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """AdamW's state of `param`, created as AdamW creates it before its first step when there is
+        none yet (a load needs the tensors to fill)."""
+        state = self.optimizer.state[param]
+        if not state:
+            fused = bool(self.optimizer.defaults.get("fused"))
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu")
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    def checkpoint_state(self) -> Dict[str, Dict[str, Any]]:
+        """This rank's weights and AdamW state by HF name, as live tensors (FSDP2 DTensors stay
+        sharded) that torch.distributed.checkpoint writes from, or reads into, in place. The
+        decoder side's copy of the shared embedding is listed under the same name: it equals the
+        original, so a save writes one of them, and a load fills the rank that holds only the copy."""
+        model: Dict[str, Any] = {}
+        self._copies = []
+        for name, param in self.named:
+            if name in model:
+                # This rank holds both: the copy is filled from the original.
+                self._copies.append((model[name], param))
+                continue
+            model[name] = param.detach()
+        optimizer = {name: dict(self._adam_state(param)) for name, param in self.owned if param.requires_grad}
+        return {"model": model, "optimizer": optimizer}
+
+    def load_checkpoint_state(self, state: Dict[str, Dict[str, Any]]) -> None:
+        # The tensors were filled in place; what remains is a second copy of the embedding on this rank.
+        with torch.no_grad():
+            for loaded, param in self._copies:
+                local_shard(param).copy_(local_shard(loaded))

@@ -6,7 +6,8 @@ with one process.
 
 A RUN is SCHEDULE or SCHEDULE:DATA_PARALLEL (e.g. 1F1B:fsdp). Each run trains STEPS steps into
 OUT/<run>, then writes OUT/<run>/result.pt (losses, weights, optimizer state names, predictions,
-accuracy); the first run also writes a checkpoint at OUT/<run>/checkpoint. With --resume-from, a
+accuracy); the first run also writes a checkpoint at OUT/<run>/checkpoint and its export at OUT/<run>/hf.
+With --resume-from, a
 last run resumes that (one-process) checkpoint under the layout (run as --resume-run), as
 `--resume PATH` does, and continues to RESUMED_STEPS, writing OUT/resumed/result.pt. With --lora
 every run trains LoRA adapters (`LORA`) and also exports itself (OUT/<run>/hf, merged, and
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("stages", type=int)
     parser.add_argument("replicas", type=int)
-    parser.add_argument("runs", nargs="+")
+    parser.add_argument("runs", nargs="*")
     parser.add_argument("--resume-from")
     parser.add_argument("--resume-run", default="1F1B", help="the RUN that continues the checkpoint")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters, and export each run")
@@ -87,7 +88,7 @@ def main() -> None:
         trainer = T5Trainer(config)
         trainer.train()
         evaluated = trainer.evaluate()
-        if args.lora:
+        if args.lora or index == 0:
             trainer.export_hf()
         if index == 0:
             trainer.save_checkpoint(config.output_dir / "checkpoint")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ipu_t5.models import TIED_ALIASES
-from tests.conftest import ROOT, losses, run_cli, subprocess_env
+from tests.conftest import ROOT, losses, run_cli, sdk_python, subprocess_env
 from tests.backends.torch_distributed.pipeline_worker import RESUMED_STEPS, STEPS, make_config, result
 
 
@@ -62,7 +62,8 @@ def _run_worker(out, stages, replicas, runs, *options):
     found = {run: torch.load(str(out / run.replace(":", "-") / "result.pt")) for run in runs}
     if "--resume-from" in options:
         found["resumed"] = torch.load(str(out / "resumed" / "result.pt"))
-    found["checkpoint"] = out / runs[0] / "checkpoint"
+    if runs:
+        found["checkpoint"] = out / runs[0] / "checkpoint"
     found["out"] = out
     return found
 
@@ -151,6 +152,48 @@ def test_2x2_checkpoint_continues_in_one_process(launched, reference, tmp_path):
     _assert_continues_in_one_process(launched((2, 2))["checkpoint"], reference, tmp_path / "run")
 
 
+@pytest.mark.slow
+def test_2x2_checkpoint_continues_under_4x1(launched, reference, tmp_path):
+    found = _run_worker(tmp_path / "layout4x1", 4, 1, [], "--resume-from", str(launched((2, 2))["checkpoint"]))
+    _assert_losses_equal(found["resumed"]["losses"], reference["eight"]["losses"][STEPS:])
+    _assert_weights_equal(found["resumed"]["weights"], reference["eight"]["weights"])
+
+
+@pytest.mark.slow
+def test_2x2_checkpoint_is_sharded_and_exports_in_one_process_as_the_split_exported_it(launched, tmp_path):
+    """Every rank wrote its share through torch.distributed.checkpoint; `ipu-t5 export` reads it in
+    one process, tensor by tensor, into the same tensors, bit for bit, as the 2x2 run's own export
+    (each stage its own shard), and both predict the same."""
+    from ipu_t5 import checkpointing
+    from ipu_t5.checkpointing.export import reload_and_predict, same_bits
+    from ipu_t5.checkpointing.views import SafetensorsView, weight_files
+
+    found = launched((2, 2))
+    checkpoint = found["checkpoint"]
+    assert checkpointing.inspect(checkpoint).sharded and not (checkpoint / checkpointing.MODEL_FILE).exists()
+    writers = {p.name.split("_")[2] for p in (checkpoint / checkpointing.SHARDED_DIR).glob("__*.distcp")}
+    assert len(writers) >= 2, writers
+    split_export = found["out"] / "1F1B" / "hf"
+    assert len(weight_files(split_export)) == 2
+    done = run_cli(["export", str(checkpoint), "--out", str(tmp_path / "hf")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reloaded with transformers" in done.stdout
+    assert weight_files(tmp_path / "hf") == [tmp_path / "hf" / "model.safetensors"]
+    split, alone = SafetensorsView(weight_files(split_export)), SafetensorsView(weight_files(tmp_path / "hf"))
+    assert sorted(split) == sorted(alone)
+    assert all(same_bits(split[name], alone[name]) for name in split)
+    rows = [json.loads(line) for line in (found["out"] / "1F1B" / "eval_predictions.jsonl").read_text().splitlines()]
+    prompts, generated = [r["prompt"] for r in rows], [r["generated"] for r in rows]
+    assert reload_and_predict(split_export, prompts) == reload_and_predict(tmp_path / "hf", prompts) == generated
+    if sdk_python():
+        # The Poplar SDK's torch 2.0 reads what this torch's torch.distributed.checkpoint wrote.
+        done = subprocess.run([sdk_python(), "-m", "ipu_t5", "export", str(checkpoint), "--out", str(tmp_path / "sdk")],
+                              cwd=str(ROOT), env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        sdk = SafetensorsView(weight_files(tmp_path / "sdk"))
+        assert sorted(sdk) == sorted(split) and all(same_bits(split[name], sdk[name]) for name in split)
+
+
 # ----- LoRA under the split: the adapters train, the base stays as it was -----
 
 LORA_RUNS = ["1F1B", "GPipe", "1F1B:fsdp", "Interleaved1F1B"]
@@ -194,15 +237,14 @@ def test_lora_under_2x2_matches_one_process_and_trains_only_the_adapters(lora_la
 
 @pytest.mark.slow
 def test_lora_merged_export_under_2x2_predicts_what_validation_predicted(lora_launched, lora_reference):
-    from safetensors import safe_open
-
     from ipu_t5.checkpointing.export import reload_and_predict
+    from ipu_t5.checkpointing.views import SafetensorsView, weight_files
 
     for run in LORA_RUNS:
         assert lora_launched[run]["predictions"] == lora_reference["five"]["predictions"], run
         run_dir = lora_launched["out"] / run.replace(":", "-")
-        with safe_open(str(run_dir / "hf" / "model.safetensors"), "pt") as f:
-            names = list(f.keys())
+        # Each stage wrote its own shard of the merged weights.
+        names = list(SafetensorsView(weight_files(run_dir / "hf")))
         assert not [n for n in names if ".lora_" in n or ".base_layer." in n]
         rows = [json.loads(line) for line in open(run_dir / "eval_predictions.jsonl")]
         assert len(rows) == 21
@@ -258,7 +300,10 @@ def test_cli_launches_2x2_and_only_rank_0_writes(tmp_path):
     assert "reloaded with plain transformers: 24/24 predictions identical" in done.stdout
     assert "2 stage(s) x 2 replica(s) on 4 CPU process(es)" in done.stderr + done.stdout
     assert len(losses(out)) == 6
-    assert (out / "hf" / "model.safetensors").is_file()
+    # Each stage wrote its own shard of the export; the main process the index.
+    index = json.loads((out / "hf" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
+                                                         "model-00002-of-00002.safetensors"]
 
 
 @pytest.mark.slow
