@@ -26,7 +26,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ... import lora
 from ...data.batching import IGNORE_INDEX, GlobalBatch, collate
 from ...errors import UserError
 from ...model_source import whole_model
@@ -149,15 +148,12 @@ class IpuBackend(Backend):
 
     def _arrange(self, model: torch.nn.Module) -> None:
         """Cut the T5 as the plan says (vocabulary slices for a pipeline; every phase split over
-        its IPUs when phased), give it float16 numerics, and put each part in its poptorch block."""
+        its IPUs when phased, LoRA adapters with their layers), give it float16 numerics, and put
+        each part in its poptorch block."""
         plan, begin_block = self.ipu_plan, self.poptorch.BeginBlock
         if plan.execution == "phased":
             from .split import place_split, split_t5
 
-            if lora.enabled(self.config):
-                raise UserError("LoRA with phased execution on IPUs: the IPU backend splits every adapted layer over "
-                                "the IPUs of a phase, and it does not split LoRA adapters yet: use a layout that runs "
-                                "pipelined (ipu-t5 plan shows which fit), or --backend torch or single.")
             split = split_t5(model, plan.ipus_per_phase, plan.embedding_serialization_factor, plan.half)
             if plan.half:
                 model.half()

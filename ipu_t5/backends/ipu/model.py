@@ -135,7 +135,8 @@ def load_hf_state_dict(t5: torch.nn.Module, state: Dict[str, torch.Tensor]) -> N
 
 SLICES = ".slices."
 # Split along their columns (inputs): the attention output and feed-forward output projections,
-# the relative position bias (by heads) and every LoRA A matrix; all else along rows.
+# the relative position bias (by heads) and a LoRA A matrix; all else along rows. (split_lora.py
+# cuts A of o and wo, B of the other layers, and holds the other matrix whole.)
 COLUMN_SPLIT_LAYERS = ("o", "wo", "relative_attention_bias")
 
 

@@ -12,7 +12,8 @@ The residual stream is split by columns of the hidden width: part j keeps column
 float32 and adds chunk j of every partial output to it (the partial sums are added after the
 compiler's copies, a reduce-scatter); the layer norm's weight is split the same way, its sum of
 squares gathered from every chunk; the normalised chunks are gathered for the next sub-layer (an
-all-gather). So no weight is used on two IPUs. The loss is assembled from each vocabulary slice's
+all-gather). So no weight is used on two IPUs. LoRA adapters are cut with their layers
+(split_lora.py). The loss is assembled from each vocabulary slice's
 log-sum-exp and target logit, greedy tokens from each slice's best logit.
 
 The split weights replace the Hugging Face modules' own (`q.weight` becomes `q.slices.i.weight`),
@@ -32,28 +33,8 @@ from ...data.batching import IGNORE_INDEX
 from .fp16 import FF_OUTPUT_SCALE, FLOAT16_LIMIT
 from .memory import SUBLAYERS
 from .model import lookup_rows
-
-
-class WeightSlice(torch.nn.Module):
-    def __init__(self, weight: torch.Tensor, requires_grad: bool):
-        super().__init__()
-        self.weight = torch.nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format),
-                                         requires_grad=requires_grad)
-
-
-class Sliced(torch.nn.Module):
-    """A weight cut into `parts` slices along `dim` (as `model.split_like_slices` cuts it: equal
-    but for a vocabulary the slices do not divide), each its own parameter (`slices.i.weight`)."""
-
-    def __init__(self, weight: torch.Tensor, parts: int, dim: int):
-        super().__init__()
-        pieces = torch.tensor_split(weight, parts, dim=dim)
-        self.slices = torch.nn.ModuleList([WeightSlice(w, weight.requires_grad) for w in pieces])
-        # Where each slice starts along `dim` (a vocabulary slice's first token id).
-        self.offsets = [sum(w.shape[dim] for w in pieces[:i]) for i in range(parts)]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.slices[index].weight
+from .sliced import Refs, Sliced, added as _added
+from .split_lora import adapter_modules, lora_down, lora_up, refuse_adapted, split_linear
 
 
 def _chunk(tensor: torch.Tensor, index: int, parts: int) -> torch.Tensor:
@@ -64,24 +45,6 @@ def _chunk(tensor: torch.Tensor, index: int, parts: int) -> torch.Tensor:
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
     """float16 and bfloat16 upcast to float32; float32 and float64 as they are."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
-
-
-def _added(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    total = tensors[0]
-    for tensor in tensors[1:]:
-        total = total + tensor
-    return total
-
-
-class Refs:
-    """Weights a computing module reads: kept out of its own parameters, so each weight has one
-    name (its Hugging Face path) and one IPU (the module that reads it)."""
-
-    def __init__(self, **sliced: torch.nn.Module):
-        self.sliced = sliced
-
-    def __call__(self, name: str, index: int) -> torch.Tensor:
-        return self.sliced[name][index]
 
 
 # ----- the modules that compute: one per part of a phase, each a poptorch block -----
@@ -145,8 +108,10 @@ class AttentionPart(torch.nn.Module):
         self.dropout = attention.dropout
         self.has_bias = attention.has_relative_attention_bias
 
-    def _heads(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, name: str, downs: Dict[str, torch.Tensor]) -> torch.Tensor:
         out = F.linear(x, self.refs(name, self.index))
+        if name in downs:  # a LoRA adapter's share of these heads (split_lora.py)
+            out = out + lora_up(self.refs.sliced[name], self.index, downs[name])
         return out.view(x.shape[0], x.shape[1], self.heads, self.d_kv).transpose(1, 2)
 
     def _bias(self, length: int, device) -> torch.Tensor:
@@ -157,10 +122,13 @@ class AttentionPart(torch.nn.Module):
         return F.embedding(bucket, self.refs("relative_attention_bias", self.index)).permute([2, 0, 1]).unsqueeze(0)
 
     def forward(self, normed: Sequence[torch.Tensor], mask: torch.Tensor, bias: Optional[torch.Tensor],
-                memory: Optional[Sequence[torch.Tensor]] = None):
+                memory: Optional[Sequence[torch.Tensor]] = None, downs: Optional[Dict[str, torch.Tensor]] = None):
+        """(partial output, position bias, o's LoRA down-projection of these heads or None);
+        `downs`: `AdapterIn`'s down-projections for adapted q, k, v."""
+        downs = downs or {}
         x = torch.cat(list(normed), dim=-1)
         source = x if memory is None else torch.cat(list(memory), dim=-1)
-        q, k, v = self._heads(x, "q"), self._heads(source, "k"), self._heads(source, "v")
+        q, k, v = self._heads(x, "q", downs), self._heads(source, "k", downs), self._heads(source, "v", downs)
         scores = torch.matmul(q, k.transpose(3, 2))
         if self.has_bias:
             bias = self._bias(x.shape[1], x.device).to(scores.dtype)
@@ -176,7 +144,8 @@ class AttentionPart(torch.nn.Module):
         weights = F.softmax(_wide(scores + position), dim=-1).type_as(scores)
         weights = F.dropout(weights, self.dropout, self.training)
         context = torch.matmul(weights, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        return F.linear(context, self.refs("o", self.index)), bias
+        o = self.refs.sliced["o"]
+        return F.linear(context, o[self.index]), bias, lora_down(o, self.index, context, self.training)
 
 
 class FeedForwardPart(torch.nn.Module):
@@ -187,14 +156,23 @@ class FeedForwardPart(torch.nn.Module):
         self.refs = Refs(wi_0=dense.wi_0, wi_1=dense.wi_1, wo=dense.wo)
         self.index, self.act, self.dropout, self.half = index, dense.act, dense.dropout.p, half
 
-    def forward(self, normed: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _inner(self, x: torch.Tensor, name: str, downs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        out = F.linear(x, self.refs(name, self.index))
+        if name in downs:  # a LoRA adapter's share of these units (split_lora.py)
+            out = out + lora_up(self.refs.sliced[name], self.index, downs[name])
+        return out
+
+    def forward(self, normed: Sequence[torch.Tensor], downs: Optional[Dict[str, torch.Tensor]] = None):
+        """(partial output, wo's LoRA down-projection of these units or None); `downs`:
+        `AdapterIn`'s down-projections for adapted wi_0, wi_1."""
+        downs = downs or {}
         x = torch.cat(list(normed), dim=-1)
-        hidden = self.act(F.linear(x, self.refs("wi_0", self.index))) * F.linear(x, self.refs("wi_1", self.index))
+        hidden = self.act(self._inner(x, "wi_0", downs)) * self._inner(x, "wi_1", downs)
         hidden = F.dropout(hidden, self.dropout, self.training)
-        wo = self.refs("wo", self.index)
-        if self.half:  # fp16.py's numerics; StreamSum scales the sum back in float32
-            hidden = torch.clamp(hidden, -FLOAT16_LIMIT, FLOAT16_LIMIT).to(wo.dtype) * (1.0 / FF_OUTPUT_SCALE)
-        return F.linear(hidden, wo)
+        wo = self.refs.sliced["wo"]
+        if self.half:  # fp16.py's numerics; StreamSum scales the sum (adapter's included) back in float32
+            hidden = torch.clamp(hidden, -FLOAT16_LIMIT, FLOAT16_LIMIT).to(wo[self.index].dtype) * (1.0 / FF_OUTPUT_SCALE)
+        return F.linear(hidden, wo[self.index]), lora_down(wo, self.index, hidden, self.training)
 
 
 class HeadPart(torch.nn.Module):
@@ -238,13 +216,15 @@ class Combine(torch.nn.Module):
 
 class SubLayer(torch.nn.Module):
     """One phase over a sub-layer: the norm of each stream chunk, each part's partial output, the
-    partial sums added into each chunk; `finals`: the stack's final layer norm riding in it."""
+    partial sums added into each chunk; `finals`: the stack's final layer norm riding in it;
+    `adapter_in`, `adapter_out`: its LoRA adapters' shared computations (split_lora.py), if any."""
 
-    def __init__(self, name: str, norms, parts, sums, finals=()):
+    def __init__(self, name: str, norms, parts, sums, finals=(), adapters=((), ())):
         super().__init__()
         self.name = name
         self.norms, self.parts, self.sums = (torch.nn.ModuleList(m) for m in (norms, parts, sums))
         self.finals = torch.nn.ModuleList(finals)
+        self.adapter_in, self.adapter_out = (torch.nn.ModuleList(m) for m in adapters)
 
 
 def _norms(norm: Sliced, parts: int, width: int, eps: float, dropout: float = 0.0) -> List[NormPart]:
@@ -253,18 +233,21 @@ def _norms(norm: Sliced, parts: int, width: int, eps: float, dropout: float = 0.
 
 def _split_layer_weights(layer: torch.nn.Module, parts: int) -> None:
     """Replace a T5 sub-layer's weights by slices (in place): rows for q, k, v, wi_0, wi_1,
-    columns for o, wo and the position bias, hidden columns for the layer norm."""
+    columns for o, wo and the position bias, hidden columns for the layer norm; a LoRA-adapted
+    linear layer with its adapter (split_lora.py)."""
+    refuse_adapted(layer.layer_norm, "a layer norm")
     layer.layer_norm = Sliced(layer.layer_norm.weight, parts, 0)
     inner = getattr(layer, "SelfAttention", None) or getattr(layer, "EncDecAttention", None)
     if inner is not None:
         for name in ("q", "k", "v", "o"):
-            setattr(inner, name, Sliced(getattr(inner, name).weight, parts, 1 if name == "o" else 0))
+            setattr(inner, name, split_linear(getattr(inner, name), name, parts))
         if inner.has_relative_attention_bias:
+            refuse_adapted(inner.relative_attention_bias, "relative_attention_bias")
             inner.relative_attention_bias = Sliced(inner.relative_attention_bias.weight, parts, 1)
     else:
         dense = layer.DenseReluDense
         for name in ("wi_0", "wi_1", "wo"):
-            setattr(dense, name, Sliced(getattr(dense, name).weight, parts, 1 if name == "wo" else 0))
+            setattr(dense, name, split_linear(getattr(dense, name), name, parts))
 
 
 class SplitT5(torch.nn.Module):
@@ -286,17 +269,21 @@ class SplitT5(torch.nn.Module):
                 for layer, sub in zip(block.layer, SUBLAYERS[stack_name]):
                     ff = sub == "ff"
                     if ff:
-                        parts_ = [FeedForwardPart(layer.DenseReluDense, i, half) for i in range(parts)]
+                        inner, names = layer.DenseReluDense, ("wi_0", "wi_1", "wo")
+                        parts_ = [FeedForwardPart(inner, i, half) for i in range(parts)]
                     else:
                         inner = layer.SelfAttention if sub != "cross_attention" else layer.EncDecAttention
+                        names = ("q", "k", "v", "o")
                         parts_ = [AttentionPart(inner, i, parts) for i in range(parts)]
+                    adapters = adapter_modules({n: getattr(inner, n) for n in names})
                     dropout = layer.dropout.p
                     sums = [StreamSum(j, parts, dropout, FF_OUTPUT_SCALE if ff and half else 1.0)
                             for j in range(parts)]
                     finals = _norms(stack.final_layer_norm, parts, d, eps, stack.dropout.p) \
                         if ff and b == len(stack.block) - 1 else ()
                     self.layers.append(SubLayer("{}.{}.{}".format(stack_name, b, sub),
-                                                _norms(layer.layer_norm, parts, d, eps), parts_, sums, finals))
+                                                _norms(layer.layer_norm, parts, d, eps), parts_, sums, finals,
+                                                adapters))
         self.head = torch.nn.ModuleList([HeadPart(t5.lm_head, k, scale) for k in range(slices)])
         self.combine = Combine()
 
@@ -307,7 +294,7 @@ class SplitT5(torch.nn.Module):
         out += [("embedding", j, m) for j, m in enumerate(self.embed_sums)]
         out += [("embedding", j, m) for j, m in enumerate(self.target_sums)]
         for layer in self.layers:
-            for group in (layer.norms, layer.parts, layer.sums, layer.finals):
+            for group in (layer.norms, layer.adapter_in, layer.parts, layer.adapter_out, layer.sums, layer.finals):
                 out += [(layer.name, j, m) for j, m in enumerate(group)]
         out += [("lm_head", k // per_ipu, m) for k, m in enumerate(self.head)]
         return out + [("lm_head", 0, self.combine)]
@@ -325,15 +312,18 @@ class SplitT5(torch.nn.Module):
             chunks = streams[stack]
             squares = [c[1] for c in chunks]
             normed = [norm(c[0], squares) for norm, c in zip(layer.norms, chunks)]
+            cross = layer.name.endswith("cross_attention")
+            downs = layer.adapter_in[0](normed, memory if cross else None) if len(layer.adapter_in) else None
             if layer.name.endswith(".ff"):
-                partials = [part(normed) for part in layer.parts]
+                outs = [part(normed, downs) for part in layer.parts]
             else:
-                cross = layer.name.endswith("cross_attention")
-                outs = [part(normed, attention_mask, None if cross else biases[stack][i], memory if cross else None)
-                        for i, part in enumerate(layer.parts)]
-                partials = [o[0] for o in outs]
+                outs = [part(normed, attention_mask, None if cross else biases[stack][i], memory if cross else None,
+                             downs) for i, part in enumerate(layer.parts)]
                 if not cross:
                     biases[stack] = [o[1] for o in outs]
+            partials = [o[0] for o in outs]
+            if len(layer.adapter_out):  # the output layer's adapter: one more partial output
+                partials.append(layer.adapter_out[0]([o[-1] for o in outs]))
             chunks = [s(c[0], partials) for s, c in zip(layer.sums, chunks)]
             streams[stack] = chunks
             if len(layer.finals):

@@ -11,13 +11,11 @@ from ipu_t5.backends.ipu import backend as ipu_backend_module
 from ipu_t5.backends.ipu.plan import plan_ipu
 from ipu_t5.backends.single import SingleProcessBackend
 from ipu_t5.data.batching import GlobalBatch
-from ipu_t5.errors import UserError
 from ipu_t5.layout import plan_from_config
 from ipu_t5.models import build_model
 
 from . import poptorch_standin
-from .test_backend import (LORA, SOURCE, TARGET, ipu_backend, lora_model, samples, tiny_config,
-                           train_export_and_checkpoint)
+from .test_backend import SOURCE, TARGET, ipu_backend, samples, tiny_config, train_export_and_checkpoint
 
 pytestmark = pytest.mark.core
 # As in test_backend: a warm-up makes step 0's rate differ from the optimizer's, and a large
@@ -123,12 +121,6 @@ def test_a_split_run_trains_exports_and_resumes_like_an_uninterrupted_one(standi
                                                       "layout.stages": 1, "output.resume_from_checkpoint": str(checkpoint)}))
     assert single.train()["final_loss"] == pytest.approx(straight, rel=1e-5)
     single.close()
-
-
-def test_lora_under_split_phases_is_refused_in_one_line(standin, tmp_path):
-    config = tiny_config(tmp_path, **dict(LORA, **PHASED))
-    with pytest.raises(UserError, match="LoRA with phased execution on IPUs"):
-        ipu_backend(config, lora_model(config))
 
 
 # ----- the stand-in holds poptorch's phase rules -----
