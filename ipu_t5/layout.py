@@ -224,8 +224,11 @@ def plan_layout(
     schedule: str = "1F1B",
     source_len: int = 128,
     target_len: int = 4,
+    pipelined: bool = True,
 ) -> LayoutPlan:
-    """Validate and build a plan; every refusal names the numbers that do not fit."""
+    """Validate and build a plan; every refusal names the numbers that do not fit. `pipelined`
+    False: the stages are IPUs that each compute a share of every phase (phased IPU execution),
+    not a pipeline to fill, so any number of micro-batches will do."""
     blocks = len(size.block_names)
     chunks_per_stage = INTERLEAVED_CHUNKS if schedule == "Interleaved1F1B" else 1
     chunks = stages * chunks_per_stage
@@ -258,10 +261,11 @@ def plan_layout(
         counts = partition_costs(stage_costs(size, source_len, target_len), chunks)
     micro, accumulation = _split_batch(global_batch_size, replicas, stages, micro_batch_size,
                                        gradient_accumulation_steps)
-    if stages > 1 and accumulation < stages:
+    if pipelined and stages > 1 and accumulation < stages:
         raise UserError("a {}-stage pipeline needs at least {} micro-batches per step, but global batch "
-                        "{} over {} replica(s) gives {}: raise the global batch or lower micro_batch_size."
-                        .format(stages, stages, global_batch_size, replicas, accumulation))
+                        "{} over {} replica(s) gives {}: raise the global batch or lower micro_batch_size "
+                        "(on IPUs, ipu.execution_strategy=phased has no such rule).".format(
+                            stages, stages, global_batch_size, replicas, accumulation))
     rounds = max(1, accumulation // stages)
     if chunks_per_stage > 1 and accumulation % rounds:
         raise UserError("{} runs micro-batches in rounds of {} stages: {} micro-batches per step is not a "
@@ -273,7 +277,8 @@ def plan_layout(
 
 
 def plan_from_config(config, source_len: int = 128, target_len: int = 4) -> LayoutPlan:
-    """The plan for a RunConfig, given the data's token lengths."""
+    """The plan for a RunConfig, given the data's token lengths. Phased IPU execution
+    (`ipu.execution_strategy=phased`) is no pipeline: it keeps no minimum of micro-batches."""
     from .models import canonical_size
 
     layout = config.layout
@@ -281,4 +286,18 @@ def plan_from_config(config, source_len: int = 128, target_len: int = 4) -> Layo
         canonical_size(config.model.name), config.training.global_batch_size, layout.stages,
         layout.replicas, layout.micro_batch_size, layout.gradient_accumulation_steps,
         layout.layers_per_stage, layout.pipeline_schedule, source_len, target_len,
+        pipelined=not phased_only(config),
     )
+
+
+def phased_only(config) -> bool:
+    """Whether the run can only be phased IPU execution (the layout's stages are no pipeline)."""
+    return config.layout.backend in ("ipu", "auto") and config.ipu.execution_strategy == "phased"
+
+
+def check_pipeline_fill(plan: LayoutPlan) -> None:
+    """A pipeline's rule, for backends that run one: at least one micro-batch per stage."""
+    if plan.stages > 1 and plan.micro_batches < plan.stages:
+        raise UserError("a {}-stage pipeline needs at least {} micro-batches per step, but the layout gives {} "
+                        "(ipu.execution_strategy=phased allows fewer on IPUs only): raise the global batch or "
+                        "lower micro_batch_size.".format(plan.stages, plan.stages, plan.micro_batches))

@@ -105,6 +105,32 @@ def test_layouts_that_do_not_fit_are_refused_with_the_numbers(kwargs, message):
     assert message in str(err.value)
 
 
+def test_phased_ipu_layouts_take_fewer_micro_batches_than_stages():
+    """Phased IPU execution is no pipeline: its stages are IPUs that each compute a share of every
+    phase, so 2 micro-batches over 4 IPUs are allowed; a pipeline is still refused, in one line,
+    by the layout and by the torch.distributed backend that would run it."""
+    from ipu_t5.config import load_config
+    from ipu_t5.layout import check_pipeline_fill
+
+    phased = plan_layout(TINY, 16, stages=4, micro_batch_size=8, pipelined=False)
+    assert (phased.micro_batch_size, phased.micro_batches) == (8, 2)
+    with pytest.raises(UserError, match=r"^a 4-stage pipeline needs at least 4 micro-batches per step, but global "
+                                        r"batch 16 over 1 replica\(s\) gives 2") as err:
+        plan_layout(TINY, 16, stages=4, micro_batch_size=8)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="a 4-stage pipeline needs at least 4 micro-batches per step, but the layout "
+                                        "gives 2"):
+        check_pipeline_fill(phased)
+    settings = {"layout.stages": 4, "layout.micro_batch_size": 8, "training.global_batch_size": 16}
+    for backend in ("ipu", "auto"):
+        config = load_config("tiny", **dict(settings, **{"layout.backend": backend, "ipu.execution_strategy": "phased"}))
+        assert plan_from_config(config).micro_batches == 2
+    for values in ({"layout.backend": "torch", "ipu.execution_strategy": "phased"},
+                   {"layout.backend": "ipu", "ipu.execution_strategy": "auto"}):
+        with pytest.raises(UserError, match="a 4-stage pipeline needs at least 4 micro-batches"):
+            plan_from_config(load_config("tiny", **dict(settings, **values)))
+
+
 def test_world_size_must_match_the_processes_launched():
     plan = plan_layout(TINY, 16, stages=2, replicas=2)
     plan.check_world_size(4)

@@ -2,7 +2,9 @@
 
 IPU users arrive with an `IPUConfig` (optimum-graphcore 0.7's field names and defaults); the
 fields that mean the same here become config overrides, and every field that cannot apply is
-named in a warning rather than dropped. optimum-graphcore itself is not imported: it pins
+named in a warning rather than dropped. IPUConfig names no execution strategy: a file with fewer
+micro-batches than a pipeline over its IPUs needs (what ipu-t5 writes for phased plans) reads as
+`ipu.execution_strategy=phased`. optimum-graphcore itself is not imported: it pins
 transformers 4.29 and imports poptorch at import time.
 """
 import json
@@ -110,7 +112,19 @@ def overrides_from_ipu_config(data: Mapping[str, Any]) -> Tuple[List[str], List[
         else:
             warnings.append("ipu_config field '{}' ({!r}) is not an optimum-graphcore 0.7 IPUConfig field "
                             "ipu-t5 knows: ignored".format(name, value))
+    if _phased_only(fields):
+        overrides.append("ipu.execution_strategy=phased")
     return overrides, warnings
+
+
+def _phased_only(fields: Mapping[str, Any]) -> bool:
+    """Whether the fields describe phased execution: fewer micro-batches than a training pipeline
+    over `ipus_per_replica` IPUs needs (poptorch: 2 x IPUs - 1), as ipu-t5 writes for phased plans
+    (IPUConfig has no field for the execution strategy)."""
+    ipus, accumulation = fields.get("ipus_per_replica"), fields.get("gradient_accumulation_steps")
+    if not isinstance(ipus, int) or not isinstance(accumulation, int):
+        return False
+    return ipus > 1 and accumulation < 2 * ipus - 1
 
 
 def read_ipu_config(path: Union[str, Path]) -> Tuple[List[str], List[str]]:

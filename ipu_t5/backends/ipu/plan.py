@@ -250,10 +250,9 @@ def plan_ipu(config, layout: LayoutPlan, source_length: int, target_length: int,
                           for k in _slice_choices(layout.size.vocab_size, ipu.embedding_serialization_factor)]
             chosen = _choose_first(candidates, automatic=len(candidates) > 1)
         else:
-            # No pipeline to fill, but the layout plan keeps at least one micro-batch per stage
-            # (`plan_layout`), so a plan exported and read back stays valid.
-            micros = [layout.micro_batch_size] if fixed_split else [
-                m for m in _divisors(per_replica) if per_replica // m >= layout.stages]
+            # No pipeline to fill: any micro-batch that divides the replica's share (a plan exported
+            # with fewer micro-batches than IPUs reads back as phased: ipu_config.py).
+            micros = [layout.micro_batch_size] if fixed_split else _divisors(per_replica)
             iterations = ipu.inference_device_iterations or 1
             candidates = _phased_candidates(config, layout, micros, source_length, target_length, state, half,
                                             iterations, phasings, reasons)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ...data.batching import GlobalBatch, collate
 from ...errors import UserError
+from ...layout import check_pipeline_fill
 from ...model_source import ModelSource
 from ..base import Backend, StepResult
 from ..fast_ops import use_fast_ops
@@ -62,6 +63,7 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
 
     def __init__(self, config, plan):
         super().__init__(config, plan)
+        check_pipeline_fill(plan)  # the layout relaxes it for phased IPU execution only
         _require_torch()
         refuse_fp16(config.training)
         self.topology: Topology = connect(plan, config.layout.ddp_timeout)

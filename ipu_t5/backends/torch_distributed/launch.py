@@ -240,13 +240,14 @@ def maybe_launch(config, argv: Optional[List[str]], args: argparse.Namespace,
     one of them, run them and return the exit status; otherwise None (run here). Their logs go
     to `<output-dir>/logs/<start time>-<pid>/`; `resume` ends a failure's report."""
     from ...checkpointing import run_dir
-    from ...layout import plan_from_config
+    from ...layout import check_pipeline_fill, plan_from_config
     from .. import resolve_backend_name
 
     # Layout errors surface here, before any process starts.
     plan = plan_from_config(config)
     if plan.world_size == 1 or launched_by_torchrun() or resolve_backend_name(config, plan) != "torch":
         return None
+    check_pipeline_fill(plan)
     # Another run's directory is refused before anything is written into it.
     run_dir.holds_other_run(config.output_dir, config.to_dict(), config.output.overwrite_output_dir)
     log_dir = config.output_dir / run_dir.LOGS / "{}-{}".format(time.strftime("%Y%m%d-%H%M%S"), os.getpid())
