@@ -31,8 +31,8 @@ from ...errors import UserError
 from ...model_source import whole_model
 from ..base import Backend, StepResult, trim_at_eos
 from ..optim import adamw_kwargs, lr_at, param_groups, set_lr
-from .model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, hf_state_dict, join_slices,
-                    load_hf_state_dict, place, slice_counts, slice_vocabulary, split_like_slices)
+from .model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, checkpoint_every_block, hf_state_dict,
+                    join_slices, load_hf_state_dict, place, slice_counts, slice_vocabulary, split_like_slices)
 from .plan import IpuPlan, plan_ipu
 
 # PopART's names for AdamW's state of a weight: prefix + the weight's name in the wrapped model
@@ -45,6 +45,9 @@ SLICED_KEYS = ("shared.weight", LM_HEAD_KEY)
 # Each micro-batch's loss is a small share of the global token mean: scaled by this, its float16
 # gradients stay clear of underflow while the scaled loss stays far below float16's 65504.
 DEFAULT_LOSS_SCALING = 1024.0
+# PopART's RecomputationType.Pipeline (popart.RecomputationType: None_ 0, Standard 1, NormOnly 2,
+# Pipeline 3): a pipeline stage's backward recomputes its forward from the checkpoints.
+RECOMPUTE_PIPELINE = 3
 SDK_HINT = ("enable the Poplar SDK (source <sdk>/enable) and install its poptorch wheel into this environment "
             "(pip install <sdk>/poptorch-*.whl); docs/ipu.md, 'Setting up', has the steps")
 
@@ -154,7 +157,8 @@ class IpuBackend(Backend):
         if plan.execution == "phased":
             from .split import place_split, split_t5
 
-            split = split_t5(model, plan.ipus_per_phase, plan.embedding_serialization_factor, plan.half)
+            split = split_t5(model, plan.ipus_per_phase, plan.embedding_serialization_factor, plan.half,
+                             self._checkpoint())
             if plan.half:
                 model.half()
             place_split(split, dict(plan.phases()), begin_block)
@@ -166,6 +170,12 @@ class IpuBackend(Backend):
             use_float16_numerics(model)
             model.half()
         place(model, plan.pieces, begin_block)
+        if self._checkpoint() is not None:
+            checkpoint_every_block(model, self._checkpoint())
+
+    def _checkpoint(self):
+        """poptorch's recomputationCheckpoint when `ipu.recompute_checkpoint_every_layer`, else None."""
+        return self.poptorch.recomputationCheckpoint if self.config.ipu.recompute_checkpoint_every_layer else None
 
     def _reserved_ipus(self) -> int:
         total = self.ipu_plan.total_ipus
@@ -234,6 +244,11 @@ class IpuBackend(Backend):
             opts.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Sum)
             opts.Training.setAutomaticLossScaling(ipu.auto_loss_scaling)
             opts.outputMode(poptorch.OutputMode.Sum)
+            if ipu.recompute_checkpoint_every_layer and plan.execution == "pipelined":
+                # The memory and cost plan count a pipeline's stash as block inputs and one more
+                # forward pass (memory.py, cost.py); phased execution streams each phase's saved
+                # values out instead, so recomputation stays off there and its checkpoints are inert.
+                opts._Popart.set("autoRecomputation", RECOMPUTE_PIPELINE)
         else:
             opts.deviceIterations(plan.inference_device_iterations)
             opts.outputMode(poptorch.OutputMode.All)

@@ -8,7 +8,8 @@
   so no IPU is visited twice), runs encoder, decoder and LM head, and returns the split-invariant
   token loss; `T5ForIpuGeneration` runs the same network and returns the greedy token at every
   target position, for host-driven greedy decoding with static shapes.
-- `place` puts one poptorch block on each piece of an IPU plan, in execution order.
+- `place` puts one poptorch block on each piece of an IPU plan, in execution order;
+  `checkpoint_every_block` marks each T5 block's output as a recomputation checkpoint.
 """
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -252,6 +253,23 @@ def piece_module(t5: torch.nn.Module, name: str) -> torch.nn.Module:
         return block.layer[sub[parts[2]]]
     feed_forward = block.layer[-1]
     return feed_forward if parts[2] == "ff_in" else feed_forward.DenseReluDense.wo
+
+
+def checkpoint_every_block(t5: torch.nn.Module, checkpoint: Callable) -> None:
+    """Mark each T5 block's output hidden states with `checkpoint` (poptorch's
+    recomputationCheckpoint), as Graphcore's T5 did with `recompute_checkpoint_every_layer`: with
+    recomputation on, the backward recomputes a block from its input instead of keeping every
+    activation of the stage. A forward hook, so the op sits in the block's own poptorch block."""
+    def keep(module, inputs, outputs):
+        if not module.training:  # generation has no backward pass to recompute for
+            return None
+        if torch.is_tensor(outputs):
+            return checkpoint(outputs)
+        return (checkpoint(outputs[0]),) + tuple(outputs[1:])
+
+    for stack in (t5.encoder, t5.decoder):
+        for block in stack.block:
+            block.register_forward_hook(keep)
 
 
 def place(t5: torch.nn.Module, pieces: Sequence, begin_block: Callable) -> None:

@@ -66,9 +66,12 @@ class StreamSum(torch.nn.Module):
     chunk j of the residual stream, with dropout; and that chunk's sum of squares, which every
     chunk's layer norm needs."""
 
-    def __init__(self, index: int, parts: int, dropout: float, scale: float = 1.0):
+    def __init__(self, index: int, parts: int, dropout: float, scale: float = 1.0,
+                 checkpoint: Optional[Callable] = None):
         super().__init__()
         self.index, self.parts, self.dropout, self.scale = index, parts, dropout, scale
+        # poptorch's recomputationCheckpoint for a T5 block's last sum (its output), else None.
+        self.checkpoint = checkpoint
 
     def forward(self, stream: Optional[torch.Tensor], partials: Sequence[torch.Tensor]):
         added = _added([_wide(_chunk(p, self.index, self.parts)) for p in partials])
@@ -76,6 +79,8 @@ class StreamSum(torch.nn.Module):
             added = added * self.scale
         added = F.dropout(added, self.dropout, self.training)
         chunk = added if stream is None else stream + added
+        if self.checkpoint is not None and self.training:  # generation has no backward pass
+            chunk = self.checkpoint(chunk)
         return chunk, chunk.pow(2).sum(-1, keepdim=True)
 
 
@@ -254,7 +259,8 @@ class SplitT5(torch.nn.Module):
     """The computing modules of a split T5, by phase; `hidden` runs them in execution order.
     Routing only: every tensor operation happens inside a part (a poptorch block)."""
 
-    def __init__(self, t5: torch.nn.Module, parts: int, slices: int, half: bool):
+    def __init__(self, t5: torch.nn.Module, parts: int, slices: int, half: bool,
+                 checkpoint: Optional[Callable] = None):
         super().__init__()
         config, d = t5.config, t5.config.d_model
         self.parts, self.slices, eps = parts, slices, config.layer_norm_epsilon
@@ -277,8 +283,9 @@ class SplitT5(torch.nn.Module):
                         parts_ = [AttentionPart(inner, i, parts) for i in range(parts)]
                     adapters = adapter_modules({n: getattr(inner, n) for n in names})
                     dropout = layer.dropout.p
-                    sums = [StreamSum(j, parts, dropout, FF_OUTPUT_SCALE if ff and half else 1.0)
-                            for j in range(parts)]
+                    # A block ends with its feed-forward: each chunk of its output is a checkpoint.
+                    sums = [StreamSum(j, parts, dropout, FF_OUTPUT_SCALE if ff and half else 1.0,
+                                      checkpoint if ff else None) for j in range(parts)]
                     finals = _norms(stack.final_layer_norm, parts, d, eps, stack.dropout.p) \
                         if ff and b == len(stack.block) - 1 else ()
                     self.layers.append(SubLayer("{}.{}.{}".format(stack_name, b, sub),
@@ -337,11 +344,13 @@ class SplitT5(torch.nn.Module):
         return self.combine([o[0] for o in outs], [o[1] for o in outs], labels, num_target_tokens)
 
 
-def split_t5(t5: torch.nn.Module, parts: int, slices: int, half: bool) -> SplitT5:
+def split_t5(t5: torch.nn.Module, parts: int, slices: int, half: bool,
+             checkpoint: Optional[Callable] = None) -> SplitT5:
     """Split a Hugging Face T5 in place for phases of `parts` IPUs (`slices` vocabulary slices)
     and return the modules that compute it; they are attached to the T5 as `ipu_split`, so its
     train()/eval() reach them. The stacks are fed embeddings: their aliases of the shared
-    embedding are dropped, as `model.slice_vocabulary` does."""
+    embedding are dropped, as `model.slice_vocabulary` does. `checkpoint` (poptorch's
+    recomputationCheckpoint, or None) marks each chunk of every T5 block's output."""
     t5.shared = Sliced(t5.shared.weight, slices, 0)
     t5.lm_head = Sliced(t5.lm_head.weight, slices, 0)
     t5.encoder.embed_tokens = None
@@ -351,7 +360,7 @@ def split_t5(t5: torch.nn.Module, parts: int, slices: int, half: bool) -> SplitT
         for block in stack.block:
             for layer in block.layer:
                 _split_layer_weights(layer, parts)
-    t5.ipu_split = SplitT5(t5, parts, slices, half)
+    t5.ipu_split = SplitT5(t5, parts, slices, half, checkpoint)
     return t5.ipu_split
 
 

@@ -1,5 +1,5 @@
 """The IPU backend's calls to poptorch, through a stand-in held to the real poptorch 3.3 API
-(tests/backends/ipu/poptorch_standin.py: the SDK's poptorch cannot be installed here)."""
+(tests/backends/ipu/poptorch_standin/: the SDK's poptorch cannot be installed here)."""
 import copy
 import json
 import math
