@@ -102,9 +102,10 @@ def test_standin_rejects_what_the_real_poptorch_rejects(standin):
 
 @pytest.mark.parametrize("model, replicas, per_replica", [("xxl", 4, 16), ("xl", 1, 8)])
 def test_big_sizes_split_every_phase_over_every_ipu(standin, model, replicas, per_replica):
+    # 512-token prompts, where both plan serial phases (at 128 XXL on a Pod64 takes parallel ones).
     config = load_config(model, **{"layout.replicas": replicas, "layout.backend": "ipu"})
-    backend = IpuBackend(config, plan_from_config(config, 128, 4))
-    backend.lengths = Lengths(128, 4)
+    backend = IpuBackend(config, plan_from_config(config, 512, 4))
+    backend.lengths = Lengths(512, 4)
     backend.setup(meta_model(SIZES[model]))
     plan = backend.ipu_plan
     (training,) = standin.executors
