@@ -12,9 +12,9 @@ The residual stream is split by columns of the hidden width: part j keeps column
 float32 and adds chunk j of every partial output to it (the partial sums are added after the
 compiler's copies, a reduce-scatter); the layer norm's weight is split the same way, its sum of
 squares gathered from every chunk; the normalised chunks are gathered for the next sub-layer (an
-all-gather). So no weight is used on two IPUs. LoRA adapters are cut with their layers
-(split_lora.py). The loss is assembled from each vocabulary slice's
-log-sum-exp and target logit, greedy tokens from each slice's best logit.
+all-gather). So no weight is used on two IPUs; LoRA adapters are cut with their layers
+(split_lora.py). The loss is assembled from each vocabulary slice's log-sum-exp and target logit,
+greedy tokens from each slice's best logit.
 
 The split weights replace the Hugging Face modules' own (`q.weight` becomes `q.slices.i.weight`),
 so `model.join_slices` turns names and tensors back into Hugging Face ones; the modules that
