@@ -79,7 +79,6 @@ class Sampler(threading.Thread):
 
         self.root = psutil.Process(pid)
         self.peaks: Dict[int, int] = {}
-        self.names: Dict[int, str] = {}
         self.ranks: Dict[int, Optional[str]] = {}
         self.peak_sum = 0
         self.stop = threading.Event()
@@ -96,9 +95,9 @@ class Sampler(threading.Thread):
             for proc in procs:
                 try:
                     rss = proc.memory_info().rss
-                    if proc.pid not in self.names:
-                        self.names[proc.pid] = " ".join(proc.cmdline()[:4])
-                        # torchrun gives each worker its global rank in RANK.
+                    if self.ranks.get(proc.pid) is None:
+                        # torchrun gives each worker its global rank in RANK (read again until set:
+                        # a process just started may not show its environment yet).
                         self.ranks[proc.pid] = proc.environ().get("RANK")
                 except psutil.Error:
                     continue

@@ -12,7 +12,8 @@ Counted per rank, on its device (the GPU, or the host for CPU processes):
   chunk than the embedding; LoRA adds its adapters. Under FSDP2 the sharded copy persists and, under
   a pipeline schedule, the unsharded parameters too from the first micro-batch to the end of the
   step (`torch.distributed.pipelining` defers the reduce-scatter), so the step holds both.
-- gradients: float32, of what trains (LoRA: the adapters only); FSDP2 adds its reduce-scattered shard.
+- gradients: float32, of what trains (LoRA: the adapters only); FSDP2 adds its reduce-scattered shard
+  and the reduce-scatter's input buffer.
 - optimizer: AdamW's two float32 moments of what this rank owns (not the embedding's copy), divided
   over the replicas under FSDP2.
 - activations: one micro-batch's saved forward values of the stage (`t5_shapes.part_activations`),
@@ -45,6 +46,11 @@ LAUNCHER_BYTES = 350 * 10 ** 6
 # A GPU's memory taken before any tensor: the CUDA context, NCCL's buffers and the caching
 # allocator's slack. An estimate (no GPU was measured here), to be re-calibrated on one.
 GPU_FIXED_BYTES = 1 * 10 ** 9
+# FSDP2's flat communication buffers, in copies of the stage's float32 weights (all-gather output)
+# and gradients (reduce-scatter input, which gloo, lacking a reduce-scatter, all-reduces whole).
+# Measured: bench/memory.py's 2x2 ranks of the 191M-parameter stage peak 1.3 GB (1.7 copies of its
+# weights) above the unsharded weights, gradients, shards and moments.
+FSDP_BUFFERS = 1
 # float32 master weights and gradients; AdamW's two float32 moments.
 WEIGHT_BYTES = 4
 ADAMW_BYTES = 8
@@ -52,10 +58,11 @@ ADAMW_BYTES = 8
 # on top of its stage's weights (ipu_t5/checkpointing/export.py runs it where the model fits).
 RELOAD_CHECK_ON_MAIN = True
 RELOAD_ON_TOP_OF_STAGE = True
-# Whole-model copies the check holds at once in resident memory: the float32 model and the pages of
-# the safetensors files it was read from (mapped, and counted by RSS). Measured: bench/memory.py's
-# 2x1 rank 0 peaks at its stage + 1.95 GB on the 0.99 GB base-shaped model.
-RELOAD_COPIES = 2
+# Whole-model copies the check holds at once in resident memory: the float32 model and part of the
+# pages of the safetensors files it reads (mapped, and counted by RSS). Measured with bench/memory.py
+# on the 0.99 GB base-shaped model: rank 0 peaks 1.94 (2x1) and 1.55 (4x1) copies above its resting
+# stage; this is their mean.
+RELOAD_COPIES = 1.75
 
 # GPUs the plan always reports on: name -> memory in bytes (nominal; torch reports slightly less).
 GPUS = (("A100 40 GB", 40 * 2 ** 30), ("A100 80 GB", 80 * 2 ** 30), ("H100 80 GB", 80 * 2 ** 30))
@@ -217,8 +224,11 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
         largest_part = max(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
         autocast_copies = 2 * held if act == 2 else 0
         activations = int(in_flight(layout, stage) * (one + autocast_copies)) + largest_part
-        weights = WEIGHT_BYTES * held + (WEIGHT_BYTES * held // replicas if fsdp else 0)
-        gradients = WEIGHT_BYTES * trainable + (WEIGHT_BYTES * trainable // replicas if fsdp else 0)
+        # FSDP2: the shards beside the unsharded tensors, and its communication buffers.
+        weights = WEIGHT_BYTES * held + (WEIGHT_BYTES * held // replicas + FSDP_BUFFERS * WEIGHT_BYTES * held
+                                         if fsdp else 0)
+        gradients = WEIGHT_BYTES * trainable + (WEIGHT_BYTES * trainable // replicas
+                                                + FSDP_BUFFERS * WEIGHT_BYTES * trainable if fsdp else 0)
         optimizer = ADAMW_BYTES * owned // (replicas if fsdp else 1)
         resting = WEIGHT_BYTES * held // (replicas if fsdp else 1)
         fixed = PROCESS_BYTES if device == "cpu" else GPU_FIXED_BYTES
@@ -229,7 +239,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                                    if device == "cpu" else largest_tensor)
         for replica in range(replicas):
             rank = stage * replicas + replica
-            reload = RELOAD_COPIES * WEIGHT_BYTES * total if main_reloads and rank == 0 and reload_fits else 0
+            reload = int(RELOAD_COPIES * WEIGHT_BYTES * total) if main_reloads and rank == 0 and reload_fits else 0
             writing = resting + 2 * largest_tensor
             on_device = reload if device == "cpu" else 0
             export = fixed + (writing + on_device if RELOAD_ON_TOP_OF_STAGE else max(writing, on_device))

@@ -73,11 +73,16 @@ class MemoryReport:
 
     def summary(self) -> str:
         layout = self.plan.layout
-        where = "one GPU each" if self.memory.device == "gpu" else "CPU processes, {} per node".format(self.per_node)
+        if layout.world_size == 1:
+            where = "a GPU" if self.memory.device == "gpu" else "the CPU"
+        else:
+            where = "one GPU each" if self.memory.device == "gpu" else "CPU processes, {} per node".format(
+                self.per_node)
         replicas = ", {} replicas".format(self.plan.data_parallel.upper()) if layout.replicas > 1 else ""
-        return ("Flan-T5 {}: {} stage(s) x {} replica(s) = {} process(es) on {}, schedule {}{}; micro-batch {} x {} "
+        schedule = ", schedule {}".format(layout.schedule) if layout.stages > 1 else ""
+        return ("Flan-T5 {}: {} stage(s) x {} replica(s) = {} process(es) on {}{}{}; micro-batch {} x {} "
                 "micro-batch(es) x {} replica(s) = global batch {}{}".format(
-                    layout.size.name, layout.stages, layout.replicas, layout.world_size, where, layout.schedule,
+                    layout.size.name, layout.stages, layout.replicas, layout.world_size, where, schedule,
                     replicas, layout.micro_batch_size, layout.micro_batches, layout.replicas,
                     layout.global_batch_size, "; LoRA (base frozen)" if self.plan.lora else ""))
 

@@ -62,9 +62,9 @@ def test_two_stages_by_hand_under_1f1b_and_gpipe():
     assert first.training == PROCESS_BYTES + 16 * stage0 + first.activations
     gpipe = plan_memory(tiny("layout.gradient_accumulation_steps=4", "layout.pipeline_schedule=GPipe"), 8, 4, "cpu")
     assert [r.activations for r in gpipe.ranks] == [4 * one0 + 153600, 4 * one1 + 119296]
-    # The export's reload check on the main process: two whole float32 models (weights and mapped files).
+    # The export's reload check on the main process: the whole float32 model and the files' mapped pages.
     total = canonical_size("tiny").total_params()
-    assert first.reload_check == 2 * 4 * total and second.reload_check == 0
+    assert first.reload_check == int(memory.RELOAD_COPIES * 4 * total) and second.reload_check == 0
     assert plan.node_sum_bytes() == memory.LAUNCHER_BYTES + first.peak + second.peak
 
 
@@ -75,8 +75,9 @@ def test_fsdp2_shards_moments_and_resting_weights_and_lora_trains_only_adapters(
     stage0 = EMBEDDING + 2 * ENCODER_BLOCK + 128 + 128
     rank = plan.ranks[1]
     # Under a pipeline schedule FSDP2 holds the unsharded parameters and gradients through the step
-    # beside their shards; AdamW's moments exist only as shards.
-    assert rank.weights == 4 * stage0 + 4 * stage0 // 2 and rank.optimizer == 8 * stage0 // 2
+    # beside their shards and its flat communication buffer; AdamW's moments exist only as shards.
+    assert rank.weights == rank.gradients == 4 * stage0 + 4 * stage0 // 2 + 4 * stage0
+    assert rank.optimizer == 8 * stage0 // 2
     assert rank.checkpoint == PROCESS_BYTES + 4 * stage0 // 2 + 8 * stage0 // 2 + 2 * 4 * EMBEDDING
     lora = plan_memory(tiny("peft.method=lora", "peft.r=4", "layout.gradient_accumulation_steps=4"), 8, 4, "cpu")
     # q and v adapters (A: 4 x 128, B: 128 x 4) in each attention: one per encoder block.
