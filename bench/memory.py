@@ -188,7 +188,11 @@ def record(text: str, seconds: float) -> None:
     """Replace (or append) this bench's section of bench/RESULTS.md."""
     path = ROOT / "bench" / "RESULTS.md"
     body = path.read_text()
-    section = "{}, {:.0f} s)\n\n```\n{}\n```\n".format(SECTION, seconds, text)
+    note = ("One run per layout (the default split of `ipu_t5/layout.py`; 2x2 under FSDP2), every process's peak "
+            "resident memory beside the plan's (`ipu-t5 plan --backend torch` for CPU processes at the runs' prompt "
+            "and target lengths; the plan's sum counts each process at its own peak). Seconds are wall time on a "
+            "machine other jobs shared.")
+    section = "{}, {:.0f} s)\n\n{}\n\n```\n{}\n```\n".format(SECTION, seconds, note, text)
     pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
     body = pattern.sub(lambda _: section.rstrip("\n"), body) if pattern.search(body) else \
         body.rstrip("\n") + "\n\n" + section
@@ -237,7 +241,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         print(text)
     if args.record:
-        record(text, time.time() - started)
+        # The runs' own seconds: a --reuse of earlier measurements records what they took.
+        record(text, sum(float(r["seconds"]) for r in rows) if args.reuse else time.time() - started)
     return 0
 
 
