@@ -208,6 +208,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training.trainer import T5Trainer
 
     config = config_from_args(args)
+    # The memory plan counts training (gradients, AdamW moments); validation holds far less.
+    config.layout.check_memory = False
     if config.model.pretrained is None and (config.output_dir / "hf" / "config.json").is_file():
         config.model.pretrained = str(config.output_dir / "hf")
     _offline_if_possible(config)

@@ -91,7 +91,11 @@ class MemoryReport:
         gb = lambda n: "{:,.2f}".format(n / 1e9)  # noqa: E731
         header = ["rank", "stage", "replica", "blocks", "params (M)", "weights", "grads", "optimizer", "activations",
                   "training", "checkpoint", "export", "start-up", "peak GB"]
-        rows = [[str(r.rank), str(r.stage), str(r.replica), compact_blocks(r.blocks), "{:,.1f}".format(r.params / 1e6),
+        layout = self.plan.layout
+        # Under Interleaved1F1B a stage runs several model chunks: one run of blocks each.
+        blocks = lambda stage: " | ".join(compact_blocks(layout.stage_blocks[c])  # noqa: E731
+                                          for c in layout.chunks_of(stage))
+        rows = [[str(r.rank), str(r.stage), str(r.replica), blocks(r.stage), "{:,.1f}".format(r.params / 1e6),
                  gb(r.weights), gb(r.gradients), gb(r.optimizer), gb(r.activations), gb(r.training), gb(r.checkpoint),
                  gb(r.export), gb(r.startup), gb(r.peak)] for r in self.plan.ranks]
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
