@@ -47,6 +47,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ipu-config", help="an optimum-graphcore ipu_config.json whose settings apply "
                        "(after --config, before flags and --set); fields that do not apply are named in a warning")
     group.add_argument("--overwrite", action="store_true", help="replace a different run in the output directory")
+    group.add_argument("--ignore-memory-plan", action="store_true",
+                       help="start even where the memory plan says the layout does not fit (layout.check_memory=false)")
     group.add_argument("--resume", metavar="auto|PATH",
                        help="continue from the newest intact checkpoint of the output directory (auto), or from "
                             "the checkpoint at PATH (output.resume_from_checkpoint)")
@@ -71,6 +73,8 @@ def config_from_args(args: argparse.Namespace):
         overrides = imported + overrides
     if args.overwrite:
         values["output.overwrite_output_dir"] = True
+    if getattr(args, "ignore_memory_plan", False):
+        values["layout.check_memory"] = False
     if args.data_files:
         values["data.data_files"] = parse_data_files(args.data_files)
         values["data.source"] = "files"
@@ -204,6 +208,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training.trainer import T5Trainer
 
     config = config_from_args(args)
+    # The memory plan counts training (gradients, AdamW moments); validation holds far less.
+    config.layout.check_memory = False
     if config.model.pretrained is None and (config.output_dir / "hf" / "config.json").is_file():
         config.model.pretrained = str(config.output_dir / "hf")
     _offline_if_possible(config)
@@ -274,8 +280,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """How the layout maps onto IPUs: one row per IPU with its blocks, parameters, bytes on chip and
-    streamed, and whether it fits. Needs no IPU and no weights; exits 2 with the table when no
-    execution strategy fits."""
+    streamed, and whether it fits; with --backend torch or single (or --device-memory), one row per
+    process of the torch backend. Needs no IPU, no GPU and no weights; exits 2 with the table when
+    the layout does not fit."""
     from .backends.ipu.plan import IpuPlanRefused, plan_ipu
     from .data.features import prompt_cap
     from .layout import plan_from_config
@@ -284,6 +291,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     source = args.source_length or prompt_cap(config.data.max_source_length)
     target = args.target_length or config.validation.max_new_tokens or DEFAULT_PLAN_TARGET_LENGTH
     layout = plan_from_config(config, source, target)
+    if config.layout.backend in ("torch", "single") or args.device_memory:
+        return _plan_torch(args, config, layout, source, target)
     try:
         plan = plan_ipu(config, layout, source, target)
     except IpuPlanRefused as refused:
@@ -299,6 +308,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         path = write_ipu_config(args.export_ipu_config, config, plan)
         print("wrote {}".format(path), file=sys.stderr)
+    return 0
+
+
+def _plan_torch(args: argparse.Namespace, config, layout, source: int, target: int) -> int:
+    """The torch backend's memory per rank against the GPUs' or the host's memory; exits 2 with
+    the table when it does not fit."""
+    from .backends.torch_distributed.memory_report import memory_report
+
+    report = memory_report(config, source, target, args.device_memory, layout=layout)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    if not report.fits:
+        raise UserError(report.refusal())
     return 0
 
 
@@ -338,13 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "save_pretrained does (default 5GB)")
     export.add_argument("--adapter-out", help="where a LoRA run's adapter goes (default: <out>-adapter)")
     export.set_defaults(func=cmd_export)
-    plan = commands.add_parser("plan", help="per-IPU placement and memory of a layout (no IPU, no weights)")
+    plan = commands.add_parser("plan", help="per-IPU placement and memory of a layout, or with --backend torch the "
+                                            "memory of each process (no IPU, no GPU, no weights)")
     _add_config_flags(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--source-length", type=int,
                       help="prompt tokens (default: data.max_source_length, else T5's 512; runs use the data's)")
     plan.add_argument("--target-length", type=int, help="target tokens (default: validation.max_new_tokens, else {})"
                       .format(DEFAULT_PLAN_TARGET_LENGTH))
+    plan.add_argument("--device-memory", metavar="SIZE",
+                      help="plan the torch backend against GPUs of this memory, e.g. 80GB (default with --backend "
+                           "torch|single: this machine's GPUs, else its RAM)")
     plan.add_argument("--export-ipu-config", metavar="FILE", help="also write the plan as an optimum-graphcore ipu_config.json")
     plan.set_defaults(func=cmd_plan)
     backend = commands.add_parser("backend", help="print the backend and process count the flags resolve to")

@@ -148,6 +148,9 @@ class LayoutConfig:
     data_parallel: str = "ddp"
     # Seconds a torch.distributed collective may wait before the run fails instead of hanging.
     ddp_timeout: int = 1800
+    # Refuse, before any weight is read, a single or torch.distributed layout whose memory plan
+    # (`ipu-t5 plan --backend torch`) exceeds the GPUs' or the host's memory; false tries anyway.
+    check_memory: bool = True
 
 
 @dataclass

@@ -39,24 +39,14 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from ...models import ModelSize
+# Shapes is imported from here by the IPU planner and cost model.
+from ...t5_shapes import FLOAT32, Shapes, block_part, part_activations, vocab_slice  # noqa: F401
 
 SRAM_BYTES = 900 * 10 ** 6
 # Code, exchange buffers and host/stream buffers: an estimate, not a measurement.
 RESERVED_BYTES = 100 * 10 ** 6
 # AdamW's first and second moments, both float32.
 OPTIMIZER_BYTES_PER_PARAM = 8
-# Accumulation of float32 softmax scores and float32 residual stream, whatever the weights' type.
-FLOAT32 = 4
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """The tensors' sizes: micro-batch, token lengths, and the bytes of one activation value."""
-
-    micro_batch_size: int
-    source_length: int
-    target_length: int
-    activation_bytes: int
 
 
 @dataclass(frozen=True)
@@ -113,58 +103,25 @@ class IpuMemory:
         return self.onchip <= SRAM_BYTES
 
 
-def vocab_slice(size: ModelSize, slices: int) -> int:
-    """Rows of each of `slices` equal vocabulary slices of the embedding and the LM head."""
-    return size.vocab_size // slices
-
-
 def pipelined_pieces(size: ModelSize, stage_blocks: Sequence[Sequence[str]], slices: int) -> List[Piece]:
     """Pieces in execution order for pipelined execution: one per plan block."""
     pieces = []
     for ipu, blocks in enumerate(stage_blocks):
         for block in blocks:
-            if block in ("embedding", "lm_head"):
-                largest, kind = vocab_slice(size, slices) * size.d_model, block
-                stack = "encoder" if block == "embedding" else "decoder"
-            elif block.endswith("final_layer_norm"):
-                largest, kind, stack = size.d_model, "norm", block.split(".")[0]
+            kind, stack = block_part(block)
+            if kind in ("embedding", "lm_head"):
+                largest = vocab_slice(size, slices) * size.d_model
+            elif kind == "norm":
+                largest = size.d_model
             else:
-                largest, kind, stack = size.d_model * size.d_ff, "block", block.split(".")[0]
+                largest = size.d_model * size.d_ff
             pieces.append(Piece(block, (block,), kind, ipu, size.block_params(block), largest, stack))
     return pieces
 
 
 def working_activations(size: ModelSize, piece: Piece, shapes: Shapes, slices: int) -> int:
     """Bytes of activations a piece computes for one micro-batch (forward values only)."""
-    d, inner, ff, heads = size.d_model, size.inner_dim, size.d_ff, size.num_heads
-    m, s, t, a = shapes.micro_batch_size, shapes.source_length, shapes.target_length, shapes.activation_bytes
-    length = s if piece.stack == "encoder" else t
-    # The residual stream stays float32; a layer norm's output is in the activations' type.
-    stream = m * length * d * (FLOAT32 + a)
-    if piece.kind == "embedding":
-        # Source and target lookups, and the running sums over vocabulary slices.
-        return 2 * m * (s + t) * d * a
-    if piece.kind == "lm_head":
-        # This slice's logits in float32; the loss needs the whole row, held by the last slice.
-        return m * t * (d * a + vocab_slice(size, slices) * FLOAT32) + 2 * m * t * size.vocab_size * FLOAT32
-    if piece.kind == "norm":
-        return stream
-    if piece.kind == "attention":
-        # q, k, v, context; float32 scores, softmax output; position bias with the mask.
-        return stream + 4 * m * length * inner * a + m * heads * length * length * (FLOAT32 + 2 * a)
-    if piece.kind == "cross_attention":
-        return (stream + 2 * m * t * inner * a + 2 * m * s * inner * a + m * s * d * a
-                + m * heads * t * s * (FLOAT32 + 2 * a))
-    if piece.kind == "ff_in":
-        # wi_0 and wi_1 outputs and their gated product.
-        return stream + 3 * m * length * ff * a
-    if piece.kind == "ff_out":
-        return m * length * (ff * a + 2 * d * FLOAT32)
-    # A whole block: the sum of its sub-layers.
-    kinds = ("attention", "ff_in", "ff_out") if piece.stack == "encoder" else \
-        ("attention", "cross_attention", "ff_in", "ff_out")
-    return sum(working_activations(size, Piece(piece.name, piece.blocks, kind, piece.ipu, 0, 0, piece.stack), shapes,
-                                   slices) for kind in kinds)
+    return part_activations(size, piece.kind, piece.stack, shapes, slices)
 
 
 def stashed_inputs(size: ModelSize, pieces: Sequence[Piece], shapes: Shapes, recompute: bool, slices: int) -> int:

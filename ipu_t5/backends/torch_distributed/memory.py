@@ -1,0 +1,265 @@
+"""What each process of the torch backend holds: per-rank byte arithmetic for a layout, in the spirit
+of DeepSpeed's `estimate_zero2_model_states_mem_needs` / `estimate_zero3_...`, with the pipeline's
+activations and this project's start-up, checkpoint and export added.
+
+Pure arithmetic on the layout plan (`ipu_t5.layout`: the same split the trainer uses) and the size
+registry (`ipu_t5.models`, activations from `ipu_t5.t5_shapes`): no torch, no torch.distributed, so
+`ipu-t5 plan` runs it on both software stacks. Rank r = stage x replicas + replica (topology.py).
+
+Counted per rank, on its device (the GPU, or the host for CPU processes):
+- weights: float32 master weights of its stage's blocks (the backend keeps float32 and autocasts to
+  bfloat16), plus the decoder side's copy of the shared embedding where `decoder.0` sits on another
+  chunk than the embedding; LoRA adds its adapters. Under FSDP2 the sharded copy persists and, under
+  a pipeline schedule, the unsharded parameters too from the first micro-batch to the end of the
+  step (`torch.distributed.pipelining` defers the reduce-scatter), so the step holds both.
+- gradients: float32, of what trains (LoRA: the adapters only); FSDP2 adds its reduce-scattered shard
+  and the reduce-scatter's input buffer.
+- optimizer: AdamW's two float32 moments of what this rank owns (not the embedding's copy), divided
+  over the replicas under FSDP2.
+- activations: one micro-batch's saved forward values of the stage (`t5_shapes.part_activations`),
+  times the micro-batches in flight under the schedule (GPipe: all m; 1F1B: min(m, p - s);
+  Interleaved1F1B: Megatron's warm-up count of model chunks), plus, under bfloat16 autocast, the
+  bfloat16 copies of the weights each micro-batch's backward keeps, plus one more block's values
+  for the gradients being computed.
+- fixed: what a process holds before any weight (CPU: torch, transformers, tokenizer and data,
+  measured; GPU: the CUDA context and communication buffers, an estimate).
+Peaks: training (all of the above at once, as DeepSpeed and the IPU planner count: it errs high);
+checkpoint (weights and moments between steps, the largest tensor twice while it is written and
+checksummed); end-of-run export (moments released, the largest tensor twice while written and read
+back, and on the main process the reload check's whole float32 model where it fits); start-up (host
+memory while weights are read tensor by tensor: on CPU the stage's weights, on a GPU the largest
+tensor on its way to the device).
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from ...checkpointing.export import CHECK_MARGIN
+from ...layout import LayoutPlan, plan_from_config
+from ...models import ModelSize
+from ...t5_shapes import Shapes, block_part, part_activations
+
+# Measured with bench/memory.py on this project's 2-core CPU machine (psutil RSS, torch 2.13,
+# transformers 5.x): a rank's resident memory before it holds a weight (torch, transformers, the
+# tokenizer, the tokenized data, the pipeline's buffers), and torchrun's launcher process.
+PROCESS_BYTES = 450 * 10 ** 6
+LAUNCHER_BYTES = 350 * 10 ** 6
+# A GPU's memory taken before any tensor: the CUDA context, NCCL's buffers and the caching
+# allocator's slack. An estimate (no GPU was measured here), to be re-calibrated on one.
+GPU_FIXED_BYTES = 1 * 10 ** 9
+# FSDP2's flat communication buffers, in copies of the stage's float32 weights (all-gather output)
+# and gradients (reduce-scatter input, which gloo, lacking a reduce-scatter, all-reduces whole).
+# Measured: bench/memory.py's 2x2 ranks of the 191M-parameter stage peak 1.3 GB (1.7 copies of its
+# weights) above the unsharded weights, gradients, shards and moments.
+FSDP_BUFFERS = 1
+# What autograd keeps of a T5 forward over `t5_shapes.part_activations`' count: measured on Hugging
+# Face's T5 in float32 (resident memory after the forward, over the count) at 1.20 (base, 8 x 256
+# tokens), 1.22 (small, 16 x 128) and 1.03 (base, 4 x 512); their mean.
+ACTIVATION_FACTOR = 1.15
+# float32 master weights and gradients; AdamW's two float32 moments.
+WEIGHT_BYTES = 4
+ADAMW_BYTES = 8
+# The reload check loads the whole export in float32 and compares logits: the main process holds it
+# on top of its stage's weights (ipu_t5/checkpointing/export.py runs it where the model fits).
+RELOAD_CHECK_ON_MAIN = True
+RELOAD_ON_TOP_OF_STAGE = True
+# Whole-model copies the check holds at once in resident memory: the float32 model and part of the
+# pages of the safetensors files it reads (mapped, and counted by RSS). Measured with bench/memory.py
+# on the 0.99 GB base-shaped model: rank 0 peaks 1.94 (2x1) and 1.55 (4x1) copies above its resting
+# stage; this is their mean.
+RELOAD_COPIES = 1.75
+
+# GPUs the plan always reports on: name -> memory in bytes (nominal; torch reports slightly less).
+GPUS = (("A100 40 GB", 40 * 2 ** 30), ("A100 80 GB", 80 * 2 ** 30), ("H100 80 GB", 80 * 2 ** 30))
+
+ATTENTION_MODULES = ("q", "k", "v", "o")
+FEED_FORWARD_MODULES = ("wi_0", "wi_1", "wo")
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """What one rank holds, in bytes, on its device (`fixed` included in the peaks)."""
+
+    rank: int
+    stage: int
+    replica: int
+    blocks: Tuple[str, ...]
+    params: int
+    trainable: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    fixed: int
+    checkpoint: int
+    export: int
+    # Host memory at start-up, while weights are read and placed.
+    startup: int
+    # CPU processes: the device is the host, and start-up counts towards the peak.
+    on_host: bool = True
+    # The reload check's whole float32 model in host memory (the main process, where it fits).
+    reload_check: int = 0
+
+    @property
+    def training(self) -> int:
+        return self.fixed + self.weights + self.gradients + self.optimizer + self.activations
+
+    @property
+    def peak(self) -> int:
+        """The most this rank holds on its device at any time."""
+        return max(self.training, self.checkpoint, self.export, self.startup if self.on_host else 0)
+
+    @property
+    def host_peak(self) -> int:
+        """The most this rank's process holds in host memory (its device's peak on CPU processes)."""
+        if self.on_host:
+            return self.peak
+        return max(self.startup, PROCESS_BYTES + self.reload_check)
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"rank": self.rank, "stage": self.stage, "replica": self.replica, "blocks": list(self.blocks),
+                "params": self.params, "trainable_params": self.trainable, "weights_bytes": self.weights,
+                "gradients_bytes": self.gradients, "optimizer_bytes": self.optimizer,
+                "activations_bytes": self.activations, "fixed_bytes": self.fixed, "training_bytes": self.training,
+                "checkpoint_bytes": self.checkpoint, "export_bytes": self.export,
+                "startup_peak_bytes": self.startup, "peak_bytes": self.peak, "host_peak_bytes": self.host_peak,
+                "reload_check_bytes": self.reload_check}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Every rank of a layout on `device` ("cpu": processes sharing the host; "gpu": one GPU each)."""
+
+    layout: LayoutPlan
+    device: str
+    activation_bytes: int
+    data_parallel: str
+    lora: bool
+    source_length: int
+    target_length: int
+    ranks: Tuple[RankMemory, ...]
+
+    @property
+    def largest_process_bytes(self) -> int:
+        """The fullest rank's peak on its device."""
+        return max(r.peak for r in self.ranks)
+
+    def node_sum_bytes(self, nodes: int = 1) -> int:
+        """Host memory of the fullest node's processes at once, the launcher included where there
+        is one; each rank counted at its own peak, so this errs high."""
+        per_node = len(self.ranks) // nodes
+        launcher = LAUNCHER_BYTES if len(self.ranks) > 1 else 0
+        return launcher + max(sum(r.host_peak for r in self.ranks[n * per_node:(n + 1) * per_node])
+                              for n in range(nodes))
+
+    @property
+    def startup_peak_bytes(self) -> int:
+        """The most host memory a rank holds while its weights are read."""
+        return max(r.startup for r in self.ranks)
+
+
+def lora_params(size: ModelSize, block: str, r: int, targets) -> int:
+    """Parameters of the LoRA adapters peft injects into one plan block (A: r x in, B: out x r)."""
+    kind, stack = block_part(block)
+    if kind != "block":
+        return 0
+    d, inner, ff = size.d_model, size.inner_dim, size.d_ff
+    shapes = {"q": (d, inner), "k": (d, inner), "v": (d, inner), "o": (inner, d),
+              "wi_0": (d, ff), "wi_1": (d, ff), "wo": (ff, d)}
+    attentions = 1 if stack == "encoder" else 2
+    total = 0
+    for name in targets:
+        if name in ATTENTION_MODULES:
+            total += attentions * r * sum(shapes[name])
+        elif name in FEED_FORWARD_MODULES:
+            total += r * sum(shapes[name])
+    return total
+
+
+def in_flight(layout: LayoutPlan, stage: int) -> float:
+    """Micro-batches whose activations a stage holds at once, in whole-stage units (an
+    interleaved chunk counts as 1 / chunks_per_stage of its stage)."""
+    m, p, s = layout.micro_batches, layout.stages, stage
+    if layout.schedule == "GPipe":
+        return float(m)
+    if p == 1:
+        # One stage (and the single backend) runs each micro-batch's backward after its forward.
+        return 1.0
+    if layout.chunks_per_stage == 1:
+        return float(min(m, p - s))
+    v = layout.chunks_per_stage
+    warmup = min(m * v, 2 * (p - s - 1) + (v - 1) * p + 1)
+    return warmup / v
+
+
+def _activation_bytes(config, device: str) -> int:
+    """bfloat16 autocast (2 bytes) where the backend would use it: asked for, or by default on GPUs
+    (A100 and H100 have it); float32 (4) otherwise."""
+    bf16 = config.training.bf16
+    return 2 if (bf16 if bf16 is not None else device == "gpu") else 4
+
+
+def plan_memory(config, source_length: int, target_length: int, device: str = "cpu",
+                layout: Optional[LayoutPlan] = None, host_bytes: Optional[int] = None) -> MemoryPlan:
+    """The per-rank memory of `config`'s layout (`layout`: the trainer's own plan, else the plan
+    for these lengths) on `device`; `host_bytes`: the main process's memory, where the export's
+    reload check runs only if the whole model fits CHECK_MARGIN times (export.py's rule) (None: it fits)."""
+    layout = layout or plan_from_config(config, source_length, target_length)
+    size, replicas = layout.size, layout.replicas
+    fsdp = config.layout.data_parallel == "fsdp" and replicas > 1
+    lora = config.peft.method == "lora"
+    act = _activation_bytes(config, device)
+    shapes = Shapes(layout.micro_batch_size, source_length, target_length, act)
+    embedding = size.block_params("embedding")
+    largest_tensor = WEIGHT_BYTES * max(embedding, size.d_model * size.d_ff)
+    total = size.total_params() + (sum(lora_params(size, b, config.peft.r, config.peft.target_modules)
+                                       for b in size.block_names) if lora else 0)
+    main_reloads = RELOAD_CHECK_ON_MAIN and config.validation.do_eval
+    reload_fits = host_bytes is None or WEIGHT_BYTES * total * CHECK_MARGIN <= host_bytes
+    ranks: List[RankMemory] = []
+    for stage in range(layout.stages):
+        chunks = layout.chunks_of(stage)
+        blocks = tuple(b for c in chunks for b in layout.stage_blocks[c])
+        adapters = sum(lora_params(size, b, config.peft.r, config.peft.target_modules) for b in blocks) if lora else 0
+        params = layout.stage_params(stage) + adapters
+        # The decoder side's copy of the shared embedding, on a chunk without the embedding itself.
+        copy = embedding if any("decoder.0" in layout.stage_blocks[c] and "embedding" not in layout.stage_blocks[c]
+                                for c in chunks) else 0
+        held = params + copy
+        trainable = adapters if lora else held
+        owned = adapters if lora else params
+        one = ACTIVATION_FACTOR * sum(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
+        largest_part = ACTIVATION_FACTOR * max(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
+        autocast_copies = 2 * held if act == 2 else 0
+        activations = int(in_flight(layout, stage) * (one + autocast_copies) + largest_part)
+        # FSDP2: the shards beside the unsharded tensors, and its communication buffers.
+        weights = WEIGHT_BYTES * held + (WEIGHT_BYTES * held // replicas + FSDP_BUFFERS * WEIGHT_BYTES * held
+                                         if fsdp else 0)
+        gradients = WEIGHT_BYTES * trainable + (WEIGHT_BYTES * trainable // replicas
+                                                + FSDP_BUFFERS * WEIGHT_BYTES * trainable if fsdp else 0)
+        optimizer = ADAMW_BYTES * owned // (replicas if fsdp else 1)
+        resting = WEIGHT_BYTES * held // (replicas if fsdp else 1)
+        fixed = PROCESS_BYTES if device == "cpu" else GPU_FIXED_BYTES
+        checkpoint = fixed + resting + optimizer + 2 * largest_tensor
+        # Host memory while the weights are read: a CPU rank materialises its stage (under FSDP2 the
+        # whole chunk before it is sharded); a GPU rank stages one tensor at a time.
+        startup = PROCESS_BYTES + (WEIGHT_BYTES * held + (WEIGHT_BYTES * held // replicas if fsdp else 0)
+                                   if device == "cpu" else largest_tensor)
+        for replica in range(replicas):
+            rank = stage * replicas + replica
+            reload = int(RELOAD_COPIES * WEIGHT_BYTES * total) if main_reloads and rank == 0 and reload_fits else 0
+            writing = resting + 2 * largest_tensor
+            on_device = reload if device == "cpu" else 0
+            export = fixed + (writing + on_device if RELOAD_ON_TOP_OF_STAGE else max(writing, on_device))
+            ranks.append(RankMemory(rank=rank, stage=stage, replica=replica, blocks=blocks, params=params + copy,
+                                    trainable=trainable, weights=weights, gradients=gradients, optimizer=optimizer,
+                                    activations=activations, fixed=fixed, checkpoint=checkpoint, export=export,
+                                    startup=startup, on_host=device == "cpu", reload_check=reload))
+    return MemoryPlan(layout=layout, device=device, activation_bytes=act, data_parallel=config.layout.data_parallel,
+                      lora=lora, source_length=source_length, target_length=target_length, ranks=tuple(ranks))
+
+
+def gpu_fits(config, source_length: int, target_length: int, layout: Optional[LayoutPlan] = None
+             ) -> List[Tuple[str, int, bool]]:
+    """(GPU, its memory, whether every rank's peak fits one) for the GPUs in GPUS."""
+    plan = plan_memory(config, source_length, target_length, "gpu", layout)
+    return [(name, memory, plan.largest_process_bytes <= memory) for name, memory in GPUS]

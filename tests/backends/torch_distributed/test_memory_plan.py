@@ -1,0 +1,195 @@
+"""The torch backend's memory plan (ipu_t5/backends/torch_distributed/memory.py): hand arithmetic for
+a small layout and for XXL on 16 stages, `ipu-t5 plan --backend torch --json`, and `ipu-t5 train`
+refusing a layout that cannot fit before it reads a weight."""
+import json
+
+import pytest
+
+from ipu_t5.backends.torch_distributed import memory
+from ipu_t5.backends.torch_distributed.memory import (ADAMW_BYTES, GPUS, PROCESS_BYTES, WEIGHT_BYTES, in_flight,
+                                                      plan_memory)
+from ipu_t5.backends.torch_distributed.memory_report import check_layout_fits, parse_bytes
+from ipu_t5.config import load_config
+from ipu_t5.layout import plan_from_config
+from ipu_t5.models import canonical_size
+from ipu_t5.t5_shapes import Shapes, part_activations
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.core
+
+GIB = 2 ** 30
+# tiny: d_model 128, d_ff 256, 4 heads of 32, 2 + 2 layers, vocabulary 512 (hand counts below).
+ENCODER_BLOCK = 4 * 128 * 128 + 3 * 128 * 256 + 2 * 128          # 164096 (+128 position bias on block 0)
+DECODER_BLOCK = 2 * 4 * 128 * 128 + 3 * 128 * 256 + 3 * 128      # 229760 (+128 on block 0)
+EMBEDDING = 512 * 128
+
+
+def tiny(*overrides):
+    return load_config("tiny", overrides=["training.global_batch_size=8", "layout.stages=2",
+                                          "layout.layers_per_stage=[2,2]"] + list(overrides))
+
+
+def test_activation_arithmetic_of_one_encoder_block_by_hand():
+    # micro-batch 1, 8 source tokens, float32: stream 1*8*128*(4+4); q,k,v,context 4*8*128*4; scores
+    # and softmax 4 heads * 8 * 8 * (4 + 2*4); wi_0, wi_1 and their product 3*8*256*4; wo's input and
+    # two float32 streams 8*(256*4 + 2*128*4).
+    stream = 8 * 128 * 8
+    attention = stream + 4 * 8 * 128 * 4 + 4 * 8 * 8 * 12
+    feed_forward = stream + 3 * 8 * 256 * 4 + 8 * (256 * 4 + 2 * 128 * 4)
+    assert part_activations(canonical_size("tiny"), "block", "encoder", Shapes(1, 8, 4, 4)) == \
+        attention + feed_forward == 76800
+
+
+def test_two_stages_by_hand_under_1f1b_and_gpipe():
+    stage0 = EMBEDDING + (ENCODER_BLOCK + 128) + ENCODER_BLOCK + 128      # + encoder.final_layer_norm
+    stage1 = (DECODER_BLOCK + 128) + DECODER_BLOCK + 128 + EMBEDDING       # + decoder norm, lm_head
+    copy = EMBEDDING  # the decoder side's copy of the shared embedding: weights and gradients, no moments
+    config = tiny("layout.gradient_accumulation_steps=4")
+    plan = plan_memory(config, 8, 4, "cpu")
+    first, second = plan.ranks
+    assert (first.weights, first.gradients, first.optimizer) == (4 * stage0, 4 * stage0, 8 * stage0)
+    assert (second.weights, second.gradients, second.optimizer) == (
+        4 * (stage1 + copy), 4 * (stage1 + copy), 8 * stage1)
+    # One micro-batch of 2 prompts (8 source, 4 target tokens, float32) on stage 0: the embedding
+    # 2*2*(8+4)*128*4, two encoder blocks of 153600 and the final norm's stream 2*8*128*8.
+    one0 = 2 * 2 * 12 * 128 * 4 + 2 * 153600 + 2 * 8 * 128 * 8
+    # Stage 1: two decoder blocks of 119296, the norm 2*4*128*8, the LM head's input and float32
+    # logits 2*4*(128*4 + 512*4) and the loss's two float32 rows 2*2*4*512*4.
+    one1 = 2 * 119296 + 2 * 4 * 128 * 8 + 2 * 4 * (128 * 4 + 512 * 4) + 2 * 2 * 4 * 512 * 4
+    # 1F1B: stage s holds min(m, p - s) micro-batches, plus one block's values for its gradients;
+    # autograd keeps ACTIVATION_FACTOR times the count (measured).
+    factor = memory.ACTIVATION_FACTOR
+    assert first.activations == int(factor * (2 * one0 + 153600))
+    assert second.activations == int(factor * (1 * one1 + 119296))
+    assert first.training == PROCESS_BYTES + 16 * stage0 + first.activations
+    gpipe = plan_memory(tiny("layout.gradient_accumulation_steps=4", "layout.pipeline_schedule=GPipe"), 8, 4, "cpu")
+    assert [r.activations for r in gpipe.ranks] == [int(factor * (4 * one0 + 153600)), int(factor * (4 * one1 + 119296))]
+    # The export's reload check on the main process: the whole float32 model and the files' mapped pages.
+    total = canonical_size("tiny").total_params()
+    assert first.reload_check == int(memory.RELOAD_COPIES * 4 * total) and second.reload_check == 0
+    assert plan.node_sum_bytes() == memory.LAUNCHER_BYTES + first.peak + second.peak
+
+
+def test_fsdp2_shards_moments_and_resting_weights_and_lora_trains_only_adapters():
+    config = tiny("layout.replicas=2", "layout.data_parallel=fsdp", "layout.gradient_accumulation_steps=2")
+    plan = plan_memory(config, 8, 4, "cpu")
+    assert [(r.stage, r.replica) for r in plan.ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    stage0 = EMBEDDING + 2 * ENCODER_BLOCK + 128 + 128
+    rank = plan.ranks[1]
+    # Under a pipeline schedule FSDP2 holds the unsharded parameters and gradients through the step
+    # beside their shards and its flat communication buffer; AdamW's moments exist only as shards.
+    assert rank.weights == rank.gradients == 4 * stage0 + 4 * stage0 // 2 + 4 * stage0
+    assert rank.optimizer == 8 * stage0 // 2
+    assert rank.checkpoint == PROCESS_BYTES + 4 * stage0 // 2 + 8 * stage0 // 2 + 2 * 4 * EMBEDDING
+    lora = plan_memory(tiny("peft.method=lora", "peft.r=4", "layout.gradient_accumulation_steps=4"), 8, 4, "cpu")
+    # q and v adapters (A: 4 x 128, B: 128 x 4) in each attention: one per encoder block.
+    adapters = 2 * 2 * (4 * 128 + 128 * 4)
+    assert lora.ranks[0].trainable == adapters
+    assert (lora.ranks[0].gradients, lora.ranks[0].optimizer) == (4 * adapters, 8 * adapters)
+    assert lora.ranks[0].weights == 4 * (stage0 + adapters)
+
+
+def test_in_flight_micro_batches_by_schedule():
+    layout = plan_from_config(load_config("small", overrides=["layout.stages=4", "training.global_batch_size=16"]))
+    assert layout.micro_batches == 8
+    assert [in_flight(layout, s) for s in range(4)] == [4, 3, 2, 1]
+    gpipe = plan_from_config(load_config("small", overrides=[
+        "layout.stages=4", "training.global_batch_size=16", "layout.pipeline_schedule=GPipe"]))
+    assert [in_flight(gpipe, s) for s in range(4)] == [8] * 4
+    alone = plan_from_config(load_config("small", overrides=["layout.gradient_accumulation_steps=4"]))
+    assert in_flight(alone, 0) == 1
+
+
+def test_xxl_on_16_stages_by_hand():
+    """Every rank starts under 16 GB of host memory; on GPUs the fullest rank fits 80 GB, not 40 GB."""
+    config = load_config("xxl")
+    size = canonical_size("xxl")
+    cpu = plan_memory(config, 512, 8, "cpu")
+    gpu = plan_memory(config, 512, 8, "gpu")
+    layout = cpu.layout
+    assert (layout.stages, layout.replicas, len(cpu.ranks)) == (16, 1, 16)
+    embedding = size.vocab_size * size.d_model
+    held = [layout.stage_params(s) + (embedding if s == layout.stage_of("decoder.0") else 0) for s in range(16)]
+    assert layout.stage_of("decoder.0") != 0
+    assert sum(held) == size.total_params() + embedding
+    for stage, rank in enumerate(gpu.ranks):
+        owned = held[stage] - (embedding if stage == layout.stage_of("decoder.0") else 0)
+        assert (rank.weights, rank.gradients, rank.optimizer) == (
+            WEIGHT_BYTES * held[stage], WEIGHT_BYTES * held[stage], ADAMW_BYTES * owned)
+        # A GPU rank stages one tensor at a time in host memory: the largest is the embedding.
+        assert rank.startup == PROCESS_BYTES + 4 * embedding < 1.0e9
+        # CPU processes hold their stage's float32 weights in host memory at start.
+        assert cpu.ranks[stage].startup == PROCESS_BYTES + 4 * held[stage] < 16e9
+    # bfloat16 autocast on GPUs: 2-byte activations and a 2-byte copy of the weights per micro-batch in flight.
+    assert gpu.activation_bytes == 2 and cpu.activation_bytes == 4
+    largest = gpu.largest_process_bytes
+    fits = {name: ok for name, _, ok in memory.gpu_fits(config, 512, 8)}
+    assert fits == {name: largest <= bytes_ for name, bytes_ in GPUS}
+    assert fits == {"A100 40 GB": False, "A100 80 GB": True, "H100 80 GB": True}, largest / GIB
+
+
+def test_a_layout_that_fits_is_not_refused_and_sizes_parse():
+    config = tiny("layout.gradient_accumulation_steps=4")
+    check_layout_fits(config, plan_from_config(config, 64, 8), 64, 8)
+    assert parse_bytes("80GB") == 80 * 10 ** 9 and parse_bytes("40GiB") == 40 * GIB and parse_bytes("512") == 512
+
+
+def test_plan_json_has_every_rank_of_a_2x2_fsdp_layout():
+    result = run_cli(["plan", "--model", "base", "--backend", "torch", "--stages", "2", "--replicas", "2",
+                      "--set", "layout.data_parallel=fsdp", "--device-memory", "80GB", "--json"])
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert [(r["stage"], r["replica"]) for r in plan["ranks"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for rank in plan["ranks"]:
+        assert {"weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "peak_bytes",
+                "startup_peak_bytes"} <= set(rank)
+        assert rank["peak_bytes"] >= rank["weights_bytes"] + rank["gradients_bytes"] + rank["optimizer_bytes"]
+    assert plan["startup_peak_bytes"] == max(r["startup_peak_bytes"] for r in plan["ranks"])
+    assert plan["device"] == "gpu" and plan["device_memory_bytes"] == 80 * 10 ** 9 and plan["fits"]
+    assert [g["name"] for g in plan["gpus"]] == ["A100 40 GB", "A100 80 GB", "H100 80 GB"]
+
+
+def test_plan_table_for_xxl_says_which_gpus_it_fits():
+    result = run_cli(["plan", "--model", "xxl", "--backend", "torch", "--device-memory", "80GB"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("rank "))
+    assert [int(line.split()[0]) for line in lines[header + 1:header + 17]] == list(range(16))
+    assert "A100 40 GB does NOT fit; A100 80 GB fits; H100 80 GB fits" in result.stdout
+    bad = run_cli(["plan", "--model", "tiny", "--backend", "torch", "--device-memory", "lots"])
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "80GB" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from ipu_t5.tasks import get_task
+    from ipu_t5.tasks.demo.mnli import generate_splits
+    from ipu_t5.tokenizer import demo_tokenizer
+
+    task, rows = get_task("mnli"), generate_splits(0, 200, 10)["train"]
+    directory = tmp_path_factory.mktemp("tokenizer")
+    demo_tokenizer([task.source_text(r) for r in rows] + [task.target_text(r) for r in rows], 512).save_pretrained(
+        str(directory))
+    return directory
+
+
+def _xxl_alone(tmp_path, tokenizer_dir, *extra):
+    return run_cli(["train", "--model", "xxl", "--stages", "1", "--backend", "single", "--output-dir",
+                    str(tmp_path / "run"), "--set", "data.source=demo", "--set", "data.demo_train_samples=200",
+                    "--set", "data.demo_eval_samples=10", "--set", "model.tokenizer={}".format(tokenizer_dir)]
+                   + list(extra), env={"HF_HUB_OFFLINE": "1"})
+
+
+def test_train_refuses_a_layout_that_cannot_fit_before_reading_a_weight(tmp_path, tokenizer_dir):
+    result = _xxl_alone(tmp_path, tokenizer_dir)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("ipu-t5: error: the layout does not fit in memory:"), lines[-1]
+    assert "--ignore-memory-plan" in lines[-1]
+    assert any(line.startswith("rank ") and "peak GB" in line for line in lines)
+    # Nothing was read: the hub weights (absent offline) would have been the next error.
+    assert "could not load weights" not in result.stderr and "training:" not in result.stderr
+    # With the flag it goes on, to reading XXL's weights (which this offline test does not have).
+    forced = _xxl_alone(tmp_path, tokenizer_dir, "--ignore-memory-plan", "--overwrite")
+    assert forced.returncode == 2 and "could not load weights 'google/flan-t5-xxl'" in forced.stderr.strip().splitlines()[-1]
