@@ -37,6 +37,8 @@ class Backend(abc.ABC):
     # Whether the backend compiles one prompt length (`lengths.static_source`) that may be shorter
     # than the data's longest prompt: the trainer then tokenizes the data truncated to it.
     static_prompt_length = False
+    # How the layout cuts the model into stages by default (`ipu_t5.layout.plan_layout`'s split_by).
+    split_by = "memory"
 
     def __init__(self, config: RunConfig, plan: LayoutPlan):
         self.config = config

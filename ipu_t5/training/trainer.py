@@ -94,7 +94,7 @@ class T5Trainer(RunCheckpoints):
         self.prompt_length = data.prompt_length
         self.lengths: Lengths = data.lengths
         self.train_tokens = data.train_tokens
-        self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
+        self.plan = plan_from_config(config, self.lengths.source, self.lengths.target, backend_type.split_by)
         self.backend = backend or backend_type(config, self.plan)
         if self.backend.lengths is None:
             self.backend.lengths = self.lengths

@@ -85,6 +85,8 @@ class IpuBackend(Backend):
 
     name = "ipu"
     static_prompt_length = True
+    # The IPU planner starts from the compute-balanced cut and weighs a parameter-balanced one itself.
+    split_by = "compute"
 
     def __init__(self, config, plan):
         super().__init__(config, plan)
