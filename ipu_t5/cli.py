@@ -137,7 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             # Training that stopped early has just validated this very step.
             last = trainer.last_eval
             results = last if last is not None and last["step"] == trainer.step else trainer.evaluate()
-        hf_dir = trainer.export_hf()
+        # The last use of the model: every process frees it before the export's reload check.
+        hf_dir = trainer.export_hf(release_model=True)
         if not trainer.is_main_process:
             return 0
         rows = [["steps", str(summary["steps"])],

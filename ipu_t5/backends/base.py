@@ -132,6 +132,11 @@ class Backend(abc.ABC):
         """Free the optimizer's state (AdamW's moments) once training is over, so the export and
         validation that follow have that memory; nothing by default (state kept on a device)."""
 
+    def release_model(self) -> None:
+        """Free the model and its optimizer once the run's last export is written, so the main
+        process's reload check does not sit on top of its share of the model; the backend then only
+        communicates (`on_main`, `gather_object`, ...) and closes. Nothing by default."""
+
     def extra_state(self) -> Dict[str, Any]:
         """Small JSON-serialisable state of this process, beyond weights and optimizer, that a
         resumed run needs to continue exactly: a device's own random generator (poptorch's

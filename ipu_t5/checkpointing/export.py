@@ -179,6 +179,7 @@ def write_hf_checkpoint(
     example_prompt: Optional[str] = None,
     prompt_length: Optional[int] = None,
     group=None,
+    release: Optional[Callable[[], None]] = None,
 ) -> ExportResult:
     """Write the export of the weights `state` (by Hugging Face name; a lazy mapping is read one file
     at a time) atomically, once checked as the module says.
@@ -190,6 +191,10 @@ def write_hf_checkpoint(
     `prompt_length`: the token count the run truncated prompts to; the saved tokenizer's
     `model_max_length`, and named in the model card. An existing export at `out_dir` is replaced only
     by a complete, checked one.
+
+    `release`, when given, is called on every process once its weights are written and read back,
+    before the main process's reload check: the caller frees the model there (and drops its own
+    references to `state`), so the check's models do not sit on top of it.
     """
     out_dir = Path(out_dir)
     shares = _gather(group, shapes_of(state))
@@ -208,6 +213,12 @@ def write_hf_checkpoint(
             raise
         error = _no_space(out_dir, needed)
     failed = next((e for e in _gather(group, error) if e is not None), None)
+    # One process holding every weight computes the reference on them, without reading the files,
+    # unless they are to be freed first.
+    reference_state = state if len(plans) == 1 and release is None else None
+    del state
+    if release is not None:
+        release()
 
     def finish() -> ExportResult:
         try:
@@ -216,8 +227,7 @@ def write_hf_checkpoint(
             weight_map = {name: filename for plan in plans for filename, names in plan.items() for name in names}
             _write_metadata(staging, weight_map, needed, hf_config, tokenizer, run_config, results, max_new_tokens,
                             dtype, example_prompt, prompt_length)
-            # One process holding every weight computes the reference on them, without reading the files.
-            difference, skipped = _check_reload(staging, hf_config, dtype, state if len(plans) == 1 else None)
+            difference, skipped = _check_reload(staging, hf_config, dtype, reference_state)
             atomic.fsync_tree(staging)
             atomic.replace_dir(staging, out_dir)
         except Exception as err:

@@ -261,6 +261,12 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
     def release_optimizer_state(self) -> None:
         self.optimizer.state.clear()
 
+    def release_model(self) -> None:
+        # The schedules hold the stages, the stages the modules: every reference goes.
+        self._pipelines.clear()
+        self.chunks, self.modules, self.named, self.owned, self.tied, self.optimizer = {}, {}, [], [], [], None
+        self._copies = []
+
     # ----- processes -----
 
     @property
