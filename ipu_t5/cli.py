@@ -58,7 +58,6 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """The validated RunConfig the flags describe."""
     from .config import load_config
-    from .data.sources import parse_data_files
 
     values: Dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
     overrides = list(args.overrides)
@@ -72,6 +71,9 @@ def config_from_args(args: argparse.Namespace):
     if args.overwrite:
         values["output.overwrite_output_dir"] = True
     if args.data_files:
+        # Here only: the data code imports `datasets`, which the multi-process launcher does not need.
+        from .data.sources import parse_data_files
+
         values["data.data_files"] = parse_data_files(args.data_files)
         values["data.source"] = "files"
     return load_config(args.model, args.config, overrides, **values)
@@ -115,15 +117,16 @@ def _results_row(results: Dict[str, Any]) -> List[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune, validate, export, reload the export with plain transformers, print a summary."""
-    from . import lora
-    from .checkpointing.export import fits_in_memory, reload_and_predict
-    from .training.trainer import T5Trainer
-
     config = config_from_args(args)
     _offline_if_possible(config)
     launched = maybe_launch(config, args.argv, args, resume=resume_command(args.argv))
     if launched is not None:
         return launched
+    # Imported after the launch: the launcher of a multi-process run needs none of them.
+    from . import lora
+    from .checkpointing.export import fits_in_memory, reload_and_predict
+    from .training.trainer import T5Trainer
+
     trainer = T5Trainer(config)
     try:
         summary = trainer.train()
@@ -202,8 +205,6 @@ def resume_command(argv: List[str]) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Validate an export (default: the run's own <output-dir>/hf) by generation."""
-    from .training.trainer import T5Trainer
-
     config = config_from_args(args)
     if config.model.pretrained is None and (config.output_dir / "hf" / "config.json").is_file():
         config.model.pretrained = str(config.output_dir / "hf")
@@ -211,6 +212,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     launched = maybe_launch(config, args.argv, args)
     if launched is not None:
         return launched
+    from .training.trainer import T5Trainer
+
     trainer = T5Trainer(config, pretrained=config.model.pretrained)
     try:
         results = trainer.evaluate()

@@ -177,6 +177,23 @@ class Backend(abc.ABC):
         """Release devices and process groups."""
 
 
+def return_freed_memory() -> None:
+    """Give the memory of freed tensors back to the system. glibc keeps freed blocks below its
+    mmap threshold (which rises to 32 MB as large tensors come and go, so a T5 block's weights
+    are among them) in its heaps, where they still count as the process's memory, until
+    `malloc_trim`. Nothing happens on other C libraries."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def trim_at_eos(ids: List[int], eos_id: int) -> List[int]:
     """Generated ids up to (not including) the first end-of-sequence."""
     return ids[:ids.index(eos_id)] if eos_id in ids else ids

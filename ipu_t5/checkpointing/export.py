@@ -89,9 +89,14 @@ def write_weight_files(directory: Path, files: Dict[str, List[str]], state: Mapp
     for filename, names in files.items():
         path = directory / filename
         write_streamed(path, names, shapes, dtype, lambda name: state[name], metadata={"format": "pt"})
-        with safe_open(str(path), framework="pt") as f:
-            differ = [n for n in names if n not in f.keys() or not same_bits(
-                f.get_tensor(n), state[n].detach().to("cpu", dtype).contiguous())]
+        differ = []
+        for name in names:
+            # The file is mapped while open and every page read stays resident until it closes: one
+            # open per tensor keeps the read-back to one tensor, not the whole shard, in memory.
+            with safe_open(str(path), framework="pt") as f:
+                if name not in f.keys() or not same_bits(f.get_tensor(name),
+                                                         state[name].detach().to("cpu", dtype).contiguous()):
+                    differ.append(name)
         if differ:
             raise UserError("the export's {} did not read back as written ({} of its tensors differ, first {}): "
                             "nothing was put in place; check the disk at {}.".format(

@@ -6,7 +6,6 @@ postprocess_predictions)`` then ``train()``, ``evaluate()``, ``save_hf_checkpoin
 returns the fine-tuned model, as theirs does; ``export_hf`` writes the same and returns its path).
 Every argument after `config` may be left out; it is then built from the config.
 """
-import gc
 import json
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpointing, lora
 from ..backends import Backend, backend_class, resolve_backend_name
+from ..backends.base import return_freed_memory
 from ..checkpointing import run_dir
 from ..checkpointing.adapter import write_adapter
 from ..checkpointing.export import write_hf_checkpoint
@@ -389,7 +389,7 @@ class T5Trainer(RunCheckpoints):
             share = None
             self.backend.release_model()
             self._released = True
-            gc.collect()
+            return_freed_memory()
 
         exported = write_hf_checkpoint(hf_path, share, self.hf_config, self.tokenizer, self.config.to_dict(),
                                        self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
