@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ...data.batching import GlobalBatch, collate
 from ...errors import UserError
 from ...model_source import ModelSource
-from ..base import Backend, StepResult
+from ..base import Backend, StepResult, return_freed_memory
 from ..fast_ops import use_fast_ops
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
 from ..single import autocast_dtype, refuse_fp16
@@ -204,6 +204,7 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         # Gradients exist only within a step: checkpoints, exports and validation run without them.
         self.optimizer.zero_grad(set_to_none=True)
         self._sync_tied_weights()
+        return_freed_memory()
         return StepResult(loss=loss, grad_norm=grad_norm.item(), lr=lr)
 
     def _sync_tied_gradients(self) -> None:
