@@ -115,17 +115,23 @@ def sublayer_costs(size, source_len, target_len):
 
 
 def balance_table(source_lens) -> None:
-    print("\nplanned balance (slowest stage / mean stage, forward FLOPs; target 1.05)")
-    print("{:<6} {:>6} {:>7} {:>16} {:>22} {:>24}".format(
-        "model", "stages", "source", "planned (blocks)", "best with sublayers", "params/stage min..max"))
+    print("\nplanned balance (slowest stage / mean stage, forward FLOPs; target 1.05) of the compute-balanced "
+          "cut (the IPU planner's) and of the torch backend's default cut, which evens out memory")
+    print("{:<6} {:>6} {:>7} {:>16} {:>22} {:>24} {:>14} {:>24}".format(
+        "model", "stages", "source", "compute cut", "best with sublayers", "params/stage min..max", "memory cut",
+        "params/stage min..max"))
     for name, stages in (("xl", 8), ("xxl", 16)):
         size = canonical_size(name)
         for source_len in source_lens:
-            plan = plan_layout(size, 256, stages, source_len=source_len, target_len=TARGET_LEN)
-            params = [plan.stage_params(i) / 1e6 for i in range(stages)]
-            print("{:<6} {:>6} {:>7} {:>16.3f} {:>22.3f} {:>17.0f}..{:.0f}M".format(
-                name, stages, source_len, plan.balance(source_len, TARGET_LEN),
-                best_balance(sublayer_costs(size, source_len, TARGET_LEN), stages), min(params), max(params)))
+            row = []
+            for split_by in ("compute", "memory"):
+                plan = plan_layout(size, 256, stages, source_len=source_len, target_len=TARGET_LEN, split_by=split_by)
+                params = [plan.stage_params(i) / 1e6 for i in range(stages)]
+                row.append((plan.balance(source_len, TARGET_LEN), min(params), max(params)))
+            print("{:<6} {:>6} {:>7} {:>16.3f} {:>22.3f} {:>17.0f}..{:.0f}M {:>14.3f} {:>17.0f}..{:.0f}M".format(
+                name, stages, source_len, row[0][0],
+                best_balance(sublayer_costs(size, source_len, TARGET_LEN), stages), row[0][1], row[0][2],
+                row[1][0], row[1][1], row[1][2]))
 
 
 def main() -> None:

@@ -60,7 +60,6 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """The validated RunConfig the flags describe."""
     from .config import load_config
-    from .data.sources import parse_data_files
 
     values: Dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
     overrides = list(args.overrides)
@@ -76,6 +75,9 @@ def config_from_args(args: argparse.Namespace):
     if getattr(args, "ignore_memory_plan", False):
         values["layout.check_memory"] = False
     if args.data_files:
+        # Here only: the data code imports `datasets`, which the multi-process launcher does not need.
+        from .data.sources import parse_data_files
+
         values["data.data_files"] = parse_data_files(args.data_files)
         values["data.source"] = "files"
     return load_config(args.model, args.config, overrides, **values)
@@ -119,15 +121,16 @@ def _results_row(results: Dict[str, Any]) -> List[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune, validate, export, reload the export with plain transformers, print a summary."""
-    from . import lora
-    from .checkpointing.export import fits_in_memory, reload_and_predict
-    from .training.trainer import T5Trainer
-
     config = config_from_args(args)
     _offline_if_possible(config)
     launched = maybe_launch(config, args.argv, args, resume=resume_command(args.argv))
     if launched is not None:
         return launched
+    # Imported after the launch: the launcher of a multi-process run needs none of them.
+    from . import lora
+    from .checkpointing.export import fits_in_memory, reload_and_predict
+    from .training.trainer import T5Trainer
+
     trainer = T5Trainer(config)
     try:
         summary = trainer.train()
@@ -141,7 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             # Training that stopped early has just validated this very step.
             last = trainer.last_eval
             results = last if last is not None and last["step"] == trainer.step else trainer.evaluate()
-        hf_dir = trainer.export_hf()
+        # The last use of the model: every process frees it before the export's reload check.
+        hf_dir = trainer.export_hf(release_model=True)
         if not trainer.is_main_process:
             return 0
         rows = [["steps", str(summary["steps"])],
@@ -205,8 +209,6 @@ def resume_command(argv: List[str]) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Validate an export (default: the run's own <output-dir>/hf) by generation."""
-    from .training.trainer import T5Trainer
-
     config = config_from_args(args)
     # The memory plan counts training (gradients, AdamW moments); validation holds far less.
     config.layout.check_memory = False
@@ -216,6 +218,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     launched = maybe_launch(config, args.argv, args)
     if launched is not None:
         return launched
+    from .training.trainer import T5Trainer
+
     trainer = T5Trainer(config, pretrained=config.model.pretrained)
     try:
         results = trainer.evaluate()

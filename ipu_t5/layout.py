@@ -11,9 +11,15 @@ weights or hardware.
   unless `layers_per_stage` gives the counts; the shared embedding sits on the first chunk (and is
   shared with the chunk holding `decoder.0`), the LM head on the last, each final layer norm with
   the last block of its stack.
+- the default cut (`split_by`): "memory" evens out each stage's share of the training state
+  (weights, gradients, AdamW moments), which decides whether a layout fits at all, and among the
+  cuts within `MEMORY_SLACK` of the best it takes the fastest; "compute" evens out forward FLOPs
+  alone (the IPU planner's own starting point, which also weighs a parameter-balanced cut).
+  Balancing compute alone puts Flan-T5's whole decoder and LM head on the last of 4 stages on
+  MNLI-shaped data (targets of a few tokens make decoder blocks cheap): 56% of the weights.
 """
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .errors import UserError
 from .models import ModelSize
@@ -21,6 +27,14 @@ from .models import ModelSize
 
 # Model chunks per stage under the interleaved schedule (Megatron's virtual pipeline stages).
 INTERLEAVED_CHUNKS = 2
+# How the default cut is chosen (see the module's docstring).
+SPLITS = ("memory", "compute")
+# A memory-balanced cut may hold this much more than the best one (relative) to be faster.
+MEMORY_SLACK = 0.05
+# Training state per parameter, in weight-sized words: the weight, its gradient and AdamW's two
+# moments; the decoder side's copy of the shared embedding has no moments of its own.
+STATE_WORDS = 4
+COPY_STATE_WORDS = 2
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,8 @@ class LayoutPlan:
     stage_blocks: Tuple[Tuple[str, ...], ...]
     schedule: str = "1F1B"
     chunks_per_stage: int = 1
+    # What chose `stage_blocks`: "memory" or "compute" (the default cut), or "given" (layers_per_stage).
+    split_by: str = "memory"
 
     @property
     def world_size(self) -> int:
@@ -158,10 +174,15 @@ def _split_batch(global_batch: int, replicas: int, stages: int, micro_batch_size
 def partition_costs(costs: Sequence[float], parts: int) -> List[int]:
     """Counts of a contiguous partition of `costs` into `parts` non-empty runs that minimises the
     costliest run (exact dynamic programme; 48 blocks x 16 stages is instant)."""
-    n = len(costs)
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
+    return partition_runs(lambda j, i: prefix[i] - prefix[j], len(costs), parts)
+
+
+def partition_runs(run_cost: Callable[[int, int], float], n: int, parts: int) -> List[int]:
+    """Counts of a contiguous partition of items 0..n-1 into `parts` non-empty runs that minimises
+    the largest `run_cost(start, end)` (end exclusive; any cost, not only sums)."""
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(parts + 1)]
     cut = [[0] * (n + 1) for _ in range(parts + 1)]
@@ -169,7 +190,7 @@ def partition_costs(costs: Sequence[float], parts: int) -> List[int]:
     for k in range(1, parts + 1):
         for i in range(k, n - (parts - k) + 1):
             for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                value = max(best[k - 1][j], run_cost(j, i))
                 if value < best[k][i]:
                     best[k][i], cut[k][i] = value, j
     counts, i = [], n
@@ -213,6 +234,39 @@ def stage_costs(size: ModelSize, source_len: int, target_len: int) -> List[float
     return costs
 
 
+def state_costs(size: ModelSize) -> List[float]:
+    """Per-block training state in weight-sized words, in pipeline order, with the embedding and
+    LM head folded into the first and last blocks (the decoder side's copy of the embedding is
+    charged by `memory_balanced_counts`, where its stage is known)."""
+    costs = [float(STATE_WORDS * size.block_params(b)) for b in size.block_names]
+    costs[0] += STATE_WORDS * size.block_params("embedding")
+    costs[-1] += STATE_WORDS * size.block_params("lm_head")
+    return costs
+
+
+def memory_balanced_counts(size: ModelSize, chunks: int, source_len: int, target_len: int) -> List[int]:
+    """Blocks per chunk: the smallest largest share of the training state any contiguous cut
+    reaches, then, among the cuts within `MEMORY_SLACK` of it, the one whose slowest chunk is
+    fastest. A chunk that holds `decoder.0` but not the first block holds the embedding's copy."""
+    state, flops = state_costs(size), stage_costs(size, source_len, target_len)
+    copy = float(COPY_STATE_WORDS * size.block_params("embedding"))
+    first_decoder = size.num_layers
+    state_prefix, flops_prefix = [0.0], [0.0]
+    for a, b in zip(state, flops):
+        state_prefix.append(state_prefix[-1] + a)
+        flops_prefix.append(flops_prefix[-1] + b)
+
+    def run_state(j: int, i: int) -> float:
+        return state_prefix[i] - state_prefix[j] + (copy if 0 < j <= first_decoder < i else 0.0)
+
+    n = len(state)
+    counts = partition_runs(run_state, n, chunks)
+    starts = [sum(counts[:k]) for k in range(chunks)]
+    limit = max(run_state(a, a + c) for a, c in zip(starts, counts)) * (1.0 + MEMORY_SLACK)
+    return partition_runs(lambda j, i: flops_prefix[i] - flops_prefix[j] if run_state(j, i) <= limit
+                          else float("inf"), n, chunks)
+
+
 def plan_layout(
     size: ModelSize,
     global_batch_size: int,
@@ -225,8 +279,10 @@ def plan_layout(
     source_len: int = 128,
     target_len: int = 4,
     pipelined: bool = True,
+    split_by: str = "memory",
 ) -> LayoutPlan:
-    """Validate and build a plan; every refusal names the numbers that do not fit. `pipelined`
+    """Validate and build a plan; every refusal names the numbers that do not fit. Without
+    `layers_per_stage` the blocks are cut as `split_by` says (the module's docstring). `pipelined`
     False: the stages are IPUs that each compute a share of every phase (phased IPU execution),
     not a pipeline to fill, so any number of micro-batches will do."""
     blocks = len(size.block_names)
@@ -257,8 +313,11 @@ def plan_layout(
         if sum(counts) != blocks:
             raise UserError("layers_per_stage {} sums to {} but the model has {} blocks ({} encoder + {} "
                             "decoder).".format(counts, sum(counts), blocks, size.num_layers, size.num_decoder_layers))
-    else:
+        split_by = "given"
+    elif split_by == "compute":
         counts = partition_costs(stage_costs(size, source_len, target_len), chunks)
+    else:
+        counts = memory_balanced_counts(size, chunks, source_len, target_len)
     micro, accumulation = _split_batch(global_batch_size, replicas, stages, micro_batch_size,
                                        gradient_accumulation_steps)
     if pipelined and stages > 1 and accumulation < stages:
@@ -273,19 +332,20 @@ def plan_layout(
                             schedule, stages, accumulation, rounds, stages))
     return LayoutPlan(size=size, stages=stages, replicas=replicas, micro_batch_size=micro,
                       micro_batches=accumulation, stage_blocks=_stage_blocks(size, counts), schedule=schedule,
-                      chunks_per_stage=chunks_per_stage)
+                      chunks_per_stage=chunks_per_stage, split_by=split_by)
 
 
-def plan_from_config(config, source_len: int = 128, target_len: int = 4) -> LayoutPlan:
-    """The plan for a RunConfig, given the data's token lengths. Phased IPU execution
-    (`ipu.execution_strategy=phased`) is no pipeline: it keeps no minimum of micro-batches."""
+def plan_from_config(config, source_len: int = 128, target_len: int = 4, split_by: str = "memory") -> LayoutPlan:
+    """The plan for a RunConfig, given the data's token lengths; `split_by` is the backend's
+    (`Backend.split_by`). Phased IPU execution (`ipu.execution_strategy=phased`) is no pipeline:
+    it keeps no minimum of micro-batches."""
     from .models import canonical_size
 
     layout = config.layout
     return plan_layout(
         canonical_size(config.model.name), config.training.global_batch_size, layout.stages,
         layout.replicas, layout.micro_batch_size, layout.gradient_accumulation_steps,
-        layout.layers_per_stage, layout.pipeline_schedule, source_len, target_len,
+        layout.layers_per_stage, layout.pipeline_schedule, source_len, target_len, split_by,
         pipelined=not phased_only(config),
     )
 

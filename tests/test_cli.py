@@ -166,3 +166,31 @@ def test_export_command_from_a_checkpoint(cli, trained, tmp_path):
 def test_help_lists_commands():
     proc = run_cli(["--help"])
     assert proc.returncode == 0 and "train" in proc.stdout and "export" in proc.stdout
+
+
+@pytest.mark.core
+def test_the_cli_and_the_launcher_import_neither_torch_nor_transformers_until_they_need_them(tmp_path):
+    """The launcher of a multi-process run only reads the config and starts torchrun's agent: the
+    package, the CLI and the launcher import no torch, transformers or datasets (every rank and a
+    one-process run import them when they build the trainer), and the public API still resolves."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    code = ("import sys\n"
+            "import ipu_t5, ipu_t5.cli, ipu_t5.backends.torch_distributed.launch\n"
+            "from ipu_t5.cli import build_parser, config_from_args\n"
+            "from ipu_t5.layout import plan_from_config\n"
+            "from ipu_t5.backends import resolve_backend_name\n"
+            "from ipu_t5.checkpointing import run_dir\n"
+            "args = build_parser().parse_args(['train', '--model', 'tiny', '--stages', '2', '--backend', 'auto'])\n"
+            "config = config_from_args(args)\n"
+            "print(resolve_backend_name(config, plan_from_config(config)))\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
+            "from ipu_t5 import T5Trainer, load_config, postprocess_mnli_predictions, RunConfig, UserError\n"
+            "print(T5Trainer.__name__, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                          cwd=str(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["torch", "[]", "T5Trainer True"]

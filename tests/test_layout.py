@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from ipu_t5.errors import UserError
-from ipu_t5.layout import plan_from_config, plan_layout, stage_costs
+from ipu_t5.layout import MEMORY_SLACK, plan_from_config, plan_layout, stage_costs
 from ipu_t5.models import canonical_size
 
 pytestmark = pytest.mark.core
@@ -39,13 +39,44 @@ def test_every_block_sits_on_exactly_one_stage_in_order():
     assert plan.stage_of("embedding") == 0 and plan.stage_of("lm_head") == 3
 
 
-def test_balanced_split_has_the_smallest_slowest_stage_of_all_contiguous_splits():
+def test_compute_balanced_split_has_the_smallest_slowest_stage_of_all_contiguous_splits():
     costs = stage_costs(BASE, 128, 4)
     best = min(max(sum(costs[a:b]) for a, b in zip((0,) + cuts, cuts + (len(costs),)))
                for cuts in itertools.combinations(range(1, len(costs)), 3))
-    plan = plan_layout(BASE, 64, stages=4, source_len=128, target_len=4)
+    plan = plan_layout(BASE, 64, stages=4, source_len=128, target_len=4, split_by="compute")
+    assert plan.split_by == "compute"
     assert max(plan.stage_flops(i, 128, 4) for i in range(4)) == pytest.approx(best)
     assert plan.balance(128, 4) >= 1.0
+
+
+def _stage_state(plan, stage):
+    """Training state words of a stage by hand: 4 per parameter (weight, gradient, two AdamW
+    moments), 2 per parameter of the decoder side's copy of the embedding."""
+    words = 4 * plan.stage_params(stage)
+    blocks = [b for c in plan.chunks_of(stage) for b in plan.stage_blocks[c]]
+    if "decoder.0" in blocks and "embedding" not in plan.stage_blocks[plan.chunks_of(stage)[0]]:
+        words += 2 * plan.size.block_params("embedding")
+    return words
+
+
+def test_default_split_holds_the_least_training_state_any_contiguous_split_can_then_the_fastest():
+    names = BASE.block_names
+    results = []
+    for cuts in itertools.combinations(range(1, len(names)), 3):
+        counts = [b - a for a, b in zip((0,) + cuts, cuts + (len(names),))]
+        plan = plan_layout(BASE, 64, stages=4, layers_per_stage=counts, source_len=48, target_len=4)
+        results.append((max(_stage_state(plan, s) for s in range(4)),
+                        max(plan.stage_flops(s, 48, 4) for s in range(4)), counts))
+    least = min(r[0] for r in results)
+    fastest = min(r[1] for r in results if r[0] <= least * (1 + MEMORY_SLACK))
+    plan = plan_layout(BASE, 64, stages=4, source_len=48, target_len=4)
+    assert plan.split_by == "memory"
+    assert max(_stage_state(plan, s) for s in range(4)) <= least * (1 + MEMORY_SLACK)
+    assert max(plan.stage_flops(s, 48, 4) for s in range(4)) == pytest.approx(fastest)
+    # Balancing compute alone puts the whole decoder and the LM head on the last stage.
+    compute = plan_layout(BASE, 64, stages=4, source_len=48, target_len=4, split_by="compute")
+    assert compute.stage_blocks[3][0] == "decoder.0"
+    assert max(_stage_state(compute, s) for s in range(4)) > 2 * max(_stage_state(plan, s) for s in range(4))
 
 
 def test_layers_per_stage_is_followed_and_layers_per_ipu_is_its_spelling(make_config):
@@ -68,7 +99,8 @@ def test_interleaved_schedule_puts_two_chunks_on_each_stage():
 
 
 def test_describe_prints_the_batch_split_and_the_stages():
-    text = plan_layout(TINY, 16, stages=2, replicas=2).describe()
+    # The compute-balanced cut puts runs of both stacks on stage 1 (the default cut by memory does not).
+    text = plan_layout(TINY, 16, stages=2, replicas=2, split_by="compute").describe()
     assert text.splitlines()[0] == ("layout: 2 stage(s) x 2 replica(s) = 4 process(es); global batch 16 = "
                                     "micro-batch 2 x 4 micro-batch(es) x 2 replica(s)")
     assert "stage 1: encoder.1 .. encoder.final_layer_norm, decoder.0 .. decoder.final_layer_norm, lm_head" in text

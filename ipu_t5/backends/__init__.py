@@ -4,10 +4,23 @@ Each engine is imported only when its backend is chosen, so the package imports 
 lack it (the Poplar SDK has no torch.distributed.pipelining; nothing else has poptorch).
 """
 import importlib
-from typing import Dict, Tuple, Type
+from typing import TYPE_CHECKING, Dict, Tuple, Type
 
 from ..errors import UserError
-from .base import Backend, StepResult
+
+if TYPE_CHECKING:
+    from .base import Backend
+
+# The interface's classes import torch and the data code: loaded on first use, so that resolving a
+# backend name (the multi-process launcher does) imports neither.
+_LAZY = {"Backend": ".base", "StepResult": ".base"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError("module '{}' has no attribute '{}'".format(__name__, name))
+
 
 # name -> (module, class), imported on demand.
 REGISTRY: Dict[str, Tuple[str, str]] = {
@@ -23,14 +36,14 @@ def resolve_backend_name(config, plan) -> str:
     name = config.layout.backend
     if name != "auto":
         return name
-    from .ipu.backend import ipu_hardware_available
+    from .ipu.hardware import ipu_hardware_available
 
     if ipu_hardware_available():
         return "ipu"
     return "single" if plan.world_size == 1 else "torch"
 
 
-def backend_class(name: str) -> Type[Backend]:
+def backend_class(name: str) -> "Type[Backend]":
     """The class of the backend called `name`."""
     if name not in REGISTRY:
         raise UserError("backend '{}' is not available in this installation (available: {}).".format(
@@ -39,7 +52,7 @@ def backend_class(name: str) -> Type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
-def create_backend(config, plan) -> Backend:
+def create_backend(config, plan) -> "Backend":
     """Build the configured backend for a plan (its `lengths` are the caller's to set)."""
     return backend_class(resolve_backend_name(config, plan))(config, plan)
 

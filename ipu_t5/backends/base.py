@@ -37,6 +37,8 @@ class Backend(abc.ABC):
     # Whether the backend compiles one prompt length (`lengths.static_source`) that may be shorter
     # than the data's longest prompt: the trainer then tokenizes the data truncated to it.
     static_prompt_length = False
+    # How the layout cuts the model into stages by default (`ipu_t5.layout.plan_layout`'s split_by).
+    split_by = "memory"
 
     def __init__(self, config: RunConfig, plan: LayoutPlan):
         self.config = config
@@ -130,6 +132,11 @@ class Backend(abc.ABC):
         """Free the optimizer's state (AdamW's moments) once training is over, so the export and
         validation that follow have that memory; nothing by default (state kept on a device)."""
 
+    def release_model(self) -> None:
+        """Free the model and its optimizer once the run's last export is written, so the main
+        process's reload check does not sit on top of its share of the model; the backend then only
+        communicates (`on_main`, `gather_object`, ...) and closes. Nothing by default."""
+
     def extra_state(self) -> Dict[str, Any]:
         """Small JSON-serialisable state of this process, beyond weights and optimizer, that a
         resumed run needs to continue exactly: a device's own random generator (poptorch's
@@ -168,6 +175,23 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release devices and process groups."""
+
+
+def return_freed_memory() -> None:
+    """Give the memory of freed tensors back to the system. glibc keeps freed blocks below its
+    mmap threshold (which rises to 32 MB as large tensors come and go, so a T5 block's weights
+    are among them) in its heaps, where they still count as the process's memory, until
+    `malloc_trim`. Nothing happens on other C libraries."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def trim_at_eos(ids: List[int], eos_id: int) -> List[int]:

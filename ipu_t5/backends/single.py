@@ -130,3 +130,6 @@ class SingleProcessBackend(Backend):
 
     def release_optimizer_state(self) -> None:
         self.optimizer.state.clear()
+
+    def release_model(self) -> None:
+        self.model = self.forward = self.optimizer = None

@@ -89,9 +89,14 @@ def write_weight_files(directory: Path, files: Dict[str, List[str]], state: Mapp
     for filename, names in files.items():
         path = directory / filename
         write_streamed(path, names, shapes, dtype, lambda name: state[name], metadata={"format": "pt"})
-        with safe_open(str(path), framework="pt") as f:
-            differ = [n for n in names if n not in f.keys() or not same_bits(
-                f.get_tensor(n), state[n].detach().to("cpu", dtype).contiguous())]
+        differ = []
+        for name in names:
+            # The file is mapped while open and every page read stays resident until it closes: one
+            # open per tensor keeps the read-back to one tensor, not the whole shard, in memory.
+            with safe_open(str(path), framework="pt") as f:
+                if name not in f.keys() or not same_bits(f.get_tensor(name),
+                                                         state[name].detach().to("cpu", dtype).contiguous()):
+                    differ.append(name)
         if differ:
             raise UserError("the export's {} did not read back as written ({} of its tensors differ, first {}): "
                             "nothing was put in place; check the disk at {}.".format(
@@ -179,6 +184,7 @@ def write_hf_checkpoint(
     example_prompt: Optional[str] = None,
     prompt_length: Optional[int] = None,
     group=None,
+    release: Optional[Callable[[], None]] = None,
 ) -> ExportResult:
     """Write the export of the weights `state` (by Hugging Face name; a lazy mapping is read one file
     at a time) atomically, once checked as the module says.
@@ -190,6 +196,10 @@ def write_hf_checkpoint(
     `prompt_length`: the token count the run truncated prompts to; the saved tokenizer's
     `model_max_length`, and named in the model card. An existing export at `out_dir` is replaced only
     by a complete, checked one.
+
+    `release`, when given, is called on every process once its weights are written and read back,
+    before the main process's reload check: the caller frees the model there (and drops its own
+    references to `state`), so the check's models do not sit on top of it.
     """
     out_dir = Path(out_dir)
     shares = _gather(group, shapes_of(state))
@@ -208,6 +218,12 @@ def write_hf_checkpoint(
             raise
         error = _no_space(out_dir, needed)
     failed = next((e for e in _gather(group, error) if e is not None), None)
+    # One process holding every weight computes the reference on them, without reading the files,
+    # unless they are to be freed first.
+    reference_state = state if len(plans) == 1 and release is None else None
+    del state
+    if release is not None:
+        release()
 
     def finish() -> ExportResult:
         try:
@@ -216,8 +232,7 @@ def write_hf_checkpoint(
             weight_map = {name: filename for plan in plans for filename, names in plan.items() for name in names}
             _write_metadata(staging, weight_map, needed, hf_config, tokenizer, run_config, results, max_new_tokens,
                             dtype, example_prompt, prompt_length)
-            # One process holding every weight computes the reference on them, without reading the files.
-            difference, skipped = _check_reload(staging, hf_config, dtype, state if len(plans) == 1 else None)
+            difference, skipped = _check_reload(staging, hf_config, dtype, reference_state)
             atomic.fsync_tree(staging)
             atomic.replace_dir(staging, out_dir)
         except Exception as err:

@@ -90,6 +90,7 @@ class RunCheckpoints:
     def save_checkpoint(self, path: Union[str, Path]) -> Path:
         """A layout-free training checkpoint at `path`: weights, optimizer, random generators of
         every process, data order and step. Written atomically; `--resume PATH` continues it."""
+        self._refuse_if_released()
         self._claim()
         # Under LoRA the base weights are the run's starting point, rebuilt from its config on load.
         select = lora.adapter_state if lora.enabled(self.config) else None

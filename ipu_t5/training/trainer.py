@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpointing, lora
 from ..backends import Backend, backend_class, resolve_backend_name
+from ..backends.base import return_freed_memory
 from ..checkpointing import run_dir
 from ..checkpointing.adapter import write_adapter
 from ..checkpointing.export import write_hf_checkpoint
@@ -94,7 +95,7 @@ class T5Trainer(RunCheckpoints):
         self.prompt_length = data.prompt_length
         self.lengths: Lengths = data.lengths
         self.train_tokens = data.train_tokens
-        self.plan = plan_from_config(config, self.lengths.source, self.lengths.target)
+        self.plan = plan_from_config(config, self.lengths.source, self.lengths.target, backend_type.split_by)
         if backend is None and backend_type.name in ("single", "torch"):
             # Before any process group or weight: a layout that cannot fit is refused with its plan.
             from ..backends.torch_distributed.memory_report import check_layout_fits
@@ -149,6 +150,8 @@ class T5Trainer(RunCheckpoints):
         self._stop: Optional[GracefulStop] = None
         self._claimed = False
         self._trained_out = False
+        # The backend freed its model after the run's last export (export_hf(release_model=True)).
+        self._released = False
         self._log: Optional[MetricsLog] = None
         if found is not None:
             self._resume(found, weights_loaded=weights is not None)
@@ -201,6 +204,7 @@ class T5Trainer(RunCheckpoints):
         `validation.early_stopping_patience` training ends once validation stops improving
         (`summary["stopped_early"]`).
         """
+        self._refuse_if_released()
         if self._trained_out:
             raise UserError("this trainer released its optimizer state (end_training): build a new T5Trainer with "
                             "--resume to train on.")
@@ -275,6 +279,11 @@ class T5Trainer(RunCheckpoints):
                 stopped, self.step, cfg.max_steps, summary["checkpoint"]))
         return summary
 
+    def _refuse_if_released(self) -> None:
+        if self._released:
+            raise UserError("this trainer released its model after its last export (export_hf(release_model=True)): "
+                            "load the export, or build a new T5Trainer with --resume.")
+
     def end_training(self) -> None:
         """Training is over (its last checkpoint, when checkpoints are on, holds the optimizer state):
         free the optimizer's state, so the export and validation that follow have that memory. The
@@ -317,6 +326,7 @@ class T5Trainer(RunCheckpoints):
     def evaluate(self) -> Dict[str, Any]:
         """Greedy generation over the validation split, scored by the metric; writes
         eval_results.json and eval_predictions.jsonl."""
+        self._refuse_if_released()
         if self.eval_features is None:
             raise UserError("no evaluation data: set validation.do_eval=true or pass eval_dataset.")
         log = self._claim()
@@ -351,11 +361,20 @@ class T5Trainer(RunCheckpoints):
         self._last_eval_step = self.step
 
     def export_hf(self, hf_path: Union[str, Path, None] = None, ckpt_path: Union[str, Path, None] = None,
-                  adapter_path: Union[str, Path, None] = None) -> Path:
+                  adapter_path: Union[str, Path, None] = None, release_model: bool = False) -> Path:
         """Export a plain Hugging Face checkpoint to `hf_path` (default `<output-dir>/hf`), checked
         by reloading it with transformers, and, when given, a training checkpoint to `ckpt_path`.
         With LoRA the export holds the merged weights, and the adapter alone goes to `adapter_path`
-        (default `<output-dir>/adapter`). Returns the export's path, also kept as `hf_path`."""
+        (default `<output-dir>/adapter`). Returns the export's path, also kept as `hf_path`.
+
+        `release_model` (the run's last export, as `ipu-t5 train` ends): every process frees its
+        model once its weights are written, before the main process reloads the export to check it,
+        so that check holds one model rather than one on top of a stage; the trainer then refuses to
+        train, validate or export again."""
+        self._refuse_if_released()
+        if release_model and ckpt_path:
+            raise UserError("export_hf cannot write a training checkpoint after releasing the model: save it "
+                            "first (save_checkpoint) or leave release_model off.")
         self._claim()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
         # Each process writes the weights it holds; none gathers the model.
@@ -369,9 +388,18 @@ class T5Trainer(RunCheckpoints):
                 self.base_model, self.tokenizer))
             share = lora.merged_state(share, self.config.peft)
         example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
+
+        def release() -> None:
+            nonlocal share
+            share = None
+            self.backend.release_model()
+            self._released = True
+            return_freed_memory()
+
         exported = write_hf_checkpoint(hf_path, share, self.hf_config, self.tokenizer, self.config.to_dict(),
                                        self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
-                                       example_prompt=example, prompt_length=self.prompt_length, group=self.backend)
+                                       example_prompt=example, prompt_length=self.prompt_length, group=self.backend,
+                                       release=release if release_model else None)
         self._say(exported.describe())
         if ckpt_path:
             self.save_checkpoint(ckpt_path)

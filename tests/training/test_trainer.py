@@ -129,3 +129,26 @@ def test_unrelated_directory_is_refused(make_config, tmp_path):
     with pytest.raises(UserError, match="holds no ipu-t5 run"):
         T5Trainer(make_config(out, **{"training.max_steps": 1})).train()
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_the_last_export_frees_the_model_before_its_reload_check_and_then_refuses_to_go_on(make_config, tmp_path):
+    from ipu_t5.checkpointing.views import SafetensorsView, weight_files
+
+    trainer = T5Trainer(make_config(**{"training.max_steps": 2, "validation.do_eval": "false"}))
+    trainer.train()
+    before = {k: v.clone() for k, v in trainer.backend.model_state_dict().items()}
+    kept = trainer.export_hf(tmp_path / "kept")
+    released = trainer.export_hf(tmp_path / "released", release_model=True)
+    assert trainer.backend.model is None and trainer.backend.optimizer is None
+    # The same files as an export that kept the model, and the weights the run trained.
+    for path in (kept, released):
+        exported = SafetensorsView(weight_files(path))
+        assert "lm_head.weight" in exported and set(exported) <= set(before)
+        assert all(torch.equal(exported[name], before[name]) for name in exported)
+    for call in (trainer.train, trainer.evaluate, lambda: trainer.export_hf(tmp_path / "again"),
+                 lambda: trainer.save_checkpoint(tmp_path / "ckpt")):
+        with pytest.raises(UserError, match="released its model after its last export"):
+            call()
+    with pytest.raises(UserError, match="cannot write a training checkpoint after releasing the model"):
+        T5Trainer(make_config(tmp_path / "other")).export_hf(tmp_path / "x", ckpt_path=tmp_path / "c",
+                                                              release_model=True)

@@ -20,7 +20,6 @@ Flan-T5 validation does. Training and inference executors share the IPUs, so the
 detached (weights and optimizer state go back to the host and return on attach).
 """
 import importlib
-import importlib.util
 import math
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +32,7 @@ from ..base import Backend, StepResult, trim_at_eos
 from ..optim import adamw_kwargs, lr_at, param_groups, set_lr
 from .model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, checkpoint_every_block, hf_state_dict,
                     join_slices, load_hf_state_dict, place, slice_counts, slice_vocabulary, split_like_slices)
+from .hardware import ipu_hardware_available  # noqa: F401 (its home before hardware.py)
 from .plan import IpuPlan, plan_ipu
 
 # PopART's names for AdamW's state of a weight: prefix + the weight's name in the wrapped model
@@ -50,17 +50,6 @@ DEFAULT_LOSS_SCALING = 1024.0
 RECOMPUTE_PIPELINE = 3
 SDK_HINT = ("enable the Poplar SDK (source <sdk>/enable) and install its poptorch wheel into this environment "
             "(pip install <sdk>/poptorch-*.whl); docs/ipu.md, 'Setting up', has the steps")
-
-
-def ipu_hardware_available() -> bool:
-    """Whether poptorch imports and reports IPU hardware; False without the SDK."""
-    if importlib.util.find_spec("poptorch") is None:
-        return False
-    try:
-        poptorch = importlib.import_module("poptorch")
-    except (ImportError, OSError):  # the wheel is installed but the SDK is not enabled
-        return False
-    return bool(poptorch.ipuHardwareIsAvailable())
 
 
 def import_poptorch():
@@ -87,6 +76,8 @@ class IpuBackend(Backend):
 
     name = "ipu"
     static_prompt_length = True
+    # The IPU planner starts from the compute-balanced cut and weighs a parameter-balanced one itself.
+    split_by = "compute"
 
     def __init__(self, config, plan):
         super().__init__(config, plan)

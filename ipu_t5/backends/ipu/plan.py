@@ -19,15 +19,16 @@ a compile to learn them.
   next phase while the other computes), the micro-batch and the vocabulary slices are chosen by
   the step estimate (`cost.py`): the fastest that leaves headroom, and the plan says why. A
   layout that fits no strategy is refused with the per-IPU numbers.
-- Blocks per IPU (pipelined): the layout's own split (balanced by compute) unless
-  `layout.layers_per_stage` is unset and a split balanced by parameters fits better; the blocks
+- Blocks per IPU (pipelined): the split balanced by compute (a layout cut by memory, the other
+  backends' default, is cut again by compute here) unless `layout.layers_per_stage` is unset and a
+  split balanced by parameters fits better; the blocks
   stay contiguous runs in pipeline order, and the plan returned is the one the backend places.
 """
 import dataclasses
 from typing import List, Optional, Sequence
 
 from ...errors import UserError
-from ...layout import LayoutPlan, partition_costs, pipeline_accumulation_needed, plan_layout
+from ...layout import LayoutPlan, partition_costs, phased_only, pipeline_accumulation_needed, plan_layout
 from .cost import pipelined_cost, seconds, split_cost
 from .memory import (SRAM_BYTES, Shapes, StateBytes, pipelined_ipu, pipelined_pieces, split_ipu, split_phases)
 from .report import HEADROOM, IpuPlan
@@ -211,6 +212,11 @@ def plan_ipu(config, layout: LayoutPlan, source_length: int, target_length: int,
     """
     ipu = config.ipu
     check_ipu_count(layout.stages, layout.replicas, ipu.auto_round_num_ipus)
+    if layout.split_by == "memory":
+        # The IPU's candidates are the compute-balanced cut and the parameter-balanced one below.
+        layout = plan_layout(layout.size, layout.global_batch_size, layout.stages, layout.replicas,
+                             layout.micro_batch_size, None, None, layout.schedule, source_length, target_length,
+                             pipelined=not phased_only(config), split_by="compute")
     half = config.training.fp16 is not False
     shards = layout.replicas if ipu.replicated_tensor_sharding and layout.replicas > 1 else 1
     fixed_split = config.layout.micro_batch_size is not None or config.layout.gradient_accumulation_steps is not None

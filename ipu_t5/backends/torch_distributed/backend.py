@@ -22,7 +22,7 @@ from ...data.batching import GlobalBatch, collate
 from ...errors import UserError
 from ...layout import check_pipeline_fill
 from ...model_source import ModelSource
-from ..base import Backend, StepResult
+from ..base import Backend, StepResult, return_freed_memory
 from ..fast_ops import use_fast_ops
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
 from ..single import autocast_dtype, refuse_fp16
@@ -206,6 +206,7 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         # Gradients exist only within a step: checkpoints, exports and validation run without them.
         self.optimizer.zero_grad(set_to_none=True)
         self._sync_tied_weights()
+        return_freed_memory()
         return StepResult(loss=loss, grad_norm=grad_norm.item(), lr=lr)
 
     def _sync_tied_gradients(self) -> None:
@@ -262,6 +263,12 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
 
     def release_optimizer_state(self) -> None:
         self.optimizer.state.clear()
+
+    def release_model(self) -> None:
+        # The schedules hold the stages, the stages the modules: every reference goes.
+        self._pipelines.clear()
+        self.chunks, self.modules, self.named, self.owned, self.tied, self.optimizer = {}, {}, [], [], [], None
+        self._copies = []
 
     # ----- processes -----
 
