@@ -294,9 +294,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     source = args.source_length or prompt_cap(config.data.max_source_length)
     target = args.target_length or config.validation.max_new_tokens or DEFAULT_PLAN_TARGET_LENGTH
-    layout = plan_from_config(config, source, target)
     if config.layout.backend in ("torch", "single") or args.device_memory:
-        return _plan_torch(args, config, layout, source, target)
+        return _plan_torch(args, config, source, target)
+    layout = plan_from_config(config, source, target)
     try:
         plan = plan_ipu(config, layout, source, target)
     except IpuPlanRefused as refused:
@@ -315,11 +315,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_torch(args: argparse.Namespace, config, layout, source: int, target: int) -> int:
-    """The torch backend's memory per rank against the GPUs' or the host's memory; exits 2 with
-    the table when it does not fit."""
-    from .backends.torch_distributed.memory_report import memory_report
+def _plan_torch(args: argparse.Namespace, config, source: int, target: int) -> int:
+    """The torch backend's memory per rank, for the cut it would run, against the GPUs' or the host's
+    memory; exits 2 with the table when it does not fit."""
+    from .backends.torch_distributed.memory import lightest_cut
+    from .backends.torch_distributed.memory_report import available_memory, memory_report
 
+    device = available_memory(args.device_memory).device
+    layout = lightest_cut(config, source, target, device)
     report = memory_report(config, source, target, args.device_memory, layout=layout)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     if not report.fits:

@@ -345,7 +345,7 @@ def plan_from_config(config, source_len: int = 128, target_len: int = 4, split_b
     return plan_layout(
         canonical_size(config.model.name), config.training.global_batch_size, layout.stages,
         layout.replicas, layout.micro_batch_size, layout.gradient_accumulation_steps,
-        layout.layers_per_stage, layout.pipeline_schedule, source_len, target_len, split_by,
+        layout.layers_per_stage, layout.pipeline_schedule, source_len, target_len, split_by=split_by,
         pipelined=not phased_only(config),
     )
 

@@ -9,7 +9,7 @@ from ..config import RunConfig
 from ..data.batching import GlobalBatch
 from ..data.features import Lengths
 from ..errors import UserError
-from ..layout import LayoutPlan
+from ..layout import LayoutPlan, plan_from_config
 
 
 @dataclass
@@ -43,6 +43,17 @@ class Backend(abc.ABC):
     def __init__(self, config: RunConfig, plan: LayoutPlan):
         self.config = config
         self.plan = plan
+
+    @classmethod
+    def layout_plan(cls, config: RunConfig, lengths: Lengths) -> LayoutPlan:
+        """The layout this backend runs for the data's token lengths (its default cut `split_by`)."""
+        return plan_from_config(config, lengths.source, lengths.target, split_by=cls.split_by)
+
+    @classmethod
+    def check_memory(cls, config: RunConfig, plan: LayoutPlan, lengths: Lengths) -> None:
+        """Refuse, before any process group or weight, a layout that cannot fit (UserError with the
+        plan's table). Backends without a host-side memory plan check nothing here (the IPU plans
+        its SRAM when it picks its strategy)."""
 
     @property
     def is_main_process(self) -> bool:

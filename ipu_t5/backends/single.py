@@ -41,6 +41,12 @@ class SingleProcessBackend(Backend):
 
     name = "single"
 
+    @classmethod
+    def check_memory(cls, config, plan, lengths):
+        from .torch_distributed.memory_report import check_layout_fits
+
+        check_layout_fits(config, plan, lengths.source, lengths.target)
+
     def __init__(self, config, plan, device=None):
         super().__init__(config, plan)
         if plan.world_size != 1:

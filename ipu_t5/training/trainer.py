@@ -95,12 +95,9 @@ class T5Trainer(RunCheckpoints):
         self.prompt_length = data.prompt_length
         self.lengths: Lengths = data.lengths
         self.train_tokens = data.train_tokens
-        self.plan = plan_from_config(config, self.lengths.source, self.lengths.target, backend_type.split_by)
-        if backend is None and backend_type.name in ("single", "torch"):
-            # Before any process group or weight: a layout that cannot fit is refused with its plan.
-            from ..backends.torch_distributed.memory_report import check_layout_fits
-
-            check_layout_fits(config, self.plan, self.lengths.source, self.lengths.target)
+        self.plan = backend_type.layout_plan(config, self.lengths)
+        if backend is None:
+            backend_type.check_memory(config, self.plan, self.lengths)
         self.backend = backend or backend_type(config, self.plan)
         if self.backend.lengths is None:
             self.backend.lengths = self.lengths

@@ -61,6 +61,18 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
 
     name = "torch"
 
+    @classmethod
+    def layout_plan(cls, config, lengths):
+        from .memory import lightest_cut
+
+        return lightest_cut(config, lengths.source, lengths.target, "gpu" if torch.cuda.is_available() else "cpu")
+
+    @classmethod
+    def check_memory(cls, config, plan, lengths):
+        from .memory_report import check_layout_fits
+
+        check_layout_fits(config, plan, lengths.source, lengths.target)
+
     def __init__(self, config, plan):
         super().__init__(config, plan)
         check_pipeline_fill(plan)  # the layout relaxes it for phased IPU execution only

@@ -40,9 +40,10 @@ from ...t5_shapes import Shapes, block_part, part_activations
 
 # Measured with bench/memory.py on this project's 2-core CPU machine (psutil RSS, torch 2.13,
 # transformers 5.x): a rank's resident memory before it holds a weight (torch, transformers, the
-# tokenizer, the tokenized data, the pipeline's buffers), and torchrun's launcher process.
+# tokenizer, the tokenized data, the pipeline's buffers), and torchrun's launcher process (which
+# imports neither transformers nor datasets).
 PROCESS_BYTES = 450 * 10 ** 6
-LAUNCHER_BYTES = 350 * 10 ** 6
+LAUNCHER_BYTES = 240 * 10 ** 6
 # A GPU's memory taken before any tensor: the CUDA context, NCCL's buffers and the caching
 # allocator's slack. An estimate (no GPU was measured here), to be re-calibrated on one.
 GPU_FIXED_BYTES = 1 * 10 ** 9
@@ -58,10 +59,11 @@ ACTIVATION_FACTOR = 1.15
 # float32 master weights and gradients; AdamW's two float32 moments.
 WEIGHT_BYTES = 4
 ADAMW_BYTES = 8
-# The reload check loads the whole export in float32 and compares logits: the main process holds it
-# on top of its stage's weights (ipu_t5/checkpointing/export.py runs it where the model fits).
+# The reload check loads the whole export in float32 and compares logits (ipu_t5/checkpointing/export.py
+# runs it where the model fits); `ipu-t5 train` frees every process's model before it, so the main
+# process holds the check instead of its stage, not on top of it.
 RELOAD_CHECK_ON_MAIN = True
-RELOAD_ON_TOP_OF_STAGE = True
+RELOAD_ON_TOP_OF_STAGE = False
 # Whole-model copies the check holds at once in resident memory: the float32 model and part of the
 # pages of the safetensors files it reads (mapped, and counted by RSS). Measured with bench/memory.py
 # on the 0.99 GB base-shaped model: rank 0 peaks 1.94 (2x1) and 1.55 (4x1) copies above its resting
@@ -258,8 +260,25 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                       lora=lora, source_length=source_length, target_length=target_length, ranks=tuple(ranks))
 
 
+def lightest_cut(config, source_length: int, target_length: int, device: str = "cpu") -> LayoutPlan:
+    """The torch backend's default cut: of the memory-balanced and the compute-balanced cuts, the one
+    whose fullest rank this plan puts lower (on a tie, the compute cut: it is faster). Evening out
+    weights, gradients and moments is not always lighter: a long-prompt 1F1B pipeline keeps the most
+    micro-batches in flight on its first stages, whose encoder blocks carry the largest activations,
+    so XXL on 16 GPUs at 512-token prompts peaks at 82.6 GB cut by memory and 54.6 GB cut by
+    compute, while a flan-t5-base-shaped model on 4 CPU processes peaks lower cut by memory.
+    `layout.layers_per_stage` is taken as given."""
+    cuts = [plan_from_config(config, source_length, target_length, split_by="memory")]
+    if config.layout.layers_per_stage is None and cuts[0].stages > 1:
+        cuts.insert(0, plan_from_config(config, source_length, target_length, split_by="compute"))
+    return min(cuts, key=lambda cut: plan_memory(config, source_length, target_length, device,
+                                                  cut).largest_process_bytes)
+
+
 def gpu_fits(config, source_length: int, target_length: int, layout: Optional[LayoutPlan] = None
              ) -> List[Tuple[str, int, bool]]:
-    """(GPU, its memory, whether every rank's peak fits one) for the GPUs in GPUS."""
+    """(GPU, its memory, whether every rank's peak fits one) for the GPUs in GPUS (`layout`: else
+    the cut the backend would take on GPUs)."""
+    layout = layout or lightest_cut(config, source_length, target_length, "gpu")
     plan = plan_memory(config, source_length, target_length, "gpu", layout)
     return [(name, memory, plan.largest_process_bytes <= memory) for name, memory in GPUS]

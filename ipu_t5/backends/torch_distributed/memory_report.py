@@ -165,7 +165,8 @@ def memory_report(config, source_length: int, target_length: int, device_memory:
     # The export's reload check runs on the main process only where the model fits its host memory.
     host = psutil.virtual_memory().total
     plan = plan_memory(config, source_length, target_length, memory.device, layout, host_bytes=host)
-    gpus = tuple(gpu_fits(config, source_length, target_length, layout))
+    # The GPUs' verdicts for the cut the backend would take on GPUs, which may not be this machine's.
+    gpus = tuple(gpu_fits(config, source_length, target_length, layout if memory.device == "gpu" else None))
     return MemoryReport(plan=plan, memory=memory, nodes=nodes, gpus=gpus)
 
 

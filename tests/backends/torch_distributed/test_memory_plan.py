@@ -105,9 +105,10 @@ def test_xxl_on_16_stages_by_hand():
     """Every rank starts under 16 GB of host memory; on GPUs the fullest rank fits 80 GB, not 40 GB."""
     config = load_config("xxl")
     size = canonical_size("xxl")
-    cpu = plan_memory(config, 512, 8, "cpu")
-    gpu = plan_memory(config, 512, 8, "gpu")
-    layout = cpu.layout
+    # Each device's plan for the cut the backend takes there (the lighter of the two).
+    cpu = plan_memory(config, 512, 8, "cpu", memory.lightest_cut(config, 512, 8, "cpu"))
+    gpu = plan_memory(config, 512, 8, "gpu", memory.lightest_cut(config, 512, 8, "gpu"))
+    layout = gpu.layout
     assert (layout.stages, layout.replicas, len(cpu.ranks)) == (16, 1, 16)
     embedding = size.vocab_size * size.d_model
     held = [layout.stage_params(s) + (embedding if s == layout.stage_of("decoder.0") else 0) for s in range(16)]
@@ -119,14 +120,20 @@ def test_xxl_on_16_stages_by_hand():
             WEIGHT_BYTES * held[stage], WEIGHT_BYTES * held[stage], ADAMW_BYTES * owned)
         # A GPU rank stages one tensor at a time in host memory: the largest is the embedding.
         assert rank.startup == PROCESS_BYTES + 4 * embedding < 1.0e9
+    for stage, rank in enumerate(cpu.ranks):
         # CPU processes hold their stage's float32 weights in host memory at start.
-        assert cpu.ranks[stage].startup == PROCESS_BYTES + 4 * held[stage] < 16e9
+        held_here = cpu.layout.stage_params(stage) + (embedding if stage == cpu.layout.stage_of("decoder.0") else 0)
+        assert rank.startup == PROCESS_BYTES + 4 * held_here < 16e9
     # bfloat16 autocast on GPUs: 2-byte activations and a 2-byte copy of the weights per micro-batch in flight.
     assert gpu.activation_bytes == 2 and cpu.activation_bytes == 4
     largest = gpu.largest_process_bytes
     fits = {name: ok for name, _, ok in memory.gpu_fits(config, 512, 8)}
     assert fits == {name: largest <= bytes_ for name, bytes_ in GPUS}
     assert fits == {"A100 40 GB": False, "A100 80 GB": True, "H100 80 GB": True}, largest / GIB
+    # At 512-token prompts the encoder stages' micro-batches in flight outweigh evened-out weights:
+    # on GPUs the compute cut is the lighter, and the memory cut would not fit 80 GB.
+    by_memory = plan_memory(config, 512, 8, "gpu", plan_from_config(config, 512, 8, split_by="memory"))
+    assert gpu.layout.split_by == "compute" and by_memory.largest_process_bytes > 80e9 > largest
 
 
 def test_a_layout_that_fits_is_not_refused_and_sizes_parse():
@@ -193,3 +200,16 @@ def test_train_refuses_a_layout_that_cannot_fit_before_reading_a_weight(tmp_path
     # With the flag it goes on, to reading XXL's weights (which this offline test does not have).
     forced = _xxl_alone(tmp_path, tokenizer_dir, "--ignore-memory-plan", "--overwrite")
     assert forced.returncode == 2 and "could not load weights 'google/flan-t5-xxl'" in forced.stderr.strip().splitlines()[-1]
+
+
+def test_the_torch_backend_takes_the_lighter_cut():
+    """MNLI-shaped prompts on 4 CPU processes: the memory cut's fullest rank is lighter than the
+    compute cut's (which puts the whole decoder and LM head on the last stage); a given cut stays."""
+    config = load_config("base", overrides=["layout.stages=4", "training.global_batch_size=8"])
+    chosen = memory.lightest_cut(config, 64, 4, "cpu")
+    compute = plan_from_config(config, 64, 4, split_by="compute")
+    assert chosen.split_by == "memory" and chosen.stage_blocks != compute.stage_blocks
+    assert (plan_memory(config, 64, 4, "cpu", chosen).largest_process_bytes
+            < plan_memory(config, 64, 4, "cpu", compute).largest_process_bytes)
+    given = load_config("base", overrides=["layout.stages=4", "layout.layers_per_stage=[5,7,7,5]"])
+    assert memory.lightest_cut(given, 64, 4, "cpu").split_by == "given"
