@@ -16,10 +16,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpointing, lora
 from ..backends import Backend, backend_class, resolve_backend_name
-from ..backends.base import return_freed_memory
 from ..checkpointing import run_dir
-from ..checkpointing.adapter import write_adapter
-from ..checkpointing.export import write_hf_checkpoint
 from ..config import RunConfig, ValidationConfig
 from ..data.batching import BatchOrder, GlobalBatch
 from ..data.features import Lengths
@@ -31,6 +28,7 @@ from ..models import canonical_size, parameter_shapes
 from ..tasks import build_task
 from .best_metric import BestMetric
 from .checkpoints import RunCheckpoints
+from .hf_export import HfExport
 from .metrics_log import MetricsLog
 from .signals import GracefulStop
 from .validation import generate_all, score, write_predictions
@@ -40,7 +38,7 @@ class _Stopped(Exception):
     """A stop signal arrived during a validation inside the training loop."""
 
 
-class T5Trainer(RunCheckpoints):
+class T5Trainer(RunCheckpoints, HfExport):
     """Fine-tunes a Flan-T5 on a text-to-text task under the configured layout and backend.
 
     Args:
@@ -276,11 +274,6 @@ class T5Trainer(RunCheckpoints):
                 stopped, self.step, cfg.max_steps, summary["checkpoint"]))
         return summary
 
-    def _refuse_if_released(self) -> None:
-        if self._released:
-            raise UserError("this trainer released its model after its last export (export_hf(release_model=True)): "
-                            "load the export, or build a new T5Trainer with --resume.")
-
     def end_training(self) -> None:
         """Training is over (its last checkpoint, when checkpoints are on, holds the optimizer state):
         free the optimizer's state, so the export and validation that follow have that memory. The
@@ -356,67 +349,6 @@ class T5Trainer(RunCheckpoints):
         self.best.update(result, self.step)
         result.update({"best_metric": self.best_metric, "best_step": self.best_step, "is_best": self.last_eval_is_best})
         self._last_eval_step = self.step
-
-    def export_hf(self, hf_path: Union[str, Path, None] = None, ckpt_path: Union[str, Path, None] = None,
-                  adapter_path: Union[str, Path, None] = None, release_model: bool = False) -> Path:
-        """Export a plain Hugging Face checkpoint to `hf_path` (default `<output-dir>/hf`), checked
-        by reloading it with transformers, and, when given, a training checkpoint to `ckpt_path`.
-        With LoRA the export holds the merged weights, and the adapter alone goes to `adapter_path`
-        (default `<output-dir>/adapter`). Returns the export's path, also kept as `hf_path`.
-
-        `release_model` (the run's last export, as `ipu-t5 train` ends): every process frees its
-        model once its weights are written, before the main process reloads the export to check it,
-        so that check holds one model rather than one on top of a stage; the trainer then refuses to
-        train, validate or export again."""
-        self._refuse_if_released()
-        if release_model and ckpt_path:
-            raise UserError("export_hf cannot write a training checkpoint after releasing the model: save it "
-                            "first (save_checkpoint) or leave release_model off.")
-        self._claim()
-        hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
-        # Each process writes the weights it holds; none gathers the model.
-        share = self.backend.export_share()
-        if lora.enabled(self.config):
-            adapters: Dict[str, torch.Tensor] = {}
-            for part in self.backend.gather_object({k: v.detach().cpu() for k, v in lora.adapter_state(share).items()}):
-                adapters.update(part)
-            self.backend.on_main(lambda: write_adapter(
-                Path(adapter_path) if adapter_path else self.output_dir / "adapter", adapters, self.config.peft,
-                self.base_model, self.tokenizer))
-            share = lora.merged_state(share, self.config.peft)
-        example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
-
-        def release() -> None:
-            nonlocal share
-            share = None
-            self.backend.release_model()
-            self._released = True
-            return_freed_memory()
-
-        exported = write_hf_checkpoint(hf_path, share, self.hf_config, self.tokenizer, self.config.to_dict(),
-                                       self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
-                                       example_prompt=example, prompt_length=self.prompt_length, group=self.backend,
-                                       release=release if release_model else None)
-        self._say(exported.describe())
-        if ckpt_path:
-            self.save_checkpoint(ckpt_path)
-        self.hf_path = hf_path
-        return hf_path
-
-    def save_hf_checkpoint(self, hf_path: Union[str, Path, None] = None,
-                           ckpt_path: Union[str, Path, None] = None,
-                           adapter_path: Union[str, Path, None] = None):
-        """Graphcore's call: `export_hf` (the same arguments), then the fine-tuned model loaded
-        from the export by plain transformers: a `T5ForConditionalGeneration` on the CPU, as
-        `finetuned = trainer.save_hf_checkpoint(hf_path, ckpt_path)` expects. The export's path
-        is `trainer.hf_path`. In a multi-process run only the main process loads the model (a
-        model split for size may not fit on each rank); the others return None."""
-        path = self.export_hf(hf_path, ckpt_path, adapter_path)
-        if not self.is_main_process:
-            return None
-        from transformers import T5ForConditionalGeneration
-
-        return T5ForConditionalGeneration.from_pretrained(str(path)).eval()
 
     def close(self) -> None:
         """Flush logs and release the backend."""
