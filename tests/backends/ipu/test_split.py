@@ -135,10 +135,16 @@ def test_split_weights_keep_hugging_face_names_and_shapes():
 def test_split_float16_numerics_follow_the_unsplit_ones():
     """float16 as on the IPU: a float32 stream, the feed-forward output at 1/8 scale, partial sums
     in float32. The loss stays within float16's precision of the unsplit float16 model's."""
+    model, loss, want = float16_split_against_unsplit(tiny_t5(5), batch(5))
+    assert loss == pytest.approx(want, rel=5e-3)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def float16_split_against_unsplit(base, inputs):
+    """`base` split over 4 IPUs in float16 after a backward, its loss, and the unsplit float16
+    model's loss, both with the IPU's float16 numerics."""
     from ipu_t5.backends.ipu.fp16 import use_float16_numerics
 
-    base = tiny_t5(5)
-    inputs = batch(5)
     unsplit = copy.deepcopy(base)
     use_float16_numerics(unsplit)
     want, _ = unsplit_loss_and_grads(unsplit.half(), inputs)
@@ -147,5 +153,4 @@ def test_split_float16_numerics_follow_the_unsplit_ones():
     model.half()
     loss = split(*inputs)
     loss.backward()
-    assert loss.item() == pytest.approx(want, rel=5e-3)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    return model, loss.item(), want

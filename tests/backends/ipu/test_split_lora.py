@@ -17,7 +17,8 @@ from ipu_t5.errors import UserError
 from . import poptorch_standin
 from .test_backend import LORA, ipu_backend, lora_model, samples, tiny_config, train_export_and_checkpoint
 from .test_phased import PHASED, only, single_backend
-from .test_split import batch, largest_relative_error, overall_relative_error, tiny_t5, unsplit_loss_and_grads
+from .test_split import (batch, float16_split_against_unsplit, largest_relative_error, overall_relative_error, tiny_t5,
+                         unsplit_loss_and_grads)
 from tests.conftest import cpu_has_float16_matmul
 
 pytestmark = pytest.mark.core
@@ -119,19 +120,8 @@ def test_split_lora_keeps_peft_names_scaling_and_dropout():
 def test_split_lora_float16_follows_peft_in_float16():
     """The IPU's float16 numerics with adapters (wo's adapter output scaled as wo's own): the loss
     within float16's precision of peft's float16 model, every adapter gradient finite."""
-    from ipu_t5.backends.ipu.fp16 import use_float16_numerics
-
-    base = adapted_t5(6)
-    inputs = batch(6)
-    unsplit = copy.deepcopy(base)
-    use_float16_numerics(unsplit)
-    want, _ = unsplit_loss_and_grads(unsplit.half(), inputs)
-    model = copy.deepcopy(base)
-    split = split_t5(model, 4, 8, half=True)
-    model.half()
-    loss = split(*inputs)
-    loss.backward()
-    assert loss.item() == pytest.approx(want, rel=5e-3)
+    model, loss, want = float16_split_against_unsplit(adapted_t5(6), batch(6))
+    assert loss == pytest.approx(want, rel=5e-3)
     assert all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if lora.is_adapter_key(n))
 
 
