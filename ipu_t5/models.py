@@ -120,13 +120,6 @@ def canonical_size(name: str) -> ModelSize:
     return SIZES[key]
 
 
-def build_model(config, vocab_size: int):
-    """The whole model a run of `config` starts from (`ipu_t5.model_source.build_model`)."""
-    from .model_source import build_model as build
-
-    return build(config, vocab_size)
-
-
 def refuse_training_checkpoint(source: str) -> None:
     """A training checkpoint given where Hugging Face weights belong gets a pointer to what works."""
     if (Path(source).expanduser() / "trainer_state.json").is_file():

@@ -29,7 +29,7 @@ def lora_config(output_dir, **values):
 def base_export(tmp_path_factory):
     """A tiny T5 exported as a plain Hugging Face checkpoint: the pretrained model LoRA adapts."""
     from ipu_t5.checkpointing.export import write_hf_checkpoint
-    from ipu_t5.models import build_model
+    from ipu_t5.model_source import build_model
     from ipu_t5.tasks import get_task
     from ipu_t5.tokenizer import load_tokenizer
 

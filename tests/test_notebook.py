@@ -39,7 +39,7 @@ def test_the_inference_cell_runs_the_export_on_this_stack(tmp_path):
     either way it predicts what plain generate on the export predicts."""
     from ipu_t5.config import load_config
     from ipu_t5.checkpointing.export import reload_and_predict, write_hf_checkpoint
-    from ipu_t5.models import build_model
+    from ipu_t5.model_source import build_model
     from ipu_t5.tasks import get_task
     from ipu_t5.tokenizer import load_tokenizer
 

@@ -6,7 +6,7 @@ import torch
 
 from ipu_t5.backends.ipu.fp16 import use_float16_numerics
 from ipu_t5.config import load_config
-from ipu_t5.models import build_model
+from ipu_t5.model_source import build_model
 
 from tests.conftest import cpu_has_float16_matmul
 

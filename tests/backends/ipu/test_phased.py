@@ -12,7 +12,7 @@ from ipu_t5.backends.ipu.plan import plan_ipu
 from ipu_t5.backends.single import SingleProcessBackend
 from ipu_t5.data.batching import GlobalBatch
 from ipu_t5.layout import plan_from_config
-from ipu_t5.models import build_model
+from ipu_t5.model_source import build_model
 
 from . import poptorch_standin
 from .test_backend import SOURCE, TARGET, ipu_backend, samples, tiny_config, train_export_and_checkpoint

@@ -7,7 +7,7 @@ import pytest
 
 from ipu_t5.backends.ipu.backend import RECOMPUTE_PIPELINE
 from ipu_t5.data.batching import GlobalBatch
-from ipu_t5.models import build_model
+from ipu_t5.model_source import build_model
 
 from . import poptorch_standin
 from .test_backend import ipu_backend, samples, tiny_config

@@ -493,7 +493,7 @@ def test_stage_chunks_compose_to_the_hf_model(counts):
     from ipu_t5.backends.torch_distributed.stages import build_chunks
     from ipu_t5.config import load_config
     from ipu_t5.layout import plan_layout
-    from ipu_t5.models import build_model, canonical_size
+    from ipu_t5.model_source import build_model, canonical_size
 
     model = build_model(load_config("tiny"), 512).eval()
     generator = torch.Generator().manual_seed(0)
@@ -542,7 +542,7 @@ def test_stage_chunks_of_a_lora_model_keep_its_adapters_and_its_frozen_weights()
     from ipu_t5.backends.torch_distributed.stages import build_chunks
     from ipu_t5.config import load_config
     from ipu_t5.layout import plan_layout
-    from ipu_t5.models import build_model, canonical_size
+    from ipu_t5.model_source import build_model, canonical_size
 
     config = load_config("tiny", overrides=["peft.method=lora", "peft.r=4"])
     model = lora.apply_lora(build_model(config, 512), config.peft).eval()
@@ -569,7 +569,7 @@ def test_stage_chunks_name_parameters_as_hf():
     from ipu_t5.backends.torch_distributed.stages import build_chunks
     from ipu_t5.config import load_config
     from ipu_t5.layout import plan_layout
-    from ipu_t5.models import build_model, canonical_size
+    from ipu_t5.model_source import build_model, canonical_size
 
     model = build_model(load_config("tiny"), 512)
     plan = plan_layout(canonical_size("tiny"), 16, 2, 1, layers_per_stage=[2, 2])
