@@ -16,7 +16,8 @@ from ipu_t5.data.batching import GlobalBatch
 from ipu_t5.data.features import Lengths
 from ipu_t5.errors import UserError
 from ipu_t5.layout import plan_from_config
-from ipu_t5.models import SIZES, build_model
+from ipu_t5.model_source import build_model
+from ipu_t5.models import SIZES
 
 from . import poptorch_standin
 from tests.conftest import ROOT, cpu_has_float16_matmul, tiny_overrides
