@@ -64,8 +64,10 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
     @classmethod
     def layout_plan(cls, config, lengths):
         from .memory import lightest_cut
+        from .memory_report import available_memory
 
-        return lightest_cut(config, lengths.source, lengths.target, "gpu" if torch.cuda.is_available() else "cpu")
+        # The device the memory check will compare with (the same rule for GPUs or host RAM).
+        return lightest_cut(config, lengths.source, lengths.target, available_memory().device)
 
     @classmethod
     def check_memory(cls, config, plan, lengths):
