@@ -10,6 +10,7 @@ from ..data.batching import GlobalBatch
 from ..data.features import Lengths
 from ..errors import UserError
 from ..layout import LayoutPlan, plan_from_config
+from .host_memory import keep_heap_small
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Backend(abc.ABC):
     def __init__(self, config: RunConfig, plan: LayoutPlan):
         self.config = config
         self.plan = plan
+        # Before any weight: the blocks a step frees are then returned, not kept in the heap.
+        keep_heap_small()
 
     @classmethod
     def layout_plan(cls, config: RunConfig, lengths: Lengths) -> LayoutPlan:
@@ -186,23 +189,6 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release devices and process groups."""
-
-
-def return_freed_memory() -> None:
-    """Give the memory of freed tensors back to the system. glibc keeps freed blocks below its
-    mmap threshold (which rises to 32 MB as large tensors come and go, so a T5 block's weights
-    are among them) in its heaps, where they still count as the process's memory, until
-    `malloc_trim`. Nothing happens on other C libraries."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def trim_at_eos(ids: List[int], eos_id: int) -> List[int]:

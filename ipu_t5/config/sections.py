@@ -146,6 +146,11 @@ class LayoutConfig:
     layers_per_stage: Optional[List[int]] = None
     pipeline_schedule: str = "1F1B"
     data_parallel: str = "ddp"
+    # FSDP2 under a pipeline schedule: true gathers each block's weights for its forward and again for
+    # its backward, and reduce-scatters its gradients after every micro-batch (only one block is ever
+    # whole); false keeps the stage's weights and gradients whole from the first micro-batch to the
+    # step's end (one reduce-scatter a step, more memory). FSDP2's own name (torchtitan's setting).
+    fsdp_reshard_after_forward: bool = True
     # Seconds a torch.distributed collective may wait before the run fails instead of hanging.
     ddp_timeout: int = 1800
     # Refuse, before any weight is read, a single or torch.distributed layout whose memory plan

@@ -7,7 +7,7 @@ from typing import Dict, Union
 import torch
 
 from .. import lora
-from ..backends.base import return_freed_memory
+from ..backends.host_memory import return_freed_memory
 from ..checkpointing.adapter import write_adapter
 from ..checkpointing.export import write_hf_checkpoint
 from ..errors import UserError

@@ -22,8 +22,9 @@ from ...data.batching import GlobalBatch, collate
 from ...errors import UserError
 from ...layout import check_pipeline_fill
 from ...model_source import ModelSource
-from ..base import Backend, StepResult, return_freed_memory
+from ..base import Backend, StepResult
 from ..fast_ops import use_fast_ops
+from ..host_memory import return_freed_memory
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
 from ..single import autocast_dtype, refuse_fp16
 from .generation import PipelineGeneration
@@ -138,11 +139,23 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         if self.config.layout.data_parallel == "fsdp":
             from torch.distributed.device_mesh import DeviceMesh
             from torch.distributed.fsdp import fully_shard
+            from torch.distributed.tensor import DTensor
 
             mesh = DeviceMesh.from_group(group, self.device.type)
-            fully_shard(chunk, mesh=mesh)
-            chunk.set_gradient_divide_factor(1.0)
-            chunk.set_force_sum_reduction_for_comms(True)
+            # Resharding after forward: every block its own unit, and the chunk itself none. The
+            # pipeline stage keeps an FSDP2 chunk's weights and gradients whole until the step's
+            # last micro-batch; units below a plain chunk gather and free their weights around each
+            # call and reduce-scatter their gradients after each micro-batch, so a stage holds its
+            # shards and one or two whole blocks. Otherwise the chunk is one unit (more memory, one
+            # reduce-scatter a step).
+            units = chunk.sharding_units() if self.config.layout.fsdp_reshard_after_forward else [chunk]
+            for unit in units:
+                fully_shard(unit, mesh=mesh, reshard_after_forward=self.config.layout.fsdp_reshard_after_forward)
+                unit.set_gradient_divide_factor(1.0)
+                unit.set_force_sum_reduction_for_comms(True)
+            unsharded = [name for name, p in chunk.named_parameters() if not isinstance(p, DTensor)]
+            if unsharded:
+                raise RuntimeError("FSDP2 left parameters of a chunk unsharded: {}".format(", ".join(unsharded[:5])))
             return chunk
         from torch.nn.parallel import DistributedDataParallel
 

@@ -31,8 +31,9 @@ class PipelineGeneration:
 
     @contextlib.contextmanager
     def _unsharded(self):
-        """FSDP2 parameters gathered for the generation calls that bypass `forward`."""
-        sharded = [m for m in self.modules.values() if hasattr(m, "unshard")]
+        """FSDP2 parameters gathered for the generation calls that bypass `forward` (every unit: the
+        chunk, or each of its blocks, norms, embedding and head)."""
+        sharded = [m for chunk in self.chunks.values() for m in chunk.modules() if hasattr(m, "unshard")]
         for module in sharded:
             module.unshard()
         try:

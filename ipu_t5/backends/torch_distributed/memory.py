@@ -9,11 +9,14 @@ registry (`ipu_t5.models`, activations from `ipu_t5.t5_shapes`): no torch, no to
 Counted per rank, on its device (the GPU, or the host for CPU processes):
 - weights: float32 master weights of its stage's blocks (the backend keeps float32 and autocasts to
   bfloat16), plus the decoder side's copy of the shared embedding where `decoder.0` sits on another
-  chunk than the embedding; LoRA adds its adapters. Under FSDP2 the sharded copy persists and, under
-  a pipeline schedule, the unsharded parameters too from the first micro-batch to the end of the
-  step (`torch.distributed.pipelining` defers the reduce-scatter), so the step holds both.
-- gradients: float32, of what trains (LoRA: the adapters only); FSDP2 adds its reduce-scattered shard
-  and the reduce-scatter's input buffer.
+  chunk than the embedding; LoRA adds its adapters. Under FSDP2 with a unit per block (the default,
+  `layout.fsdp_reshard_after_forward`) the shards persist and two units are whole at a time (the one
+  computing and the one prefetched); with the chunk one unit, the unsharded parameters persist too
+  from the first micro-batch to the end of the step (`torch.distributed.pipelining` defers the
+  reduce-scatter), so the step holds both.
+- gradients: float32, of what trains (LoRA: the adapters only). Under FSDP2 their shards, and the
+  whole gradient of one unit with the reduce-scatter's buffer (a unit per block), or of the whole
+  stage with its buffer (one unit).
 - optimizer: AdamW's two float32 moments of what this rank owns (not the embedding's copy), divided
   over the replicas under FSDP2.
 - activations: one micro-batch's saved forward values of the stage (`t5_shapes.part_activations`),
@@ -233,11 +236,19 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
         largest_part = ACTIVATION_FACTOR * max(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
         autocast_copies = 2 * held if act == 2 else 0
         activations = int(in_flight(layout, stage) * (one + autocast_copies) + largest_part)
-        # FSDP2: the shards beside the unsharded tensors, and its communication buffers.
-        weights = WEIGHT_BYTES * held + (WEIGHT_BYTES * held // replicas + FSDP_BUFFERS * WEIGHT_BYTES * held
-                                         if fsdp else 0)
-        gradients = WEIGHT_BYTES * trainable + (WEIGHT_BYTES * trainable // replicas
-                                                + FSDP_BUFFERS * WEIGHT_BYTES * trainable if fsdp else 0)
+        if fsdp and config.layout.fsdp_reshard_after_forward:
+            # A unit per block: the shards, and the unit being computed gathered beside the next one
+            # (FSDP2 prefetches); its whole gradient and the reduce-scatter's buffer.
+            unit = max(size.block_params(b) + (lora_params(size, b, config.peft.r, config.peft.target_modules)
+                                               if lora else 0) for b in blocks)
+            weights = WEIGHT_BYTES * (held // replicas + 2 * unit)
+            gradients = WEIGHT_BYTES * (trainable // replicas + 2 * (unit if trainable else 0))
+        else:
+            # FSDP2 with the chunk one unit: the shards beside the whole stage, and its buffers.
+            weights = WEIGHT_BYTES * held + (WEIGHT_BYTES * held // replicas + FSDP_BUFFERS * WEIGHT_BYTES * held
+                                             if fsdp else 0)
+            gradients = WEIGHT_BYTES * trainable + (WEIGHT_BYTES * trainable // replicas
+                                                    + FSDP_BUFFERS * WEIGHT_BYTES * trainable if fsdp else 0)
         optimizer = ADAMW_BYTES * owned // (replicas if fsdp else 1)
         resting = WEIGHT_BYTES * held // (replicas if fsdp else 1)
         fixed = PROCESS_BYTES if device == "cpu" else GPU_FIXED_BYTES

@@ -120,6 +120,48 @@ def cross_attention(layer: nn.Module, hidden: torch.Tensor, keys_values: Tuple[t
     return hidden + layer.dropout(_attend(layer.EncDecAttention, normed, keys_values[0], keys_values[1], bias))
 
 
+class EncoderBlock(nn.Module):
+    """One encoder block over HF's own layers (so its parameters keep HF's names, `layer.0...`).
+    Training calls it as a module, so FSDP2's hooks gather its weights just for its forward and
+    backward when it is a unit of its own; block 0 therefore computes the position bias from its
+    own table inside its call."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.layer = block.layer
+
+    def forward(self, hidden: torch.Tensor, masked_bias: Optional[torch.Tensor], keep: Optional[torch.Tensor] = None):
+        """`masked_bias`: the relative position bias under the attention mask (computed once per chunk
+        and shared by its blocks). Block 0 gets None and the mask `keep`, makes the bias from its own
+        table and returns (hidden, bias, masked bias); the others return the hidden states only (FSDP2
+        hooks every tensor a unit returns, so a unit returns only what it computed)."""
+        if masked_bias is None:
+            bias = relative_bias(self.layer[0].SelfAttention, hidden.shape[1], hidden.shape[1])
+            masked_bias = masked(bias, keep)
+            return self.layer[-1](self_attention(self.layer[0], hidden, masked_bias)), bias, masked_bias
+        return self.layer[-1](self_attention(self.layer[0], hidden, masked_bias))
+
+
+class DecoderBlock(nn.Module):
+    """One decoder block over HF's own layers (see `EncoderBlock`)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.layer = block.layer
+
+    def forward(self, hidden: torch.Tensor, masked_bias: Optional[torch.Tensor], encoder_output: torch.Tensor,
+                cross: torch.Tensor, causal: Optional[torch.Tensor] = None):
+        """As `EncoderBlock.forward` (block 0's mask is `causal`), with the encoder output it attends to."""
+        made = masked_bias is None
+        if made:
+            bias = relative_bias(self.layer[0].SelfAttention, hidden.shape[1], hidden.shape[1])
+            masked_bias = masked(bias, causal)
+        hidden = self_attention(self.layer[0], hidden, masked_bias)
+        hidden = cross_attention(self.layer[1], hidden, key_value(self.layer[1].EncDecAttention, encoder_output), cross)
+        hidden = self.layer[-1](hidden)
+        return (hidden, bias, masked_bias) if made else hidden
+
+
 class StageChunk(nn.Module):
     """A contiguous run of the plan's blocks of one T5, as one pipeline-stage module.
 
@@ -147,7 +189,8 @@ class StageChunk(nn.Module):
             if ids or norm in blocks:
                 part = nn.Module()
                 if ids:
-                    part.block = nn.ModuleDict({str(i): getattr(model, stack).block[i] for i in ids})
+                    wrap = EncoderBlock if stack == "encoder" else DecoderBlock
+                    part.block = nn.ModuleDict({str(i): wrap(getattr(model, stack).block[i]) for i in ids})
                 if norm in blocks:
                     part.final_layer_norm = getattr(model, stack).final_layer_norm
                 setattr(self, stack, part)
@@ -159,6 +202,20 @@ class StageChunk(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
         self.start = self._start_kind()
         self.end = boundary_kind(blocks, self.num_layers)
+
+    def sharding_units(self) -> List[nn.Module]:
+        """The modules FSDP2 can make units of: every block, the final layer norms, the embedding and
+        the LM head. Each is always called as a module, so FSDP2's hooks gather it just in time;
+        together they hold every parameter of the chunk."""
+        units: List[nn.Module] = []
+        for stack in ("encoder", "decoder"):
+            part = getattr(self, stack, None)
+            if part is None:
+                continue
+            units += list(getattr(part, "block", {}).values())
+            if hasattr(part, "final_layer_norm"):
+                units.append(part.final_layer_norm)
+        return units + [m for m in (getattr(self, "shared", None), getattr(self, "lm_head", None)) if m is not None]
 
     def _start_kind(self) -> str:
         if self.embeds_input:
@@ -177,16 +234,15 @@ class StageChunk(nn.Module):
         if self.embeds_input:
             state["hidden"] = self.dropout(self.shared(state["input_ids"]))
         if self.encoder_ids:
-            hidden = state["hidden"]
-            if self.encoder_ids[0] == 0:
-                width = hidden.shape[1]
-                state["encoder_bias"] = relative_bias(self.encoder.block["0"].layer[0].SelfAttention, width, width)
+            hidden, bias = state["hidden"], state.get("encoder_bias")
             keep = state["attention_mask"].bool()[:, None, None, :]
-            bias = masked(state["encoder_bias"], keep)
+            masked_bias = None if bias is None else masked(bias, keep)
             for i in self.encoder_ids:
-                block = self.encoder.block[str(i)]
-                hidden = block.layer[-1](self_attention(block.layer[0], hidden, bias))
-            state["hidden"] = hidden
+                if masked_bias is None:
+                    hidden, bias, masked_bias = self.encoder.block[str(i)](hidden, None, keep)
+                else:
+                    hidden = self.encoder.block[str(i)](hidden, masked_bias)
+            state["hidden"], state["encoder_bias"] = hidden, bias
         if self.has_encoder_norm:
             state["encoder_output"] = self.dropout(self.encoder.final_layer_norm(state.pop("hidden")))
 
@@ -205,21 +261,19 @@ class StageChunk(nn.Module):
             self._run_encoder(state)
             if self.embeds_decoder:
                 state["hidden"] = self.dropout(self.shared(state["decoder_input_ids"]))
-                depth = state["hidden"].shape[1]
-                state["decoder_bias"] = relative_bias(self.decoder.block["0"].layer[0].SelfAttention, depth, depth)
             if self.decoder_ids:
-                hidden, encoder_output = state["hidden"], state["encoder_output"]
+                hidden, bias, encoder_output = state["hidden"], state.get("decoder_bias"), state["encoder_output"]
                 depth = hidden.shape[1]
                 causal = torch.ones(depth, depth, dtype=torch.bool, device=hidden.device).tril()
-                self_bias = masked(state["decoder_bias"], causal)
                 enc_bias = cross_bias(state["attention_mask"], encoder_output.dtype)
+                masked_bias = None if bias is None else masked(bias, causal)
                 for i in self.decoder_ids:
                     block = self.decoder.block[str(i)]
-                    hidden = self_attention(block.layer[0], hidden, self_bias)
-                    hidden = cross_attention(block.layer[1], hidden,
-                                             key_value(block.layer[1].EncDecAttention, encoder_output), enc_bias)
-                    hidden = block.layer[-1](hidden)
-                state["hidden"] = hidden
+                    if masked_bias is None:
+                        hidden, bias, masked_bias = block(hidden, None, encoder_output, enc_bias, causal)
+                    else:
+                        hidden = block(hidden, masked_bias, encoder_output, enc_bias)
+                state["hidden"], state["decoder_bias"] = hidden, bias
             if self.has_head:
                 return self._logits(state["hidden"])
             return tuple(state[name] for name in CARRIED[self.end])

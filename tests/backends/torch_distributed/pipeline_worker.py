@@ -4,7 +4,7 @@ with one process.
 
     python -m tests.backends.torch_distributed.pipeline_worker OUT STAGES REPLICAS RUN [RUN ...] [--resume-from CKPT] [--lora]
 
-A RUN is SCHEDULE or SCHEDULE:DATA_PARALLEL (e.g. 1F1B:fsdp). Each run trains STEPS steps into
+A RUN is SCHEDULE or SCHEDULE:DATA_PARALLEL (e.g. 1F1B:fsdp, FSDP2 a unit per block; 1F1B:fsdp-stage, a unit per chunk). Each run trains STEPS steps into
 OUT/<run>, then writes OUT/<run>/result.pt (losses, weights, optimizer state names, predictions,
 accuracy); the first run also writes a checkpoint at OUT/<run>/checkpoint and its export at OUT/<run>/hf.
 With --resume-from, a
@@ -37,8 +37,12 @@ def make_config(output_dir, stages=1, replicas=1, schedule="1F1B", data_parallel
     is 1e-4: Adam turns fp32 rounding in near-zero gradients into updates of a fraction of the
     learning rate, so even one process with another micro-batch split ends up 3e-5 apart after 5
     steps at 1e-3, but 3e-6 apart at 1e-4, well inside the 1e-5 the comparison asks for. `lora`
-    trains LoRA adapters instead of every weight; `extra` adds overrides."""
+    trains LoRA adapters instead of every weight; `extra` adds overrides. `data_parallel`
+    "fsdp-stage" is FSDP2 with each chunk one unit, kept whole through the step."""
     from ipu_t5.config import load_config
+
+    if data_parallel == "fsdp-stage":
+        data_parallel, extra = "fsdp", list(extra) + ["layout.fsdp_reshard_after_forward=false"]
 
     return load_config("tiny", overrides=[
         "output.output_dir={}".format(output_dir), "output.report_to_tensorboard=false",

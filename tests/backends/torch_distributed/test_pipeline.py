@@ -23,7 +23,7 @@ from tests.backends.torch_distributed.pipeline_worker import RESUMED_STEPS, STEP
 
 LAYOUTS = {
     # (stages, replicas): worker runs (SCHEDULE[:DATA_PARALLEL])
-    (2, 2): ["1F1B", "GPipe", "1F1B:fsdp"],
+    (2, 2): ["1F1B", "GPipe", "1F1B:fsdp", "1F1B:fsdp-stage"],
     (1, 2): ["1F1B", "GPipe"],
     (2, 1): ["1F1B", "GPipe", "Interleaved1F1B"],
 }
