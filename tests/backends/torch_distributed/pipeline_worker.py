@@ -55,6 +55,14 @@ def make_config(output_dir, stages=1, replicas=1, schedule="1F1B", data_parallel
         "layout.ddp_timeout=300"] + (LORA if lora else []) + list(extra))
 
 
+def _fsdp_units(backend) -> list:
+    """The names, within their chunk, of the modules FSDP2 made units of on this rank."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return sorted(name for chunk in getattr(backend, "chunks", {}).values()
+                  for name, module in chunk.named_modules() if isinstance(module, FSDPModule))
+
+
 def result(trainer, evaluated=None) -> dict:
     """What the test compares: losses, weights by name, and (when validated) predictions; on the
     main process only (the others take part in gathering the weights)."""
@@ -63,7 +71,8 @@ def result(trainer, evaluated=None) -> dict:
     optimized = sorted(trainer.backend.optimizer_state_dict())
     if not trainer.is_main_process:
         return {}
-    out = {"losses": list(losses(trainer.output_dir).values()), "weights": weights, "optimized": optimized}
+    out = {"losses": list(losses(trainer.output_dir).values()), "weights": weights, "optimized": optimized,
+           "fsdp_units": _fsdp_units(trainer.backend)}
     if evaluated is not None:
         out["accuracy"] = evaluated["accuracy"]
         out["predictions"] = [json.loads(line)["generated"]

@@ -77,10 +77,18 @@ def test_fsdp2_shards_moments_and_resting_weights_and_lora_trains_only_adapters(
     assert [(r.stage, r.replica) for r in plan.ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     stage0 = EMBEDDING + 2 * ENCODER_BLOCK + 128 + 128
     rank = plan.ranks[1]
-    # Under a pipeline schedule FSDP2 holds the unsharded parameters and gradients through the step
-    # beside their shards and its flat communication buffer; AdamW's moments exist only as shards.
-    assert rank.weights == rank.gradients == 4 * stage0 + 4 * stage0 // 2 + 4 * stage0
+    # A unit per block (the default): the shards, and the largest unit (here encoder.0, with the
+    # position bias) whole twice: computing and prefetched, or its gradient and the reduce-scatter's
+    # buffer.
+    unit = ENCODER_BLOCK + 128
+    assert rank.weights == rank.gradients == 4 * (stage0 // 2 + 2 * unit)
     assert rank.optimizer == 8 * stage0 // 2
+    whole = plan_memory(tiny("layout.replicas=2", "layout.data_parallel=fsdp", "layout.gradient_accumulation_steps=2",
+                             "layout.fsdp_reshard_after_forward=false"), 8, 4, "cpu").ranks[1]
+    # The chunk one unit: under a pipeline schedule FSDP2 holds the unsharded parameters and
+    # gradients through the step beside their shards and its flat communication buffer.
+    assert whole.weights == whole.gradients == 4 * stage0 + 4 * stage0 // 2 + 4 * stage0
+    assert whole.optimizer == rank.optimizer and whole.peak > rank.peak
     assert rank.checkpoint == PROCESS_BYTES + 4 * stage0 // 2 + 8 * stage0 // 2 + 2 * 4 * EMBEDDING
     lora = plan_memory(tiny("peft.method=lora", "peft.r=4", "layout.gradient_accumulation_steps=4"), 8, 4, "cpu")
     # q and v adapters (A: 4 x 128, B: 128 x 4) in each attention: one per encoder block.

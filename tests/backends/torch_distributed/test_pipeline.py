@@ -128,6 +128,18 @@ def test_validation_matches_one_process(layout_run, reference):
 
 
 @pytest.mark.slow
+def test_fsdp2_under_2x2_makes_each_block_a_unit_unless_the_stage_is_kept_whole(launched):
+    found = launched((2, 2))
+    # Rank 0 holds stage 0 of the tiny model: the embedding and encoder blocks.
+    units = found["1F1B:fsdp"]["fsdp_units"]
+    blocks = [u for u in units if u.startswith("encoder.block.")]
+    assert "" not in units and "shared" in units and len(blocks) >= 2
+    assert sorted(units) == sorted(blocks + ["shared"] + [u for u in units if u.endswith("final_layer_norm")])
+    assert found["1F1B:fsdp-stage"]["fsdp_units"] == [""]
+    assert found["1F1B"]["fsdp_units"] == []
+
+
+@pytest.mark.slow
 def test_one_process_checkpoint_continues_under_2x2(launched, reference):
     found = launched((2, 2))
     _assert_losses_equal(found["resumed"]["losses"], reference["eight"]["losses"][STEPS:])
