@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,7 +58,7 @@ def save_model(directory: Path, size_name: str) -> None:
     tokenizer.save_pretrained(str(directory))
 
 
-def run_overrides(stages: int, replicas: int, eval_samples: int) -> List[str]:
+def run_overrides(stages: int, replicas: int, eval_samples: int, extra: Sequence[str] = ()) -> List[str]:
     """The `--set` values of a bench run (also what the plan is computed for)."""
     values = ["data.source=demo", "data.demo_train_samples=256", "data.demo_eval_samples={}".format(eval_samples),
               "training.global_batch_size={}".format(GLOBAL_BATCH), "output.save_steps={}".format(STEPS),
@@ -67,7 +67,7 @@ def run_overrides(stages: int, replicas: int, eval_samples: int) -> List[str]:
                   "torch" if stages * replicas > 1 else "single")]
     if replicas > 1:
         values.append("layout.data_parallel=fsdp")
-    return values
+    return values + list(extra)
 
 
 class Sampler(threading.Thread):
@@ -109,13 +109,13 @@ class Sampler(threading.Thread):
 
 
 def measure(model_dir: Path, size_name: str, stages: int, replicas: int, workdir: Path,
-            eval_samples: int) -> Dict[str, object]:
+            eval_samples: int, extra: Sequence[str] = ()) -> Dict[str, object]:
     """Run one layout and sample its processes' memory."""
     out = workdir / "run-{}x{}".format(stages, replicas)
     command = [sys.executable, "-m", "ipu_t5", "train", "--model", size_name, "--pretrained", str(model_dir),
                "--task", "mnli", "--max-steps", str(STEPS), "--output-dir", str(out), "--overwrite",
                "--stages", str(stages), "--replicas", str(replicas)]
-    for value in run_overrides(stages, replicas, eval_samples):
+    for value in run_overrides(stages, replicas, eval_samples, extra):
         command += ["--set", value]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
@@ -143,7 +143,7 @@ def measure(model_dir: Path, size_name: str, stages: int, replicas: int, workdir
             "seconds": round(time.time() - started, 1), "largest_bytes": max(sampler.peaks.values()),
             "sum_bytes": sampler.peak_sum, "launcher_bytes": sampler.peaks[proc.pid] if ranks else 0,
             "rank_peaks_bytes": [ranks[r] for r in sorted(ranks)] if ranks else [sampler.peaks[proc.pid]],
-            "source_length": int(found.group(1)), "target_length": int(found.group(2))}
+            "source_length": int(found.group(1)), "target_length": int(found.group(2)), "overrides": list(extra)}
 
 
 def planned(size_name: str, model_dir: Path, row: Dict[str, object], eval_samples: int) -> Dict[str, int]:
@@ -152,7 +152,7 @@ def planned(size_name: str, model_dir: Path, row: Dict[str, object], eval_sample
     from ipu_t5.config import load_config
 
     stages, replicas = int(row["stages"]), int(row["replicas"])
-    overrides = run_overrides(stages, replicas, eval_samples) + [
+    overrides = run_overrides(stages, replicas, eval_samples, row.get("overrides", [])) + [
         "model.pretrained={}".format(model_dir), "layout.stages={}".format(stages),
         "layout.replicas={}".format(replicas)]
     config = load_config(size_name, overrides=overrides)
@@ -179,7 +179,8 @@ def table(rows: List[Dict[str, object]]) -> str:
               "plan/measured largest", "plan/measured sum", "plan/measured by rank", "seconds"]
     lines = []
     for r in rows:
-        lines.append([r["layout"], gb(r["largest_bytes"]), "{:.2f}".format(r["largest_bytes"] / one["largest_bytes"]),
+        label = " ".join([r["layout"]] + list(r.get("overrides", [])))
+        lines.append([label, gb(r["largest_bytes"]), "{:.2f}".format(r["largest_bytes"] / one["largest_bytes"]),
                       gb(r["sum_bytes"]), "{:.2f}".format(r["sum_bytes"] / one["sum_bytes"]),
                       gb(r["plan"]["largest_bytes"]), gb(r["plan"]["sum_bytes"]),
                       "{:.2f}".format(r["plan"]["largest_bytes"] / r["largest_bytes"]),
@@ -209,6 +210,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "4x1", "2x2"],
                         help="stages x replicas (2x2 and other replicated layouts under FSDP2)")
     parser.add_argument("--quick", action="store_true", help="the tiny shape instead of base (a smoke test)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, as `ipu-t5 train --set` takes it "
+                             "(e.g. layout.fsdp_reshard_after_forward=false)")
     parser.add_argument("--eval-samples", type=int, default=64, help="validation prompts (the reload check's)")
     parser.add_argument("--workdir", help="where the model and the runs go (default: a temporary directory)")
     parser.add_argument("--reuse", help="a --json output of an earlier run: re-plan its measurements, run nothing")
@@ -227,7 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             save_model(model_dir, size_name)
         rows = []
         for text in args.layouts:
-            rows.append(measure(model_dir, size_name, *_layout(text), workdir, args.eval_samples))
+            rows.append(measure(model_dir, size_name, *_layout(text), workdir, args.eval_samples, args.overrides))
             # Kept as they come: a later --reuse re-plans them without running again.
             (workdir / "measured.json").write_text(json.dumps({"layouts": rows}, indent=2))
     for row in rows:
