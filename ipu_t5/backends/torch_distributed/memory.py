@@ -8,14 +8,14 @@ registry (`ipu_t5.models`, activations from `ipu_t5.t5_shapes`): no torch, no to
 
 Counted per rank, on its device (the GPU, or the host for CPU processes):
 - weights: float32 master weights of its stage's blocks (the backend keeps float32 and autocasts to
-  bfloat16), plus the decoder side's copy of the shared embedding where `decoder.0` sits on another
-  chunk than the embedding; LoRA adds its adapters. Under FSDP2 the sharded copy persists and, under
+  bfloat16; the shared embedding only on the embedding's stage, which sends the embedded decoder
+  inputs down the pipeline); LoRA adds its adapters. Under FSDP2 the sharded copy persists and, under
   a pipeline schedule, the unsharded parameters too from the first micro-batch to the end of the
   step (`torch.distributed.pipelining` defers the reduce-scatter), so the step holds both.
 - gradients: float32, of what trains (LoRA: the adapters only); FSDP2 adds its reduce-scattered shard
   and the reduce-scatter's input buffer.
-- optimizer: AdamW's two float32 moments of what this rank owns (not the embedding's copy), divided
-  over the replicas under FSDP2.
+- optimizer: AdamW's two float32 moments of what this rank holds, divided over the replicas under
+  FSDP2.
 - activations: one micro-batch's saved forward values of the stage (`t5_shapes.part_activations`),
   times the micro-batches in flight under the schedule (GPipe: all m; 1F1B: min(m, p - s);
   Interleaved1F1B: Megatron's warm-up count of model chunks), plus, under bfloat16 autocast, the
@@ -222,13 +222,8 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
         chunks = layout.chunks_of(stage)
         blocks = tuple(b for c in chunks for b in layout.stage_blocks[c])
         adapters = sum(lora_params(size, b, config.peft.r, config.peft.target_modules) for b in blocks) if lora else 0
-        params = layout.stage_params(stage) + adapters
-        # The decoder side's copy of the shared embedding, on a chunk without the embedding itself.
-        copy = embedding if any("decoder.0" in layout.stage_blocks[c] and "embedding" not in layout.stage_blocks[c]
-                                for c in chunks) else 0
-        held = params + copy
+        held = layout.stage_params(stage) + adapters
         trainable = adapters if lora else held
-        owned = adapters if lora else params
         one = ACTIVATION_FACTOR * sum(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
         largest_part = ACTIVATION_FACTOR * max(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
         autocast_copies = 2 * held if act == 2 else 0
@@ -238,7 +233,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                                          if fsdp else 0)
         gradients = WEIGHT_BYTES * trainable + (WEIGHT_BYTES * trainable // replicas
                                                 + FSDP_BUFFERS * WEIGHT_BYTES * trainable if fsdp else 0)
-        optimizer = ADAMW_BYTES * owned // (replicas if fsdp else 1)
+        optimizer = ADAMW_BYTES * trainable // (replicas if fsdp else 1)
         resting = WEIGHT_BYTES * held // (replicas if fsdp else 1)
         fixed = PROCESS_BYTES if device == "cpu" else GPU_FIXED_BYTES
         checkpoint = fixed + resting + optimizer + 2 * largest_tensor
@@ -252,7 +247,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
             writing = resting + 2 * largest_tensor
             on_device = reload if device == "cpu" else 0
             export = fixed + (writing + on_device if RELOAD_ON_TOP_OF_STAGE else max(writing, on_device))
-            ranks.append(RankMemory(rank=rank, stage=stage, replica=replica, blocks=blocks, params=params + copy,
+            ranks.append(RankMemory(rank=rank, stage=stage, replica=replica, blocks=blocks, params=held,
                                     trainable=trainable, weights=weights, gradients=gradients, optimizer=optimizer,
                                     activations=activations, fixed=fixed, checkpoint=checkpoint, export=export,
                                     startup=startup, on_host=device == "cpu", reload_check=reload))
