@@ -26,9 +26,9 @@ Counted per rank, on its device (the GPU, or the host for CPU processes):
 Peaks: training (all of the above at once, as DeepSpeed and the IPU planner count: it errs high);
 checkpoint (weights and moments between steps, the largest tensor twice while it is written and
 checksummed); end-of-run export (moments released, the largest tensor twice while written and read
-back, and on the main process the reload check's whole float32 model where it fits); start-up (host
-memory while weights are read tensor by tensor: on CPU the stage's weights, on a GPU the largest
-tensor on its way to the device).
+back, and on the main process the reload check's and its predictions' whole float32 model where it
+fits); start-up (host memory while weights are read tensor by tensor: on CPU the stage's weights, on
+a GPU the largest tensor on its way to the device).
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -64,11 +64,14 @@ ADAMW_BYTES = 8
 # process holds the check instead of its stage, not on top of it.
 RELOAD_CHECK_ON_MAIN = True
 RELOAD_ON_TOP_OF_STAGE = False
-# Whole-model copies the check holds at once in resident memory: the float32 model and part of the
-# pages of the safetensors files it reads (mapped, and counted by RSS). Measured with bench/memory.py
-# on the 0.99 GB base-shaped model: rank 0 peaks 1.94 (2x1) and 1.55 (4x1) copies above its resting
-# stage; this is their mean.
-RELOAD_COPIES = 1.75
+# Whole-model copies the main process holds at once at the end of `ipu-t5 train`, above its fixed
+# cost: the reload check (one float32 model at a time) and then the reloaded export predicting
+# `export.PREDICT_BATCH` prompts at a time (the model, the files' mapped pages and generation's
+# tensors). Measured on the 0.99 GB base-shaped model under --stages 4 (psutil every 0.1 s, as
+# bench/memory.py samples): rank 0 peaks at 1.56 GB there, 0.45 GB + 1.12 copies (1.99 GB, 1.56
+# copies, when the predictions took 64 prompts at a time); one process reloading alone: the check
+# +1.06 GB, the predictions +1.12 GB.
+RELOAD_COPIES = 1.12
 
 # GPUs the plan always reports on: name -> memory in bytes (nominal; torch reports slightly less).
 GPUS = (("A100 40 GB", 40 * 2 ** 30), ("A100 80 GB", 80 * 2 ** 30), ("H100 80 GB", 80 * 2 ** 30))
