@@ -8,9 +8,8 @@ weights or hardware.
 - global batch = micro-batch size x micro-batches (gradient accumulation) x replicas
 - encoder and decoder blocks are cut into contiguous model chunks, one per stage (two per stage
   under the interleaved schedule, chunk c running on stage c % stages), balanced by compute
-  unless `layers_per_stage` gives the counts; the shared embedding sits on the first chunk (and is
-  shared with the chunk holding `decoder.0`), the LM head on the last, each final layer norm with
-  the last block of its stack.
+  unless `layers_per_stage` gives the counts; the shared embedding sits on the first chunk, the
+  LM head on the last, each final layer norm with the last block of its stack.
 - the default cut (`split_by`): "memory" evens out each stage's share of the training state
   (weights, gradients, AdamW moments), which decides whether a layout fits at all, and among the
   cuts within `MEMORY_SLACK` of the best it takes the fastest; "compute" evens out forward FLOPs
@@ -32,9 +31,8 @@ SPLITS = ("memory", "compute")
 # A memory-balanced cut may hold this much more than the best one (relative) to be faster.
 MEMORY_SLACK = 0.05
 # Training state per parameter, in weight-sized words: the weight, its gradient and AdamW's two
-# moments; the decoder side's copy of the shared embedding has no moments of its own.
+# moments.
 STATE_WORDS = 4
-COPY_STATE_WORDS = 2
 
 
 @dataclass(frozen=True)
@@ -236,8 +234,7 @@ def stage_costs(size: ModelSize, source_len: int, target_len: int) -> List[float
 
 def state_costs(size: ModelSize) -> List[float]:
     """Per-block training state in weight-sized words, in pipeline order, with the embedding and
-    LM head folded into the first and last blocks (the decoder side's copy of the embedding is
-    charged by `memory_balanced_counts`, where its stage is known)."""
+    LM head folded into the first and last blocks."""
     costs = [float(STATE_WORDS * size.block_params(b)) for b in size.block_names]
     costs[0] += STATE_WORDS * size.block_params("embedding")
     costs[-1] += STATE_WORDS * size.block_params("lm_head")
@@ -247,17 +244,15 @@ def state_costs(size: ModelSize) -> List[float]:
 def memory_balanced_counts(size: ModelSize, chunks: int, source_len: int, target_len: int) -> List[int]:
     """Blocks per chunk: the smallest largest share of the training state any contiguous cut
     reaches, then, among the cuts within `MEMORY_SLACK` of it, the one whose slowest chunk is
-    fastest. A chunk that holds `decoder.0` but not the first block holds the embedding's copy."""
+    fastest."""
     state, flops = state_costs(size), stage_costs(size, source_len, target_len)
-    copy = float(COPY_STATE_WORDS * size.block_params("embedding"))
-    first_decoder = size.num_layers
     state_prefix, flops_prefix = [0.0], [0.0]
     for a, b in zip(state, flops):
         state_prefix.append(state_prefix[-1] + a)
         flops_prefix.append(flops_prefix[-1] + b)
 
     def run_state(j: int, i: int) -> float:
-        return state_prefix[i] - state_prefix[j] + (copy if 0 < j <= first_decoder < i else 0.0)
+        return state_prefix[i] - state_prefix[j]
 
     n = len(state)
     counts = partition_runs(run_state, n, chunks)

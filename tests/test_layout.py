@@ -51,12 +51,8 @@ def test_compute_balanced_split_has_the_smallest_slowest_stage_of_all_contiguous
 
 def _stage_state(plan, stage):
     """Training state words of a stage by hand: 4 per parameter (weight, gradient, two AdamW
-    moments), 2 per parameter of the decoder side's copy of the embedding."""
-    words = 4 * plan.stage_params(stage)
-    blocks = [b for c in plan.chunks_of(stage) for b in plan.stage_blocks[c]]
-    if "decoder.0" in blocks and "embedding" not in plan.stage_blocks[plan.chunks_of(stage)[0]]:
-        words += 2 * plan.size.block_params("embedding")
-    return words
+    moments); the shared embedding is held by the first stage only."""
+    return 4 * plan.stage_params(stage)
 
 
 def test_default_split_holds_the_least_training_state_any_contiguous_split_can_then_the_fastest():

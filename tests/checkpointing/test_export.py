@@ -174,8 +174,11 @@ def test_sharded_export_reloads_with_the_trainers_logits_and_predictions(trained
                          decoder_input_ids=batch["decoder_input_ids"]).logits
     torch.testing.assert_close(reloaded, trainer_logits(trainer, batch), atol=1e-5, rtol=0)
 
+    # Predicted PREDICT_BATCH prompts at a time (bounded memory), as validation predicted them.
     predictions = [json.loads(line) for line in open(str(trained["output_dir"] / "eval_predictions.jsonl"))][:64]
     assert reload_and_predict(out, [p["prompt"] for p in predictions]) == [p["generated"] for p in predictions]
+    assert reload_and_predict(out, [p["prompt"] for p in predictions], batch_size=64) == \
+        [p["generated"] for p in predictions]
 
 
 @pytest.mark.core

@@ -117,17 +117,9 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         self.chunks = {c: source.materialise(chunk, self.device) for c, chunk in zip(self.chunk_ids, chunks)}
         self.modules = {c: self._data_parallel(chunk) for c, chunk in self.chunks.items()}
         # Parameters by HF name; FSDP2 replaces them, so they are looked up after wrapping.
+        # Each name is held by one chunk (the shared embedding by the embedding's chunk only).
         self.named = [(name, p) for c in self.chunk_ids for name, p in self.chunks[c].named_parameters()]
-        # The copy of the shared embedding in the chunk with `decoder.0` is not the owner of that name.
-        # Only trainable copies are summed: whether the embedding trains is the same on every rank
-        # (a LoRA run freezes it everywhere), so the ranks of the tied group all meet in that sum.
-        self.tied = [self.chunks[c].shared.weight for c in self.chunk_ids
-                     if hasattr(self.chunks[c], "shared") and self.chunks[c].shared.weight.requires_grad]
-        self.owned = [(name, p) for c in self.chunk_ids for name, p in self.chunks[c].named_parameters()
-                      if not (name == "shared.weight" and not self.chunks[c].embeds_input)]
-        # The copy is not optimized (no AdamW moments of its own): it takes the owner's new values
-        # after every step (`_sync_tied_weights`).
-        self.optimizer = build_optimizer(self.owned, self.config.training)
+        self.optimizer = build_optimizer(self.named, self.config.training)
 
     def _data_parallel(self, chunk: torch.nn.Module) -> torch.nn.Module:
         # A chunk with nothing to train (LoRA adapting layers elsewhere) has no gradients to
@@ -218,7 +210,6 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         inputs = (tensors["input_ids"], tensors["attention_mask"], tensors["decoder_input_ids"]) if first else ()
         schedule.step(*inputs, target=tensors["labels"] if last else None, losses=losses if last else None,
                       return_outputs=False)
-        self._sync_tied_gradients()
         stats = torch.stack([sum(l.detach().float() for l in losses) if losses else torch.zeros((), device=self.device),
                              self._squared_grad_norm()])
         dist.all_reduce(stats)
@@ -232,58 +223,16 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         self.optimizer.step()
         # Gradients exist only within a step: checkpoints, exports and validation run without them.
         self.optimizer.zero_grad(set_to_none=True)
-        self._sync_tied_weights()
         return_freed_memory()
         return StepResult(loss=loss, grad_norm=grad_norm.item(), lr=lr)
 
-    def _sync_tied_gradients(self) -> None:
-        """Add up the gradients of the shared embedding's copies (encoder side, decoder side).
-
-        Whether a rank joins the all-reduce depends only on which copies train (fixed at setup),
-        never on which gradients this step happened to produce: a rank that skipped it while
-        another entered it would leave both waiting in different collectives."""
-        if not self.tied or (len(self.tied) == 1 and self.topology.tied_group is None):
-            return
-        for param in self.tied:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-        grads = [local_shard(p.grad) for p in self.tied]
-        total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0].clone()
-        if self.topology.tied_group is not None:
-            dist.all_reduce(total, group=self.topology.tied_group)
-        for param, grad in zip(self.tied, grads):
-            if param is self._tied_owner:
-                grad.copy_(total)
-            else:
-                param.grad = None  # summed into the owner's; the copy is not optimized
-
-    @property
-    def _tied_owner(self):
-        """The shared embedding of the chunk that embeds the input, if this rank holds it."""
-        return next((self.chunks[c].shared.weight for c in self.chunk_ids if self.chunks[c].embeds_input), None)
-
-    @torch.no_grad()
-    def _sync_tied_weights(self) -> None:
-        """Give the decoder side's copy of the shared embedding the owner's values after a step: from
-        this rank's own owner, or broadcast by the rank of this replica's pipeline that holds it."""
-        if not self.tied or (len(self.tied) == 1 and self.topology.tied_group is None):
-            return
-        owner = self._tied_owner
-        if len(self.tied) > 1:
-            for param in self.tied:
-                if param is not owner:
-                    local_shard(param).copy_(local_shard(owner))
-            return
-        source = self.topology.rank_of_stage(self.plan.stage_of("embedding"))
-        dist.broadcast(local_shard(self.tied[0]).detach(), src=source, group=self.topology.tied_group)
-
     def _squared_grad_norm(self) -> torch.Tensor:
         """This rank's share of the squared global gradient norm: each parameter counted once
-        (DDP replicas hold equal gradients, FSDP2 shards are disjoint, tied copies are equal)."""
+        (DDP replicas hold equal gradients, FSDP2 shards are disjoint)."""
         total = torch.zeros((), device=self.device)
         if self.plan.replicas > 1 and self.config.layout.data_parallel == "ddp" and self.topology.replica != 0:
             return total
-        for _, param in self.owned:
+        for _, param in self.named:
             if param.grad is not None:
                 total += local_shard(param.grad).detach().float().pow(2).sum()
         return total
@@ -294,8 +243,7 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
     def release_model(self) -> None:
         # The schedules hold the stages, the stages the modules: every reference goes.
         self._pipelines.clear()
-        self.chunks, self.modules, self.named, self.owned, self.tied, self.optimizer = {}, {}, [], [], [], None
-        self._copies = []
+        self.chunks, self.modules, self.named, self.optimizer = {}, {}, [], None
 
     # ----- processes -----
 

@@ -85,14 +85,23 @@ class PipelineGeneration:
         tokens = torch.full((batch, 1), self.start_id, dtype=torch.long, device=self.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         generated = []
+        # Every pipeline rank has each position's tokens; the embedding's chunk (0) embeds them for
+        # the chunk with `decoder.0`, sending them over when another rank holds that chunk.
+        first = decoder_chunks[0]
         for position in range(max_new_tokens):
             hidden = bias = None
+            if 0 in self.chunks:
+                hidden = self.chunks[0].embed_tokens(tokens)
+                if first not in self.chunks:
+                    self._send([hidden], first)
+            elif first in self.chunks:
+                hidden = self._recv([(batch, 1, self.d_model)], 0)[0]
             for c in decoder_chunks:
                 if c not in self.chunks:
                     continue
-                if c != decoder_chunks[0] and c - 1 not in self.chunks:
+                if c != first and c - 1 not in self.chunks:
                     hidden, bias = self._recv([(batch, 1, self.d_model), (1, self.heads, 1, position + 1)], c - 1)
-                out = self.chunks[c].decode_step(position, tokens=tokens, hidden=hidden, decoder_bias=bias)
+                out = self.chunks[c].decode_step(position, hidden, decoder_bias=bias)
                 if c == last:
                     logits = out
                 else:

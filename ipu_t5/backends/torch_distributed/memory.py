@@ -8,8 +8,8 @@ registry (`ipu_t5.models`, activations from `ipu_t5.t5_shapes`): no torch, no to
 
 Counted per rank, on its device (the GPU, or the host for CPU processes):
 - weights: float32 master weights of its stage's blocks (the backend keeps float32 and autocasts to
-  bfloat16), plus the decoder side's copy of the shared embedding where `decoder.0` sits on another
-  chunk than the embedding; LoRA adds its adapters. Under FSDP2 with a unit per block (the default,
+  bfloat16; the shared embedding only on the embedding's stage, which sends the embedded decoder
+  inputs down the pipeline); LoRA adds its adapters. Under FSDP2 with a unit per block (the default,
   `layout.fsdp_reshard_after_forward`) the shards persist and two units are whole at a time (the one
   computing and the one prefetched); with the chunk one unit, the unsharded parameters persist too
   from the first micro-batch to the end of the step (`torch.distributed.pipelining` defers the
@@ -17,8 +17,8 @@ Counted per rank, on its device (the GPU, or the host for CPU processes):
 - gradients: float32, of what trains (LoRA: the adapters only). Under FSDP2 their shards, and the
   whole gradient of one unit with the reduce-scatter's buffer (a unit per block), or of the whole
   stage with its buffer (one unit).
-- optimizer: AdamW's two float32 moments of what this rank owns (not the embedding's copy), divided
-  over the replicas under FSDP2.
+- optimizer: AdamW's two float32 moments of what this rank holds, divided over the replicas under
+  FSDP2.
 - activations: one micro-batch's saved forward values of the stage (`t5_shapes.part_activations`),
   times the micro-batches in flight under the schedule (GPipe: all m; 1F1B: min(m, p - s);
   Interleaved1F1B: Megatron's warm-up count of model chunks), plus, under bfloat16 autocast, the
@@ -29,9 +29,9 @@ Counted per rank, on its device (the GPU, or the host for CPU processes):
 Peaks: training (all of the above at once, as DeepSpeed and the IPU planner count: it errs high);
 checkpoint (weights and moments between steps, the largest tensor twice while it is written and
 checksummed); end-of-run export (moments released, the largest tensor twice while written and read
-back, and on the main process the reload check's whole float32 model where it fits); start-up (host
-memory while weights are read tensor by tensor: on CPU the stage's weights, on a GPU the largest
-tensor on its way to the device).
+back, and on the main process the reload check's and its predictions' whole float32 model where it
+fits); start-up (host memory while weights are read tensor by tensor: on CPU the stage's weights, on
+a GPU the largest tensor on its way to the device).
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -67,11 +67,14 @@ ADAMW_BYTES = 8
 # process holds the check instead of its stage, not on top of it.
 RELOAD_CHECK_ON_MAIN = True
 RELOAD_ON_TOP_OF_STAGE = False
-# Whole-model copies the check holds at once in resident memory: the float32 model and part of the
-# pages of the safetensors files it reads (mapped, and counted by RSS). Measured with bench/memory.py
-# on the 0.99 GB base-shaped model: rank 0 peaks 1.94 (2x1) and 1.55 (4x1) copies above its resting
-# stage; this is their mean.
-RELOAD_COPIES = 1.75
+# Whole-model copies the main process holds at once at the end of `ipu-t5 train`, above its fixed
+# cost: the reload check (one float32 model at a time) and then the reloaded export predicting
+# `export.PREDICT_BATCH` prompts at a time (the model, the files' mapped pages and generation's
+# tensors). Measured on the 0.99 GB base-shaped model under --stages 4 (psutil every 0.1 s, as
+# bench/memory.py samples): rank 0 peaks at 1.56 GB there, 0.45 GB + 1.12 copies (1.99 GB, 1.56
+# copies, when the predictions took 64 prompts at a time); one process reloading alone: the check
+# +1.06 GB, the predictions +1.12 GB.
+RELOAD_COPIES = 1.12
 
 # GPUs the plan always reports on: name -> memory in bytes (nominal; torch reports slightly less).
 GPUS = (("A100 40 GB", 40 * 2 ** 30), ("A100 80 GB", 80 * 2 ** 30), ("H100 80 GB", 80 * 2 ** 30))
@@ -225,13 +228,8 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
         chunks = layout.chunks_of(stage)
         blocks = tuple(b for c in chunks for b in layout.stage_blocks[c])
         adapters = sum(lora_params(size, b, config.peft.r, config.peft.target_modules) for b in blocks) if lora else 0
-        params = layout.stage_params(stage) + adapters
-        # The decoder side's copy of the shared embedding, on a chunk without the embedding itself.
-        copy = embedding if any("decoder.0" in layout.stage_blocks[c] and "embedding" not in layout.stage_blocks[c]
-                                for c in chunks) else 0
-        held = params + copy
+        held = layout.stage_params(stage) + adapters
         trainable = adapters if lora else held
-        owned = adapters if lora else params
         one = ACTIVATION_FACTOR * sum(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
         largest_part = ACTIVATION_FACTOR * max(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
         autocast_copies = 2 * held if act == 2 else 0
@@ -249,7 +247,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                                              if fsdp else 0)
             gradients = WEIGHT_BYTES * trainable + (WEIGHT_BYTES * trainable // replicas
                                                     + FSDP_BUFFERS * WEIGHT_BYTES * trainable if fsdp else 0)
-        optimizer = ADAMW_BYTES * owned // (replicas if fsdp else 1)
+        optimizer = ADAMW_BYTES * trainable // (replicas if fsdp else 1)
         resting = WEIGHT_BYTES * held // (replicas if fsdp else 1)
         fixed = PROCESS_BYTES if device == "cpu" else GPU_FIXED_BYTES
         checkpoint = fixed + resting + optimizer + 2 * largest_tensor
@@ -263,7 +261,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
             writing = resting + 2 * largest_tensor
             on_device = reload if device == "cpu" else 0
             export = fixed + (writing + on_device if RELOAD_ON_TOP_OF_STAGE else max(writing, on_device))
-            ranks.append(RankMemory(rank=rank, stage=stage, replica=replica, blocks=blocks, params=params + copy,
+            ranks.append(RankMemory(rank=rank, stage=stage, replica=replica, blocks=blocks, params=held,
                                     trainable=trainable, weights=weights, gradients=gradients, optimizer=optimizer,
                                     activations=activations, fixed=fixed, checkpoint=checkpoint, export=export,
                                     startup=startup, on_host=device == "cpu", reload_check=reload))

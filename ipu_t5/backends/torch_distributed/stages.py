@@ -9,13 +9,17 @@ a key/value cache per chunk.
 What crosses a chunk boundary depends on where it falls (`boundary_kind`):
 
 - inside the encoder: hidden states, the encoder's relative position bias (computed once by
-  `encoder.0` and reused by every later block), the attention mask, the decoder input ids;
-- between the encoder and the decoder: the encoder output, the attention mask, the decoder ids;
+  `encoder.0` and reused by every later block), the attention mask, the embedded decoder inputs;
+- between the encoder and the decoder: the encoder output, the attention mask, the embedded
+  decoder inputs;
 - inside the decoder: hidden states, the decoder's position bias, the encoder output (every
   decoder block attends to it), the attention mask.
 
-The shared embedding is held by the chunk with the encoder embedding and by the chunk with
-`decoder.0` (a copy when they differ); the backend adds their gradients together.
+The shared embedding is held only by the chunk with the encoder embedding (`embedding`): it also
+embeds the decoder input ids and sends their float32 embeddings down the pipeline to the chunk with
+`decoder.0`, which applies the dropout Hugging Face applies there. Their gradient comes back through
+the schedule like any activation's, so the one embedding sums both uses' gradients as one process
+does, and no rank holds a copy of it (for XXL 131M parameters and their gradient).
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,8 +34,8 @@ INPUT, ENCODER, ENCODED, DECODER, LOGITS = "input", "encoder", "encoded", "decod
 # What each boundary carries, in order.
 CARRIED = {
     INPUT: ("input_ids", "attention_mask", "decoder_input_ids"),
-    ENCODER: ("hidden", "encoder_bias", "attention_mask", "decoder_input_ids"),
-    ENCODED: ("encoder_output", "attention_mask", "decoder_input_ids"),
+    ENCODER: ("hidden", "encoder_bias", "attention_mask", "decoder_embeds"),
+    ENCODED: ("encoder_output", "attention_mask", "decoder_embeds"),
     DECODER: ("hidden", "decoder_bias", "encoder_output", "attention_mask"),
     LOGITS: ("logits",),
 }
@@ -170,8 +174,7 @@ class StageChunk(nn.Module):
     friends run greedy generation with a cache.
     """
 
-    def __init__(self, model: nn.Module, blocks: Sequence[str], amp_dtype: Optional[torch.dtype] = None,
-                 shared: Optional[nn.Embedding] = None):
+    def __init__(self, model: nn.Module, blocks: Sequence[str], amp_dtype: Optional[torch.dtype] = None):
         super().__init__()
         config = model.config
         self.blocks = tuple(blocks)
@@ -180,10 +183,12 @@ class StageChunk(nn.Module):
         self.output_scale = config.d_model ** -0.5 if scales_decoder_output(config) else 1.0
         self.encoder_ids = [_index(b) for b in blocks if b.startswith("encoder.") and _index(b) is not None]
         self.decoder_ids = [_index(b) for b in blocks if b.startswith("decoder.") and _index(b) is not None]
+        # The embedding's chunk embeds the encoder's and the decoder's input ids; the chunk with
+        # `decoder.0` starts the decoder from the embedded decoder inputs (the same chunk or a later one).
         self.embeds_input = "embedding" in blocks
-        self.embeds_decoder = 0 in self.decoder_ids
-        if self.embeds_input or self.embeds_decoder:
-            self.shared = shared or model.shared
+        self.starts_decoder = 0 in self.decoder_ids
+        if self.embeds_input:
+            self.shared = model.shared
         for stack, ids in (("encoder", self.encoder_ids), ("decoder", self.decoder_ids)):
             norm = "{}.final_layer_norm".format(stack)
             if ids or norm in blocks:
@@ -222,7 +227,7 @@ class StageChunk(nn.Module):
             return INPUT
         if self.encoder_ids:
             return ENCODER
-        return ENCODED if self.embeds_decoder else DECODER
+        return ENCODED if self.starts_decoder else DECODER
 
     # ----- pieces shared by training and generation -----
 
@@ -232,7 +237,8 @@ class StageChunk(nn.Module):
 
     def _run_encoder(self, state: Dict[str, torch.Tensor]) -> None:
         if self.embeds_input:
-            state["hidden"] = self.dropout(self.shared(state["input_ids"]))
+            embedded = state.pop("input_embeds") if "input_embeds" in state else self.shared(state["input_ids"])
+            state["hidden"] = self.dropout(embedded)
         if self.encoder_ids:
             hidden, bias = state["hidden"], state.get("encoder_bias")
             keep = state["attention_mask"].bool()[:, None, None, :]
@@ -258,9 +264,20 @@ class StageChunk(nn.Module):
     def forward(self, *carried: torch.Tensor):
         with self._autocast():
             state = dict(zip(CARRIED[self.start], carried))
+            if self.embeds_input:
+                # One lookup for the encoder's and the decoder's ids: its backward builds the dense
+                # (vocabulary x d_model) gradient once per micro-batch, not once per use (+99 MB
+                # at a time on the base model's first stage, 0.5 GB for XXL).
+                width = state["input_ids"].shape[1]
+                both = self.shared(torch.cat([state["input_ids"], state.pop("decoder_input_ids")], dim=1))
+                # Contiguous, as separate lookups return them (dropout's draws follow the layout).
+                state["input_embeds"] = both[:, :width].contiguous()
+                state["decoder_embeds"] = both[:, width:].contiguous()
             self._run_encoder(state)
-            if self.embeds_decoder:
-                state["hidden"] = self.dropout(self.shared(state["decoder_input_ids"]))
+            if self.starts_decoder:
+                # Where Hugging Face applies it, on the chunk with `decoder.0` as before the
+                # embedding moved: the same dropout draws on the same rank.
+                state["hidden"] = self.dropout(state.pop("decoder_embeds"))
             if self.decoder_ids:
                 hidden, bias, encoder_output = state["hidden"], state.get("decoder_bias"), state["encoder_output"]
                 depth = hidden.shape[1]
@@ -301,14 +318,19 @@ class StageChunk(nn.Module):
         self._self_cache: List[List[torch.Tensor]] = [[] for _ in self.decoder_ids]
 
     @torch.no_grad()
-    def decode_step(self, position: int, tokens: Optional[torch.Tensor] = None,
-                    hidden: Optional[torch.Tensor] = None, decoder_bias: Optional[torch.Tensor] = None):
-        """One new position through this chunk's decoder blocks. The chunk holding `decoder.0` takes
-        the previous tokens (batch, 1); later chunks take its hidden states and position bias.
-        Returns (hidden, decoder_bias) for the next chunk, or the logits (batch, vocab)."""
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding's chunk: the previous tokens (batch, 1) embedded, (batch, 1, d_model), for
+        the chunk holding `decoder.0`."""
         with self._autocast():
-            if self.embeds_decoder:
-                hidden = self.shared(tokens)
+            return self.shared(tokens)
+
+    @torch.no_grad()
+    def decode_step(self, position: int, hidden: torch.Tensor, decoder_bias: Optional[torch.Tensor] = None):
+        """One new position through this chunk's decoder blocks. The chunk holding `decoder.0` takes
+        the embedded previous tokens (`embed_tokens`); later chunks take its hidden states and
+        position bias. Returns (hidden, decoder_bias) for the next chunk, or the logits (batch, vocab)."""
+        with self._autocast():
+            if self.starts_decoder:
                 decoder_bias = relative_bias(self.decoder.block["0"].layer[0].SelfAttention, 1, position + 1, past=position)
             for j, i in enumerate(self.decoder_ids):
                 block = self.decoder.block[str(i)]
@@ -332,6 +354,7 @@ def carried_shapes(kind: str, batch: int, source: int, target: int, d_model: int
         "input_ids": ((batch, source), torch.long, False),
         "attention_mask": ((batch, source), torch.long, False),
         "decoder_input_ids": ((batch, target), torch.long, False),
+        "decoder_embeds": ((batch, target, d_model), float32, True),
         "hidden": ((batch, source if kind == ENCODER else target, d_model), float32, True),
         "encoder_bias": ((1, heads, source, source), float32, True),
         "encoder_output": ((batch, source, d_model), float32, True),
@@ -343,15 +366,5 @@ def carried_shapes(kind: str, batch: int, source: int, target: int, d_model: int
 
 def build_chunks(model: nn.Module, chunk_blocks: Sequence[Sequence[str]],
                  amp_dtype: Optional[torch.dtype] = None) -> List[StageChunk]:
-    """One `StageChunk` per entry of `chunk_blocks`; the shared embedding is copied for the chunk
-    that holds `decoder.0` when that is not the chunk holding the encoder embedding. The copy
-    trains exactly when the original does: a frozen embedding (LoRA) stays frozen on both sides,
-    and every rank holding a copy agrees on whether its gradients are summed."""
-    chunks = []
-    for blocks in chunk_blocks:
-        copy = None
-        if "decoder.0" in blocks and "embedding" not in blocks:
-            copy = nn.Embedding.from_pretrained(model.shared.weight.detach().clone(),
-                                                freeze=not model.shared.weight.requires_grad)
-        chunks.append(StageChunk(model, blocks, amp_dtype, copy))
-    return chunks
+    """One `StageChunk` per entry of `chunk_blocks`."""
+    return [StageChunk(model, blocks, amp_dtype) for blocks in chunk_blocks]

@@ -60,7 +60,7 @@ class NamedState:
                                   shape=param.shape, stride=param.stride())
 
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
-        local = {name: self._gather(p.detach()) for name, p in self.owned}
+        local = {name: self._gather(p.detach()) for name, p in self.named}
         return gather_tensors_to_main(self.topology, local)
 
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
@@ -77,7 +77,7 @@ class NamedState:
 
     def optimizer_state_dict(self) -> Dict:
         local = {}
-        for name, param in self.owned:
+        for name, param in self.named:
             for key, value in self.optimizer.state.get(param, {}).items():
                 local["{}\0{}".format(name, key)] = self._gather(value) if torch.is_tensor(value) else torch.tensor(value)
         flat = gather_tensors_to_main(self.topology, local)
@@ -88,7 +88,7 @@ class NamedState:
         return state
 
     def load_optimizer_state_dict(self, state: Dict) -> None:
-        for name, param in self.owned:
+        for name, param in self.named:
             if name in state:
                 self.optimizer.state[param] = {
                     k: (self._shard_like(v, param) if torch.is_tensor(v) and v.ndim else v)
@@ -98,7 +98,7 @@ class NamedState:
         """Replica 0 of each stage writes the weights its stage owns (under FSDP2 gathered from the
         stage's replicas one tensor at a time, the other replicas keeping none); the others write none."""
         share = {}
-        for name, param in self.owned:
+        for name, param in self.named:
             whole = self._gather(param.detach())
             if self.topology.replica == 0:
                 share[name] = whole
@@ -117,22 +117,10 @@ class NamedState:
 
     def checkpoint_state(self) -> Dict[str, Dict[str, Any]]:
         """This rank's weights and AdamW state by HF name, as live tensors (FSDP2 DTensors stay
-        sharded) that torch.distributed.checkpoint writes from, or reads into, in place. The
-        decoder side's copy of the shared embedding is listed under the same name: it equals the
-        original, so a save writes one of them, and a load fills the rank that holds only the copy."""
-        model: Dict[str, Any] = {}
-        self._copies = []
-        for name, param in self.named:
-            if name in model:
-                # This rank holds both: the copy is filled from the original.
-                self._copies.append((model[name], param))
-                continue
-            model[name] = param.detach()
-        optimizer = {name: dict(self._adam_state(param)) for name, param in self.owned if param.requires_grad}
+        sharded) that torch.distributed.checkpoint writes from, or reads into, in place."""
+        model = {name: param.detach() for name, param in self.named}
+        optimizer = {name: dict(self._adam_state(param)) for name, param in self.named if param.requires_grad}
         return {"model": model, "optimizer": optimizer}
 
     def load_checkpoint_state(self, state: Dict[str, Dict[str, Any]]) -> None:
-        # The tensors were filled in place; what remains is a second copy of the embedding on this rank.
-        with torch.no_grad():
-            for loaded, param in self._copies:
-                local_shard(param).copy_(local_shard(loaded))
+        """Nothing left to do: torch.distributed.checkpoint filled the live tensors in place."""

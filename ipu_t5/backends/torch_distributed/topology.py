@@ -30,9 +30,6 @@ class Topology:
     replica_group: Any
     # Global ranks of this replica's pipeline, by stage.
     pipeline_ranks: List[int]
-    # The group of this replica's ranks holding a copy of the shared embedding (None when one
-    # rank holds every copy).
-    tied_group: Any = None
     owns_default_group: bool = False
     groups: List[Any] = field(default_factory=list)
 
@@ -63,7 +60,7 @@ def _device() -> torch.device:
 
 def connect(plan: LayoutPlan, timeout_seconds: int) -> Topology:
     """Join (or, for a single process, create) the default process group, check that it has the
-    plan's stages x replicas processes, and build the pipeline, replica and tied-embedding groups."""
+    plan's stages x replicas processes, and build the pipeline and replica groups."""
     device = _device()
     timeout = datetime.timedelta(seconds=timeout_seconds)
     owns = False
@@ -94,16 +91,9 @@ def connect(plan: LayoutPlan, timeout_seconds: int) -> Topology:
         made = group([s * replicas + r for r in range(replicas)])
         if s == stage:
             replica_group = made
-    tied_stages = sorted({plan.stage_of("embedding"), plan.stage_of("decoder.0")})
-    tied_group = None
-    if len(tied_stages) > 1:
-        for r in range(replicas):
-            made = group([s * replicas + r for s in tied_stages])
-            if r == replica:
-                tied_group = made
     return Topology(rank=rank, world_size=dist.get_world_size(), stage=stage, replica=replica, device=device,
                     pipeline_group=pipeline_group, replica_group=replica_group,
-                    pipeline_ranks=[s * replicas + replica for s in range(plan.stages)], tied_group=tied_group,
+                    pipeline_ranks=[s * replicas + replica for s in range(plan.stages)],
                     owns_default_group=owns, groups=groups)
 
 

@@ -39,7 +39,7 @@ def main() -> None:
     trainer = T5Trainer(make_config(Path(args.out) / "run", args.stages, args.replicas, extra=extra))
     backend = trainer.backend
     found = {"read": read, "weights": {name: p.detach().clone() for name, p in backend.named},
-             "owned": [name for name, _ in backend.owned]}
+             "owned": [name for name, _ in backend.named]}
     torch.save(found, str(Path(args.out) / "rank{}.pt".format(os.environ["RANK"])))
     trainer.close()
     dist.destroy_process_group()

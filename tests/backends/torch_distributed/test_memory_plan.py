@@ -44,13 +44,12 @@ def test_activation_arithmetic_of_one_encoder_block_by_hand():
 def test_two_stages_by_hand_under_1f1b_and_gpipe():
     stage0 = EMBEDDING + (ENCODER_BLOCK + 128) + ENCODER_BLOCK + 128      # + encoder.final_layer_norm
     stage1 = (DECODER_BLOCK + 128) + DECODER_BLOCK + 128 + EMBEDDING       # + decoder norm, lm_head
-    copy = EMBEDDING  # the decoder side's copy of the shared embedding: weights and gradients, no moments
     config = tiny("layout.gradient_accumulation_steps=4")
     plan = plan_memory(config, 8, 4, "cpu")
     first, second = plan.ranks
     assert (first.weights, first.gradients, first.optimizer) == (4 * stage0, 4 * stage0, 8 * stage0)
-    assert (second.weights, second.gradients, second.optimizer) == (
-        4 * (stage1 + copy), 4 * (stage1 + copy), 8 * stage1)
+    # The shared embedding only on stage 0: stage 1 gets the embedded decoder inputs, holds no copy.
+    assert (second.weights, second.gradients, second.optimizer) == (4 * stage1, 4 * stage1, 8 * stage1)
     # One micro-batch of 2 prompts (8 source, 4 target tokens, float32) on stage 0: the embedding
     # 2*2*(8+4)*128*4, two encoder blocks of 153600 and the final norm's stream 2*8*128*8.
     one0 = 2 * 2 * 12 * 128 * 4 + 2 * 153600 + 2 * 8 * 128 * 8
@@ -119,19 +118,18 @@ def test_xxl_on_16_stages_by_hand():
     layout = gpu.layout
     assert (layout.stages, layout.replicas, len(cpu.ranks)) == (16, 1, 16)
     embedding = size.vocab_size * size.d_model
-    held = [layout.stage_params(s) + (embedding if s == layout.stage_of("decoder.0") else 0) for s in range(16)]
+    # Every parameter on one stage: the decoder.0 stage holds no copy of the shared embedding.
+    held = [layout.stage_params(s) for s in range(16)]
     assert layout.stage_of("decoder.0") != 0
-    assert sum(held) == size.total_params() + embedding
+    assert sum(held) == size.total_params()
     for stage, rank in enumerate(gpu.ranks):
-        owned = held[stage] - (embedding if stage == layout.stage_of("decoder.0") else 0)
         assert (rank.weights, rank.gradients, rank.optimizer) == (
-            WEIGHT_BYTES * held[stage], WEIGHT_BYTES * held[stage], ADAMW_BYTES * owned)
+            WEIGHT_BYTES * held[stage], WEIGHT_BYTES * held[stage], ADAMW_BYTES * held[stage])
         # A GPU rank stages one tensor at a time in host memory: the largest is the embedding.
         assert rank.startup == PROCESS_BYTES + 4 * embedding < 1.0e9
     for stage, rank in enumerate(cpu.ranks):
         # CPU processes hold their stage's float32 weights in host memory at start.
-        held_here = cpu.layout.stage_params(stage) + (embedding if stage == cpu.layout.stage_of("decoder.0") else 0)
-        assert rank.startup == PROCESS_BYTES + 4 * held_here < 16e9
+        assert rank.startup == PROCESS_BYTES + 4 * cpu.layout.stage_params(stage) < 16e9
     # bfloat16 autocast on GPUs: 2-byte activations and a 2-byte copy of the weights per micro-batch in flight.
     assert gpu.activation_bytes == 2 and cpu.activation_bytes == 4
     largest = gpu.largest_process_bytes

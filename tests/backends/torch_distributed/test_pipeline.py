@@ -533,11 +533,12 @@ def test_stage_chunks_compose_to_the_hf_model(counts):
             chunk.start_decoding(state["encoder_output"], mask)
     tokens, produced = torch.zeros(3, 1, dtype=torch.long), []
     for position in range(steps):
-        hidden = bias = None
+        # The first chunk holds the embedding: it embeds the tokens for the chunk with decoder.0.
+        hidden, bias = chunks[0].embed_tokens(tokens), None
         for chunk in chunks:
             if not chunk.decoder_ids:
                 continue
-            out = chunk.decode_step(position, tokens=tokens, hidden=hidden, decoder_bias=bias)
+            out = chunk.decode_step(position, hidden, decoder_bias=bias)
             if chunk.has_head:
                 out[:, 1] = float("-inf")  # as min_new_tokens does: no end-of-sequence yet
                 tokens = out.argmax(-1, keepdim=True)
@@ -548,8 +549,8 @@ def test_stage_chunks_compose_to_the_hf_model(counts):
 
 
 def test_stage_chunks_of_a_lora_model_keep_its_adapters_and_its_frozen_weights():
-    """The cause of the LoRA hang: the decoder side's copy of the frozen shared embedding trained,
-    so only its rank entered the all-reduce of the embedding's gradients."""
+    """Only the adapters train; the frozen shared embedding stays frozen on the one chunk holding it,
+    and the embedded decoder inputs it sends on give the model's logits."""
     from ipu_t5 import lora
     from ipu_t5.backends.torch_distributed.stages import build_chunks
     from ipu_t5.config import load_config
@@ -564,7 +565,7 @@ def test_stage_chunks_of_a_lora_model_keep_its_adapters_and_its_frozen_weights()
                 param.normal_(0, 0.1)
     plan = plan_layout(canonical_size("tiny"), 16, 2, 1, layers_per_stage=[2, 2])
     chunks = [c.eval() for c in build_chunks(model, plan.stage_blocks)]
-    assert not chunks[1].shared.weight.requires_grad  # the decoder side's copy
+    assert not chunks[0].shared.weight.requires_grad and not hasattr(chunks[1], "shared")
     trainable = [n for chunk in chunks for n, p in chunk.named_parameters() if p.requires_grad]
     assert sorted(trainable) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable and all(lora.is_adapter_key(n) for n in trainable)
@@ -578,7 +579,7 @@ def test_stage_chunks_of_a_lora_model_keep_its_adapters_and_its_frozen_weights()
 
 
 def test_stage_chunks_name_parameters_as_hf():
-    from ipu_t5.backends.torch_distributed.stages import build_chunks
+    from ipu_t5.backends.torch_distributed.stages import CARRIED, build_chunks
     from ipu_t5.config import load_config
     from ipu_t5.layout import plan_layout
     from ipu_t5.model_source import build_model, canonical_size
@@ -587,8 +588,8 @@ def test_stage_chunks_name_parameters_as_hf():
     plan = plan_layout(canonical_size("tiny"), 16, 2, 1, layers_per_stage=[2, 2])
     chunks = build_chunks(model, plan.stage_blocks)
     names = [n for chunk in chunks for n, _ in chunk.named_parameters()]
-    # The shared embedding appears in both chunks (the decoder's is a copy), everything else once.
-    assert sorted(set(names)) == sorted(n for n, _ in model.named_parameters())
-    assert names.count("shared.weight") == 2
-    assert chunks[1].shared.weight is not model.shared.weight
-    assert torch.equal(chunks[1].shared.weight, model.shared.weight)
+    # Every parameter once: the shared embedding only in the first chunk, which embeds the decoder's
+    # inputs for the chunk with decoder.0 (no copy there).
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert chunks[0].shared.weight is model.shared.weight and not hasattr(chunks[1], "shared")
+    assert chunks[0].end == "encoded" and "decoder_embeds" in CARRIED[chunks[0].end]

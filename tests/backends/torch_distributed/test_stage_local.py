@@ -56,7 +56,7 @@ def test_each_rank_reads_only_its_own_tensors_from_a_sharded_checkpoint(one_proc
     ranks = _launch(tmp_path, 2, 2, "--pretrained", str(one_process["hf"]))
     stages = []
     for rank, found in enumerate(ranks):
-        # Its own tensors (the decoder side's copy of the embedding included), each read once.
+        # Its own tensors, each read once.
         assert sorted(found["read"]) == sorted(found["weights"]), rank
         for name, value in found["weights"].items():
             assert torch.equal(value, one_process["weights"][name]), "rank {}: {}".format(rank, name)
