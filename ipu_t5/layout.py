@@ -12,7 +12,8 @@ weights or hardware.
   LM head on the last, each final layer norm with the last block of its stack.
 - the default cut (`split_by`): "memory" evens out each stage's share of the training state
   (weights, gradients, AdamW moments), which decides whether a layout fits at all, and among the
-  cuts within `MEMORY_SLACK` of the best it takes the fastest; "compute" evens out forward FLOPs
+  cuts within `MEMORY_SLACK` of the best it takes the fastest; "state" is the cut with the least
+  largest share, however slow (the torch backend weighs it too); "compute" evens out forward FLOPs
   alone (the IPU planner's own starting point, which also weighs a parameter-balanced cut).
   Balancing compute alone puts Flan-T5's whole decoder and LM head on the last of 4 stages on
   MNLI-shaped data (targets of a few tokens make decoder blocks cheap): 56% of the weights.
@@ -27,7 +28,7 @@ from .models import ModelSize
 # Model chunks per stage under the interleaved schedule (Megatron's virtual pipeline stages).
 INTERLEAVED_CHUNKS = 2
 # How the default cut is chosen (see the module's docstring).
-SPLITS = ("memory", "compute")
+SPLITS = ("memory", "state", "compute")
 # A memory-balanced cut may hold this much more than the best one (relative) to be faster.
 MEMORY_SLACK = 0.05
 # Training state per parameter, in weight-sized words: the weight, its gradient and AdamW's two
@@ -241,10 +242,10 @@ def state_costs(size: ModelSize) -> List[float]:
     return costs
 
 
-def memory_balanced_counts(size: ModelSize, chunks: int, source_len: int, target_len: int) -> List[int]:
+def memory_balanced_counts(size: ModelSize, chunks: int, source_len: int, target_len: int,
+                           slack: float = MEMORY_SLACK) -> List[int]:
     """Blocks per chunk: the smallest largest share of the training state any contiguous cut
-    reaches, then, among the cuts within `MEMORY_SLACK` of it, the one whose slowest chunk is
-    fastest."""
+    reaches, then, among the cuts within `slack` of it, the one whose slowest chunk is fastest."""
     state, flops = state_costs(size), stage_costs(size, source_len, target_len)
     state_prefix, flops_prefix = [0.0], [0.0]
     for a, b in zip(state, flops):
@@ -257,7 +258,7 @@ def memory_balanced_counts(size: ModelSize, chunks: int, source_len: int, target
     n = len(state)
     counts = partition_runs(run_state, n, chunks)
     starts = [sum(counts[:k]) for k in range(chunks)]
-    limit = max(run_state(a, a + c) for a, c in zip(starts, counts)) * (1.0 + MEMORY_SLACK)
+    limit = max(run_state(a, a + c) for a, c in zip(starts, counts)) * (1.0 + slack)
     return partition_runs(lambda j, i: flops_prefix[i] - flops_prefix[j] if run_state(j, i) <= limit
                           else float("inf"), n, chunks)
 
@@ -311,6 +312,8 @@ def plan_layout(
         split_by = "given"
     elif split_by == "compute":
         counts = partition_costs(stage_costs(size, source_len, target_len), chunks)
+    elif split_by == "state":
+        counts = memory_balanced_counts(size, chunks, source_len, target_len, slack=0.0)
     else:
         counts = memory_balanced_counts(size, chunks, source_len, target_len)
     micro, accumulation = _split_batch(global_batch_size, replicas, stages, micro_batch_size,

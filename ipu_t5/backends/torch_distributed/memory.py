@@ -50,11 +50,12 @@ LAUNCHER_BYTES = 240 * 10 ** 6
 # A GPU's memory taken before any tensor: the CUDA context, NCCL's buffers and the caching
 # allocator's slack. An estimate (no GPU was measured here), to be re-calibrated on one.
 GPU_FIXED_BYTES = 1 * 10 ** 9
-# FSDP2's flat communication buffers, in copies of the stage's float32 weights (all-gather output)
-# and gradients (reduce-scatter input, which gloo, lacking a reduce-scatter, all-reduces whole).
-# Measured: bench/memory.py's 2x2 ranks of the 191M-parameter stage peak 1.3 GB (1.7 copies of its
-# weights) above the unsharded weights, gradients, shards and moments.
-FSDP_BUFFERS = 1
+# FSDP2's flat communication buffers with the stage one unit, in copies of the stage's float32
+# weights (all-gather output) and gradients (reduce-scatter input), on a GPU, whose caching
+# allocator keeps them. On CPU processes, whose freed blocks go back to the system at once
+# (`host_memory.keep_heap_small`), bench/memory.py's 2x2 ranks peak at the whole stage, its shards
+# and moments and the activations (plan/measured 0.96 without buffers, 1.34 with one copy).
+FSDP_BUFFERS = {"gpu": 1, "cpu": 0}
 # What autograd keeps of a T5 forward over `t5_shapes.part_activations`' count: measured on Hugging
 # Face's T5 in float32 (resident memory after the forward, over the count) at 1.20 (base, 8 x 256
 # tokens), 1.22 (small, 16 x 128) and 1.03 (base, 4 x 512); their mean.
@@ -243,10 +244,11 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
             gradients = WEIGHT_BYTES * (trainable // replicas + 2 * (unit if trainable else 0))
         else:
             # FSDP2 with the chunk one unit: the shards beside the whole stage, and its buffers.
-            weights = WEIGHT_BYTES * held + (WEIGHT_BYTES * held // replicas + FSDP_BUFFERS * WEIGHT_BYTES * held
+            buffers = FSDP_BUFFERS[device]
+            weights = WEIGHT_BYTES * held + (WEIGHT_BYTES * held // replicas + buffers * WEIGHT_BYTES * held
                                              if fsdp else 0)
             gradients = WEIGHT_BYTES * trainable + (WEIGHT_BYTES * trainable // replicas
-                                                    + FSDP_BUFFERS * WEIGHT_BYTES * trainable if fsdp else 0)
+                                                    + buffers * WEIGHT_BYTES * trainable if fsdp else 0)
         optimizer = ADAMW_BYTES * trainable // (replicas if fsdp else 1)
         resting = WEIGHT_BYTES * held // (replicas if fsdp else 1)
         fixed = PROCESS_BYTES if device == "cpu" else GPU_FIXED_BYTES
@@ -270,16 +272,18 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
 
 
 def lightest_cut(config, source_length: int, target_length: int, device: str = "cpu") -> LayoutPlan:
-    """The torch backend's default cut: of the memory-balanced and the compute-balanced cuts, the one
-    whose fullest rank this plan puts lower (on a tie, the compute cut: it is faster). Evening out
-    weights, gradients and moments is not always lighter: a long-prompt 1F1B pipeline keeps the most
-    micro-batches in flight on its first stages, whose encoder blocks carry the largest activations,
-    so XXL on 16 GPUs at 512-token prompts peaks at 82.6 GB cut by memory and 54.6 GB cut by
-    compute, while a flan-t5-base-shaped model on 4 CPU processes peaks lower cut by memory.
+    """The torch backend's default cut: of the compute-balanced cut, the memory-balanced one (the
+    fastest within 5% of the least training state) and the one with the least training state
+    however slow, the one whose fullest rank this plan puts lowest (on a tie, the faster, in that
+    order). Evening out weights, gradients and moments is not always lighter: a long-prompt 1F1B
+    pipeline keeps the most micro-batches in flight on its first stages, whose encoder blocks carry
+    the largest activations, so XXL on 16 GPUs at 512-token prompts peaks higher cut by memory than
+    cut by compute, while a flan-t5-base-shaped model on 4 CPU processes peaks lower cut by memory.
     `layout.layers_per_stage` is taken as given."""
     cuts = [plan_from_config(config, source_length, target_length, split_by="memory")]
     if config.layout.layers_per_stage is None and cuts[0].stages > 1:
-        cuts.insert(0, plan_from_config(config, source_length, target_length, split_by="compute"))
+        cuts = [plan_from_config(config, source_length, target_length, split_by=split)
+                for split in ("compute", "memory", "state")]
     return min(cuts, key=lambda cut: plan_memory(config, source_length, target_length, device,
                                                   cut).largest_process_bytes)
 
