@@ -134,9 +134,13 @@ def measure(model_dir: Path, size_name: str, stages: int, replicas: int, workdir
     # The trainer's start-up line: "prompts up to S tokens, targets up to T".
     found = re.search(r"prompts up to (\d+) tokens, targets up to (\d+)",
                       (workdir / "run-{}x{}.log".format(stages, replicas)).read_text())
-    # The launcher is the root process; the ranks are the python processes below it.
-    ranks = {int(sampler.ranks[pid]): peak for pid, peak in sampler.peaks.items()
-             if pid != proc.pid and sampler.ranks.get(pid) is not None}
+    # The launcher is the root process; the ranks are the python processes below it (a rank's own
+    # children inherit its RANK: the rank is the largest of them).
+    ranks: Dict[int, int] = {}
+    for pid, peak in sampler.peaks.items():
+        if pid != proc.pid and sampler.ranks.get(pid) is not None:
+            rank = int(sampler.ranks[pid])
+            ranks[rank] = max(ranks.get(rank, 0), peak)
     # A base-shaped run leaves 3.7 GB of checkpoints and export behind.
     shutil.rmtree(str(out), ignore_errors=True)
     return {"layout": "{}x{}".format(stages, replicas), "stages": stages, "replicas": replicas,

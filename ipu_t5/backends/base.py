@@ -10,7 +10,6 @@ from ..data.batching import GlobalBatch
 from ..data.features import Lengths
 from ..errors import UserError
 from ..layout import LayoutPlan, plan_from_config
-from .host_memory import keep_heap_small
 
 
 @dataclass
@@ -44,8 +43,6 @@ class Backend(abc.ABC):
     def __init__(self, config: RunConfig, plan: LayoutPlan):
         self.config = config
         self.plan = plan
-        # Before any weight: the blocks a step frees are then returned, not kept in the heap.
-        keep_heap_small()
 
     @classmethod
     def layout_plan(cls, config: RunConfig, lengths: Lengths) -> LayoutPlan:

@@ -1,4 +1,4 @@
-"""The allocator settings every backend makes before it holds a weight (ipu_t5/backends/host_memory.py)."""
+"""The allocator settings the torch.distributed ranks make before they hold a weight (ipu_t5/backends/host_memory.py)."""
 import platform
 import subprocess
 import sys

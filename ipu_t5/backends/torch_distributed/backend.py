@@ -24,7 +24,7 @@ from ...layout import check_pipeline_fill
 from ...model_source import ModelSource
 from ..base import Backend, StepResult
 from ..fast_ops import use_fast_ops
-from ..host_memory import return_freed_memory
+from ..host_memory import keep_heap_small, return_freed_memory
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
 from ..single import autocast_dtype, refuse_fp16
 from .generation import PipelineGeneration
@@ -78,6 +78,11 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
 
     def __init__(self, config, plan):
         super().__init__(config, plan)
+        # Before any weight. A rank's host memory is its share of the node's (and on CPU processes
+        # its device memory): the blocks a step frees, FSDP2's gathered units among them, go back
+        # at once. One process keeps glibc's defaults, faster on a CPU (a base-shaped step 4.8 s
+        # against 5.5 s with the setting) where memory is not split.
+        keep_heap_small()
         check_pipeline_fill(plan)  # the layout relaxes it for phased IPU execution only
         _require_torch()
         refuse_fp16(config.training)
