@@ -27,8 +27,6 @@ from .models import ModelSize
 
 # Model chunks per stage under the interleaved schedule (Megatron's virtual pipeline stages).
 INTERLEAVED_CHUNKS = 2
-# How the default cut is chosen (see the module's docstring).
-SPLITS = ("memory", "state", "compute")
 # A memory-balanced cut may hold this much more than the best one (relative) to be faster.
 MEMORY_SLACK = 0.05
 # Training state per parameter, in weight-sized words: the weight, its gradient and AdamW's two
@@ -50,7 +48,8 @@ class LayoutPlan:
     stage_blocks: Tuple[Tuple[str, ...], ...]
     schedule: str = "1F1B"
     chunks_per_stage: int = 1
-    # What chose `stage_blocks`: "memory" or "compute" (the default cut), or "given" (layers_per_stage).
+    # What chose `stage_blocks`: "memory", "state" or "compute" (the default cuts, the module's
+    # docstring), or "given" (layers_per_stage).
     split_by: str = "memory"
 
     @property

@@ -63,11 +63,6 @@ ACTIVATION_FACTOR = 1.15
 # float32 master weights and gradients; AdamW's two float32 moments.
 WEIGHT_BYTES = 4
 ADAMW_BYTES = 8
-# The reload check loads the whole export in float32 and compares logits (ipu_t5/checkpointing/export.py
-# runs it where the model fits); `ipu-t5 train` frees every process's model before it, so the main
-# process holds the check instead of its stage, not on top of it.
-RELOAD_CHECK_ON_MAIN = True
-RELOAD_ON_TOP_OF_STAGE = False
 # Whole-model copies the main process holds at once at the end of `ipu-t5 train`, above its fixed
 # cost: the reload check (one float32 model at a time) and then the reloaded export predicting
 # `export.PREDICT_BATCH` prompts at a time (the model, the files' mapped pages and generation's
@@ -220,15 +215,20 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
     shapes = Shapes(layout.micro_batch_size, source_length, target_length, act)
     embedding = size.block_params("embedding")
     largest_tensor = WEIGHT_BYTES * max(embedding, size.d_model * size.d_ff)
-    total = size.total_params() + (sum(lora_params(size, b, config.peft.r, config.peft.target_modules)
-                                       for b in size.block_names) if lora else 0)
-    main_reloads = RELOAD_CHECK_ON_MAIN and config.validation.do_eval
+    # LoRA's adapters by block (the embedding, the head and the norms have none).
+    adapters_of = {b: lora_params(size, b, config.peft.r, config.peft.target_modules) if lora else 0
+                   for b in size.block_names}
+    total = size.total_params() + sum(adapters_of.values())
+    # The reload check (ipu_t5/checkpointing/export.py) loads the whole export in float32 on the
+    # main process where it fits; `ipu-t5 train` frees every process's model before it, so it
+    # takes the stage's place, not a place on top of it.
+    main_reloads = config.validation.do_eval
     reload_fits = host_bytes is None or WEIGHT_BYTES * total * CHECK_MARGIN <= host_bytes
     ranks: List[RankMemory] = []
     for stage in range(layout.stages):
         chunks = layout.chunks_of(stage)
         blocks = tuple(b for c in chunks for b in layout.stage_blocks[c])
-        adapters = sum(lora_params(size, b, config.peft.r, config.peft.target_modules) for b in blocks) if lora else 0
+        adapters = sum(adapters_of.get(b, 0) for b in blocks)
         held = layout.stage_params(stage) + adapters
         trainable = adapters if lora else held
         one = ACTIVATION_FACTOR * sum(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
@@ -238,8 +238,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
         if fsdp and config.layout.fsdp_reshard_after_forward:
             # A unit per block: the shards, and the unit being computed gathered beside the next one
             # (FSDP2 prefetches); its whole gradient and the reduce-scatter's buffer.
-            unit = max(size.block_params(b) + (lora_params(size, b, config.peft.r, config.peft.target_modules)
-                                               if lora else 0) for b in blocks)
+            unit = max(size.block_params(b) + adapters_of.get(b, 0) for b in blocks)
             weights = WEIGHT_BYTES * (held // replicas + 2 * unit)
             gradients = WEIGHT_BYTES * (trainable // replicas + 2 * (unit if trainable else 0))
         else:
@@ -262,7 +261,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
             reload = int(RELOAD_COPIES * WEIGHT_BYTES * total) if main_reloads and rank == 0 and reload_fits else 0
             writing = resting + 2 * largest_tensor
             on_device = reload if device == "cpu" else 0
-            export = fixed + (writing + on_device if RELOAD_ON_TOP_OF_STAGE else max(writing, on_device))
+            export = fixed + max(writing, on_device)
             ranks.append(RankMemory(rank=rank, stage=stage, replica=replica, blocks=blocks, params=held,
                                     trainable=trainable, weights=weights, gradients=gradients, optimizer=optimizer,
                                     activations=activations, fixed=fixed, checkpoint=checkpoint, export=export,
@@ -280,10 +279,11 @@ def lightest_cut(config, source_length: int, target_length: int, device: str = "
     the largest activations, so XXL on 16 GPUs at 512-token prompts peaks higher cut by memory than
     cut by compute, while a flan-t5-base-shaped model on 4 CPU processes peaks lower cut by memory.
     `layout.layers_per_stage` is taken as given."""
-    cuts = [plan_from_config(config, source_length, target_length, split_by="memory")]
-    if config.layout.layers_per_stage is None and cuts[0].stages > 1:
-        cuts = [plan_from_config(config, source_length, target_length, split_by=split)
-                for split in ("compute", "memory", "state")]
+    by_memory = plan_from_config(config, source_length, target_length, split_by="memory")
+    if config.layout.layers_per_stage is not None or by_memory.stages == 1:
+        return by_memory
+    cuts = [plan_from_config(config, source_length, target_length, split_by="compute"), by_memory,
+            plan_from_config(config, source_length, target_length, split_by="state")]
     return min(cuts, key=lambda cut: plan_memory(config, source_length, target_length, device,
                                                   cut).largest_process_bytes)
 

@@ -124,6 +124,13 @@ def cross_attention(layer: nn.Module, hidden: torch.Tensor, keys_values: Tuple[t
     return hidden + layer.dropout(_attend(layer.EncDecAttention, normed, keys_values[0], keys_values[1], bias))
 
 
+def _own_position_bias(layers: nn.ModuleList, hidden: torch.Tensor, keep: torch.Tensor):
+    """Block 0's relative position bias over `hidden`'s positions, from the table its
+    self-attention owns, and the same under the mask `keep`."""
+    bias = relative_bias(layers[0].SelfAttention, hidden.shape[1], hidden.shape[1])
+    return bias, masked(bias, keep)
+
+
 class EncoderBlock(nn.Module):
     """One encoder block over HF's own layers (so its parameters keep HF's names, `layer.0...`).
     Training calls it as a module, so FSDP2's hooks gather its weights just for its forward and
@@ -140,8 +147,7 @@ class EncoderBlock(nn.Module):
         table and returns (hidden, bias, masked bias); the others return the hidden states only (FSDP2
         hooks every tensor a unit returns, so a unit returns only what it computed)."""
         if masked_bias is None:
-            bias = relative_bias(self.layer[0].SelfAttention, hidden.shape[1], hidden.shape[1])
-            masked_bias = masked(bias, keep)
+            bias, masked_bias = _own_position_bias(self.layer, hidden, keep)
             return self.layer[-1](self_attention(self.layer[0], hidden, masked_bias)), bias, masked_bias
         return self.layer[-1](self_attention(self.layer[0], hidden, masked_bias))
 
@@ -158,8 +164,7 @@ class DecoderBlock(nn.Module):
         """As `EncoderBlock.forward` (block 0's mask is `causal`), with the encoder output it attends to."""
         made = masked_bias is None
         if made:
-            bias = relative_bias(self.layer[0].SelfAttention, hidden.shape[1], hidden.shape[1])
-            masked_bias = masked(bias, causal)
+            bias, masked_bias = _own_position_bias(self.layer, hidden, causal)
         hidden = self_attention(self.layer[0], hidden, masked_bias)
         hidden = cross_attention(self.layer[1], hidden, key_value(self.layer[1].EncDecAttention, encoder_output), cross)
         hidden = self.layer[-1](hidden)
