@@ -290,8 +290,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .backends.ipu.plan import IpuPlanRefused, plan_ipu
     from .data.features import prompt_cap
     from .layout import plan_from_config
+    from .models import model_size, size_note
 
     config = config_from_args(args)
+    note = size_note(config, model_size(config))
+    if note:
+        print("ipu-t5: " + note, file=sys.stderr)
     source = args.source_length or prompt_cap(config.data.max_source_length)
     target = args.target_length or config.validation.max_new_tokens or DEFAULT_PLAN_TARGET_LENGTH
     if config.layout.backend in ("torch", "single") or args.device_memory:

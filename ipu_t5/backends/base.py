@@ -45,9 +45,10 @@ class Backend(abc.ABC):
         self.plan = plan
 
     @classmethod
-    def layout_plan(cls, config: RunConfig, lengths: Lengths) -> LayoutPlan:
-        """The layout this backend runs for the data's token lengths (its default cut `split_by`)."""
-        return plan_from_config(config, lengths.source, lengths.target, split_by=cls.split_by)
+    def layout_plan(cls, config: RunConfig, lengths: Lengths, size=None) -> LayoutPlan:
+        """The layout this backend runs for the data's token lengths (its default cut `split_by`) and
+        the architecture `size` it builds (`models.model_size`)."""
+        return plan_from_config(config, lengths.source, lengths.target, split_by=cls.split_by, size=size)
 
     @classmethod
     def check_memory(cls, config: RunConfig, plan: LayoutPlan, lengths: Lengths) -> None:

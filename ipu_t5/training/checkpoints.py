@@ -8,7 +8,7 @@ from .. import checkpointing, lora
 from ..backends.optim import lr_at
 from ..checkpointing import rng, run_dir
 from ..errors import UserError
-from ..models import canonical_size, parameter_shapes
+from ..models import parameter_shapes
 
 
 class RunCheckpoints:
@@ -38,7 +38,7 @@ class RunCheckpoints:
             checkpointing.find_for_resume(self.backend, spec, self.output_dir, self._say)
         if found is None:
             return
-        checkpointing.check_architecture(found, canonical_size(self.config.model.name))
+        checkpointing.check_architecture(found, self.size)
         expected = parameter_shapes(self.hf_config)
         if lora.enabled(self.config):
             expected = self.adapter_shapes

@@ -24,7 +24,7 @@ from ..data.prepare import prepare_data
 from ..errors import UserError
 from ..layout import plan_from_config
 from ..model_source import run_source
-from ..models import canonical_size, parameter_shapes
+from ..models import canonical_size, model_size, parameter_shapes, size_note
 from ..tasks import build_task
 from .best_metric import BestMetric
 from .checkpoints import RunCheckpoints
@@ -79,8 +79,11 @@ class T5Trainer(RunCheckpoints, HfExport):
         # later): a run that cannot resume fails fast, and a resumed run builds its model from the
         # checkpoint's own config and tokenizer, so a preempted run restarts without the hub.
         candidate = checkpointing.resolve(resume, self.output_dir, lambda _: None, verify_data=False) if resume else None
+        # The architecture every backend builds and plans: the weights' own config.json where there are
+        # weights (the file is the truth), else the registry's `model.name`.
+        self.size = model_size(config, pretrained)
         if candidate is not None:
-            checkpointing.check_architecture(candidate, canonical_size(config.model.name))
+            checkpointing.check_architecture(candidate, self.size)
         if tokenizer is None and candidate is not None:
             tokenizer = candidate.tokenizer()
         backend_type = type(backend) if backend is not None else backend_class(
@@ -93,12 +96,15 @@ class T5Trainer(RunCheckpoints, HfExport):
         self.prompt_length = data.prompt_length
         self.lengths: Lengths = data.lengths
         self.train_tokens = data.train_tokens
-        self.plan = backend_type.layout_plan(config, self.lengths)
+        self.plan = backend_type.layout_plan(config, self.lengths, self.size)
         if backend is None:
             backend_type.check_memory(config, self.plan, self.lengths)
         self.backend = backend or backend_type(config, self.plan)
         if self.backend.lengths is None:
             self.backend.lengths = self.lengths
+        note = size_note(config, self.size)
+        if note:
+            self._say("ipu-t5: " + note)
         # Verified (every file's checksum) before any weight is read from it.
         found = checkpointing.find_for_resume(self.backend, resume, self.output_dir, self._say) if resume else None
         weights = None
@@ -210,7 +216,8 @@ class T5Trainer(RunCheckpoints, HfExport):
         log = self._claim()
         self._say("{}\n{}\nmodel: {} ({:.1f}M parameters{}), task {}: {} training / {} validation examples, "
                   "prompts up to {} tokens, targets up to {}".format(
-                      self.backend.description, self.plan.describe(), self.config.model.name,
+                      self.backend.description, self.plan.describe(),
+                      self.size.name if self.size.name != "custom" else "custom shape from its weights",
                       self.num_params / 1e6, self._trainable_note(),
                       self.task.name, len(self.train_tokens), len(self.eval_features) if self.eval_features is not None else 0,
                       self.lengths.source, self.lengths.target))

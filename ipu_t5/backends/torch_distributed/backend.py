@@ -63,12 +63,12 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
     name = "torch"
 
     @classmethod
-    def layout_plan(cls, config, lengths):
+    def layout_plan(cls, config, lengths, size=None):
         from .memory import lightest_cut
         from .memory_report import available_memory
 
         # The device the memory check will compare with (the same rule for GPUs or host RAM).
-        return lightest_cut(config, lengths.source, lengths.target, available_memory().device)
+        return lightest_cut(config, lengths.source, lengths.target, available_memory().device, size)
 
     @classmethod
     def check_memory(cls, config, plan, lengths):
