@@ -119,3 +119,30 @@ def test_a_shape_in_no_registry_entry_trains_alike_in_one_process_and_under_the_
     for run in ("one", "piped", "named"):
         exported = json.loads((tmp_path / run / "hf" / "config.json").read_text())
         assert (exported["d_model"], exported["num_layers"], exported["num_decoder_layers"]) == (96, 3, 2)
+
+
+@pytest.mark.core
+def test_the_ipu_backend_builds_and_places_the_weights_shape(custom_export, tmp_path, monkeypatch):
+    from ipu_t5.training.trainer import T5Trainer
+
+    from .backends.ipu import poptorch_standin
+
+    poptorch_standin.install(monkeypatch, ipus=64)
+    common = {"model.pretrained": str(custom_export), "training.max_steps": 2, "training.global_batch_size": 8,
+              "data.demo_train_samples": 200, "validation.do_eval": "false", "training.fp16": "false"}
+    runs = {}
+    for backend, extra in (("single", {}), ("ipu", {"layout.stages": 2})):
+        config = load_config("tiny", overrides=tiny_overrides(tmp_path / backend, **dict(
+            common, **{"layout.backend": backend}, **extra)))
+        trainer = T5Trainer(config)
+        trainer.train()
+        trainer.close()
+        runs[backend] = trainer
+    ipu = runs["ipu"]
+    assert ipu.backend.name == "ipu" and ipu.plan.size.name == "custom"
+    placed = [b for stage in ipu.plan.stage_blocks for b in stage]
+    assert all(b in placed for b in ipu.plan.size.block_names) and "encoder.2" in placed
+    one, other = losses(tmp_path / "single"), losses(tmp_path / "ipu")
+    assert one.keys() == other.keys() == {1, 2}
+    for step in one:
+        assert other[step] == pytest.approx(one[step], rel=1e-5)
