@@ -54,6 +54,10 @@ def test_the_layout_cuts_the_weights_architecture_not_the_named_size(custom_expo
     # Weights drawn at random: the registry's entry, and nothing to say.
     drawn = load_config("tiny", overrides=tiny_overrides(tmp_path / "drawn"))
     assert model_size(drawn) is SIZES["tiny"] and size_note(drawn, SIZES["tiny"]) is None
+    # The demo's export: the tiny entry with its tokenizer's smaller vocabulary, nothing to say either.
+    exported = dict(SIZES["tiny"].t5_config_kwargs(), vocab_size=238, model_type="t5")
+    size = size_from_hf_config(exported)
+    assert size.name == "tiny" and size.vocab_size == 238 and size_note(drawn, size) is None
 
 
 @pytest.mark.core

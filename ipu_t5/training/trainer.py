@@ -7,6 +7,7 @@ returns the fine-tuned model, as theirs does; ``export_hf`` writes the same and 
 Every argument after `config` may be left out; it is then built from the config.
 """
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -103,8 +104,8 @@ class T5Trainer(RunCheckpoints, HfExport):
         if self.backend.lengths is None:
             self.backend.lengths = self.lengths
         note = size_note(config, self.size)
-        if note:
-            self._say("ipu-t5: " + note)
+        if note and self.is_main_process:
+            tqdm.write("ipu-t5: " + note, file=sys.stderr)  # stdout may be a command's JSON
         # Verified (every file's checksum) before any weight is read from it.
         found = checkpointing.find_for_resume(self.backend, resume, self.output_dir, self._say) if resume else None
         weights = None
