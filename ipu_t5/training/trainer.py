@@ -30,6 +30,7 @@ from .best_metric import BestMetric
 from .checkpoints import RunCheckpoints
 from .hf_export import HfExport
 from .metrics_log import MetricsLog
+from .nonfinite import NonfiniteSteps
 from .signals import GracefulStop
 from .validation import generate_all, score, write_predictions
 
@@ -138,6 +139,8 @@ class T5Trainer(RunCheckpoints, HfExport):
         self.best = BestMetric(self.eval_config.metric_for_best_model, self.eval_config.greater_is_better,
                                self.eval_config.early_stopping_patience, self.eval_config.early_stopping_threshold)
         self.resumed_from: Optional[Path] = None
+        # Steps skipped for a loss or gradient norm that was not finite, and the current streak.
+        self.nonfinite = NonfiniteSteps(config.training.max_nonfinite_steps)
         # Where the latest `export_hf` / `save_hf_checkpoint` wrote the Hugging Face export.
         self.hf_path: Optional[Path] = None
         self._last_eval_step: Optional[int] = None
@@ -233,19 +236,28 @@ class T5Trainer(RunCheckpoints, HfExport):
                     result = self.backend.train_step(batch, self.step)
                     elapsed = time.perf_counter() - tick
                     self.step += 1
+                    self.nonfinite.record(result, self.step)
                     samples_done += len(batch.samples)
                     tokens = sum(len(s["input_ids"]) + len(s["labels"]) for s in batch.samples)
                     record = {"step": self.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                               "samples_per_second": len(batch.samples) / elapsed, "tokens_per_second": tokens / elapsed,
-                              "epoch": self.order.epoch + self.order.position / self.order.batches_per_epoch}
+                              "epoch": self.order.epoch + self.order.position / self.order.batches_per_epoch,
+                              "nonfinite": result.skipped, "nonfinite_steps": self.nonfinite.total}
                     log.log(record)
                     bar.update(1)
-                    if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                    if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps or result.skipped:
+                        skipped = {"nonfinite": self.nonfinite.total} if self.nonfinite.total else {}
                         bar.set_postfix(loss="{:.4f}".format(result.loss), lr="{:.2e}".format(result.lr),
-                                        samples_s="{:.1f}".format(samples_done / (time.perf_counter() - started)))
+                                        samples_s="{:.1f}".format(samples_done / (time.perf_counter() - started)),
+                                        **skipped)
+                    if self.nonfinite.exhausted:
+                        # Ends the run without its final save: the newest checkpoint stays the newest.
+                        raise UserError(self.nonfinite.stop_message(self.step, self._newest_checkpoint()))
                     improved = self._evaluate_in_loop() if self._eval_due() else False
                     save_steps = self.config.output.save_steps
-                    if save_steps and (self.step % save_steps == 0 or improved):
+                    # None while a streak of skipped steps lasts: the checkpoint before it stays the
+                    # newest, and rotation keeps it.
+                    if save_steps and (self.step % save_steps == 0 or improved) and not self.nonfinite.in_row:
                         self._save_periodic()
                     if self.best.should_stop:
                         stopped_early = True
