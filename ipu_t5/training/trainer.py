@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpointing, lora
 from ..backends import Backend, backend_class, resolve_backend_name
-from ..checkpointing import run_dir
+from ..checkpointing import lock, run_dir
 from ..config import RunConfig, ValidationConfig
 from ..data.batching import BatchOrder, GlobalBatch
 from ..data.features import Lengths
@@ -147,6 +147,8 @@ class T5Trainer(RunCheckpoints, HfExport):
         self._saved_step: Optional[int] = None
         self._stop: Optional[GracefulStop] = None
         self._claimed = False
+        # The main process took the run directory's lock at its first write (released by `close`).
+        self._lock_owed = False
         self._trained_out = False
         # The backend freed its model after the run's last export (export_hf(release_model=True)).
         self._released = False
@@ -170,12 +172,23 @@ class T5Trainer(RunCheckpoints, HfExport):
 
     def _claim(self) -> MetricsLog:
         if not self._claimed:
-            self.backend.on_main(lambda: run_dir.claim(self.output_dir, self.config.to_dict(),
-                                                self.config.output.overwrite_output_dir))
+            self._lock_owed = self.backend.on_main(self._lock_and_claim)
             self._claimed = True
             self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard,
                                    resumed_at=self.step if self.resumed_from else None)
         return self._log
+
+    def _lock_and_claim(self) -> bool:
+        """One writer per run directory (another live one is refused), then the directory is this
+        run's; whether a lock release is owed."""
+        owed = lock.acquire(self.output_dir, "T5Trainer")
+        try:
+            run_dir.claim(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
+        except BaseException:
+            if owed:
+                lock.release(self.output_dir)
+            raise
+        return owed
 
     def _write_json(self, name: str, data: Any) -> None:
         if self.is_main_process:
@@ -363,7 +376,10 @@ class T5Trainer(RunCheckpoints, HfExport):
         self._last_eval_step = self.step
 
     def close(self) -> None:
-        """Flush logs and release the backend."""
+        """Flush logs, release the backend and the run directory (another trainer may then write it)."""
         if self._log is not None:
             self._log.close()
+        if self._lock_owed and self.is_main_process:
+            lock.release(self.output_dir)
+        self._lock_owed = False
         self.backend.close()
