@@ -138,7 +138,9 @@ def writing(directory: Path, argv: List[str], config=None):
     trainer's main process takes it at its first write."""
     from .checkpointing import lock, run_dir
 
-    if launched_by_torchrun():
+    # A directory not made yet is locked by the trainer's first write, which makes it: a command
+    # refused before then (bad data, say) leaves nothing behind.
+    if launched_by_torchrun() or not Path(directory).is_dir():
         return contextlib.nullcontext()
     if config is not None:
         run_dir.holds_other_run(directory, config.to_dict(), config.output.overwrite_output_dir)
