@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional
 
 from ..backends.base import StepResult
 
-CAUSES = ("usually a learning rate too high for this model (lower training.learning_rate or add "
-          "training.warmup_steps) or values beyond float16's range (train in bfloat16 or float32)")
+CAUSES = ("the usual causes: a learning rate too high for this model (lower training.learning_rate or add "
+          "training.warmup_steps), or values beyond float16's range (train in bfloat16 or float32)")
 
 
 class NonfiniteSteps:
@@ -48,13 +48,13 @@ class NonfiniteSteps:
     def stop_message(self, step: int, checkpoint: Optional[Path]) -> str:
         """The one line a run stopped by its streak ends with."""
         return "step {}: the loss or gradient norm was not finite in {} steps in a row (training.max_nonfinite_steps), " \
-               "each skipped without updating the weights; {}. {}; it is {}.".format(
+               "each skipped without updating the weights; {}. {}; {}.".format(
                    step, self.in_row, self._last_loss(), _where_to_resume(checkpoint), CAUSES)
 
     def broken_weights_message(self, step: int, checkpoint: Optional[Path]) -> str:
         """The one line a run ends with when its weights themselves are no longer finite."""
         return "step {}: the model's weights are not finite, so they were neither checkpointed nor exported; {}. " \
-               "{}; it is {}.".format(step, self._last_loss(), _where_to_resume(checkpoint), CAUSES)
+               "{}; {}.".format(step, self._last_loss(), _where_to_resume(checkpoint), CAUSES)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"total": self.total, "in_row": self.in_row, "last_finite_loss": self.last_finite_loss,
@@ -72,4 +72,4 @@ class NonfiniteSteps:
 def _where_to_resume(checkpoint: Optional[Path]) -> str:
     if checkpoint is None:
         return "The run has no checkpoint to resume from"
-    return "The newest intact checkpoint is {} (resume from it with --resume {})".format(checkpoint, checkpoint)
+    return "The newest intact checkpoint is {} (--resume {} continues from it)".format(checkpoint, checkpoint)
