@@ -47,8 +47,8 @@ class NonfiniteSteps:
 
     def stop_message(self, step: int, checkpoint: Optional[Path]) -> str:
         """The one line a run stopped by its streak ends with."""
-        return "step {}: the loss or gradient norm was not finite in {} steps in a row (training.max_nonfinite_steps), " \
-               "each skipped without updating the weights; {}. {}; {}.".format(
+        return "step {}: the loss or gradient norm was not finite in {} steps in a row " \
+               "(training.max_nonfinite_steps), each skipped without updating the weights; {}. {}; {}.".format(
                    step, self.in_row, self._last_loss(), _where_to_resume(checkpoint), CAUSES)
 
     def broken_weights_message(self, step: int, checkpoint: Optional[Path]) -> str:
