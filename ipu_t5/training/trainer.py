@@ -148,6 +148,8 @@ class T5Trainer(RunCheckpoints, HfExport):
         # The backend freed its model after the run's last export (export_hf(release_model=True)).
         self._released = False
         self._log: Optional[MetricsLog] = None
+        # The checkpoint being written beside training (output.async_save).
+        self._saves = checkpointing.BackgroundSave()
         if found is not None:
             self._resume(found, weights_loaded=weights is not None)
 
@@ -165,13 +167,15 @@ class T5Trainer(RunCheckpoints, HfExport):
         if self.is_main_process:
             tqdm.write(message)
 
-    def _claim(self) -> MetricsLog:
+    def _claim(self, continuing: bool = False) -> MetricsLog:
+        """Make the output directory this run's and open its metrics log; `continuing`: this
+        process continues the run from its step even without a checkpoint (a restart)."""
         if not self._claimed:
             self.backend.on_main(lambda: run_dir.claim(self.output_dir, self.config.to_dict(),
                                                 self.config.output.overwrite_output_dir))
             self._claimed = True
             self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard,
-                                   resumed_at=self.step if self.resumed_from else None)
+                                   resumed_at=self.step if self.resumed_from or continuing else None)
         return self._log
 
     def _write_json(self, name: str, data: Any) -> None:
@@ -259,7 +263,9 @@ class T5Trainer(RunCheckpoints, HfExport):
                 stopped = str(during_validation)
             # Inside the handler, so that a second signal during this write exits at once.
             if (stopped or self.config.output.save_steps) and self._saved_step != self.step:
-                self._save_periodic()
+                self._save_periodic(final=True)
+            # A run ends with its last checkpoint in place.
+            self._saves.wait()
         self._stop = None
         seconds = time.perf_counter() - started
         summary = {"steps": self.step, "steps_this_run": self.step - first_step, "train_seconds": seconds,
@@ -352,6 +358,7 @@ class T5Trainer(RunCheckpoints, HfExport):
 
     def close(self) -> None:
         """Flush logs and release the backend."""
+        self._saves.close()
         if self._log is not None:
             self._log.close()
         self.backend.close()
