@@ -239,6 +239,11 @@ def launch(world_size: int, argv: List[str], args: argparse.Namespace, module: s
     per_node = int(command[command.index("--nproc-per-node") + 1])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_node)))
     os.environ[LAUNCHER_ENV] = "1"
+    if args.max_restarts:
+        # Restarted workers that share the rendezvous' store with the agent can read their peers'
+        # addresses of the failed attempt and fail to connect (pytorch/pytorch#135712): each
+        # attempt gets a store of its own.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if log_dir is not None:
         # Written to files, the workers' output would otherwise reach the terminal in blocks.
         os.environ["PYTHONUNBUFFERED"] = "1"
