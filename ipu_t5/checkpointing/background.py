@@ -25,7 +25,7 @@ Failed = Callable[[BaseException], BaseException]
 
 class BackgroundSave:
     """At most one checkpoint in flight, for one trainer: `save.save_checkpoint(...,
-    background=self)` starts it, `wait` finishes it; `close` (without raising) when done."""
+    background=self)` starts it, `wait` finishes it; `close` when the trainer closes."""
 
     def __init__(self) -> None:
         self._pending: Optional[Future] = None
@@ -91,8 +91,6 @@ class BackgroundSave:
             raise (UserError if user_error else RuntimeError)(message)
 
     def close(self) -> None:
-        """Let the write in flight end, without talking to the other processes (which may be gone):
-        it then is in place, or invisible."""
-        if self._pending is not None:
-            self._pending.exception()
-            self._pending = None
+        """Forget a write still in flight (a run ended by an error or a second signal, whose peers
+        may be gone): it ends in place, or invisible if the process exits first."""
+        self._pending = None
