@@ -31,6 +31,7 @@ class BackgroundSave:
         self._pending: Optional[Future] = None
         self._backend: Any = None
         self._group: Any = None
+        self._stager: Any = None
 
     @property
     def in_flight(self) -> bool:
@@ -47,7 +48,9 @@ class BackgroundSave:
         if shares is not None:
             if self._group is None:
                 self._group = dcp.background_group()
-            upload = dcp.start_save(shares, staging / SHARDED_DIR, self._group)
+            if self._stager is None:
+                self._stager = dcp.host_stager()
+            upload = dcp.start_save(shares, staging / SHARDED_DIR, self._group, self._stager)
         done: Future = Future()
         index, count, group, main = backend.process_index, backend.num_processes, self._group, backend.is_main_process
 
@@ -92,5 +95,9 @@ class BackgroundSave:
 
     def close(self) -> None:
         """Forget a write still in flight (a run ended by an error or a second signal, whose peers
-        may be gone): it ends in place, or invisible if the process exits first."""
+        may be gone): it ends in place, or invisible if the process exits first. The host buffers
+        are freed once no write uses them."""
         self._pending = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None

@@ -56,10 +56,24 @@ def background_group():
     return dist.new_group(backend="gloo")
 
 
-def start_save(state: Dict[str, Any], path: Path, group) -> Future:
+def host_stager():
+    """What copies a state to host memory for `start_save`, keeping its host buffers from one
+    checkpoint to the next (the first copy allocates them, later ones only copy: on the CPU about
+    a third of the first's time), pinned for a GPU's copies; `close()` it after the last save.
+    None on a torch without one (`start_save` then lets torch choose)."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        return None
+    return DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                                        use_async_staging=False, use_non_blocking_copy=False))
+
+
+def start_save(state: Dict[str, Any], path: Path, group, stager=None) -> Future:
     """torch.distributed.checkpoint's asynchronous save of `state` (every process its share) on
-    `group`: returns once the tensors are copied to host memory, with a Future of the written
-    files. On a torch without `dcp.async_save` (the SDK's 2.0) the save is done here, in full."""
+    `group`, copied to host memory by `stager` (`host_stager`): returns once the tensors are
+    copied, with a Future of the written files. On a torch without `dcp.async_save` (the SDK's
+    2.0) the save is done here, in full."""
     import torch.distributed.checkpoint as dcp
 
     if not hasattr(dcp, "async_save"):
@@ -67,10 +81,11 @@ def start_save(state: Dict[str, Any], path: Path, group) -> Future:
         transfer("save", state, path)
         done.set_result(None)
         return done
+    kwargs = {"async_stager": stager} if stager is not None else {}
     with warnings.catch_warnings():
         if group is None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return dcp.async_save(state, checkpoint_id=str(path), process_group=group, no_dist=group is None)
+        return dcp.async_save(state, checkpoint_id=str(path), process_group=group, no_dist=group is None, **kwargs)
 
 
 def all_gather(obj: Any, group) -> List[Any]:

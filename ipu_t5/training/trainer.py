@@ -264,8 +264,9 @@ class T5Trainer(RunCheckpoints, HfExport):
             # Inside the handler, so that a second signal during this write exits at once.
             if (stopped or self.config.output.save_steps) and self._saved_step != self.step:
                 self._save_periodic(final=True)
-            # A run ends with its last checkpoint in place.
+            # A run ends with its last checkpoint in place, and frees the host copies of its state.
             self._saves.wait()
+            self._saves.close()
         self._stop = None
         seconds = time.perf_counter() - started
         summary = {"steps": self.step, "steps_this_run": self.step - first_step, "train_seconds": seconds,

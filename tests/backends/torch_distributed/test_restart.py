@@ -146,3 +146,29 @@ def test_a_restarted_worker_continues_its_own_run(tmp_path, make_config, monkeyp
     assert resume_after_restart(other) is None
     monkeypatch.delenv("RANK")
     assert restart_count() == 0
+
+
+@pytest.mark.core
+def test_a_restart_before_the_first_checkpoint_starts_over_the_failed_attempts_output(make_config):
+    """No checkpoint yet: the restarted run starts from step 0 over its own first attempt's output
+    (not refused as a restart over checkpoints, nor as another run), and metrics.jsonl keeps each
+    step once, after the restart's record."""
+    import json
+
+    from ipu_t5.training.trainer import T5Trainer
+
+    values = {"training.max_steps": 3, "output.save_steps": "null", "validation.do_eval": "false"}
+    first = T5Trainer(make_config(**values))
+    first.train()
+    first.close()
+    before = losses(first.output_dir)
+    config = make_config(**values)
+    config.output.resume_from_checkpoint = None  # what resume_after_restart gives without checkpoints
+    again = T5Trainer(config)
+    again.record_restart(1)
+    again.train()
+    again.close()
+    records = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0] == {"event": "restart", "restart": 1, "step": 0, "resumed_from_step": 0}
+    assert [r["step"] for r in records[1:]] == [1, 2, 3]
+    assert losses(config.output_dir) == before
