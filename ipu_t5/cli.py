@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .backends.torch_distributed.launch import (add_cluster_flags, launched_by_torchrun, maybe_launch,
-                                               quiet_unless_main, record_crash, record_failure)
+                                               quiet_unless_main, record_crash, record_failure, restart_count,
+                                               resume_after_restart)
 from .errors import UserError
 
 # Dedicated flags and the config keys they set.
@@ -153,8 +154,14 @@ def _train(config, args: argparse.Namespace) -> int:
     from .checkpointing.export import fits_in_memory, reload_and_predict
     from .training.trainer import T5Trainer
 
+    # torchrun restarted every process after one failed (--max-restarts): continue, not start over.
+    restart = restart_count()
+    if restart:
+        config.output.resume_from_checkpoint = resume_after_restart(config)
     trainer = T5Trainer(config)
     try:
+        if restart:
+            trainer.record_restart(restart)
         summary = trainer.train()
         if "interrupted" in summary:
             if trainer.is_main_process:

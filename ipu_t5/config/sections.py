@@ -213,6 +213,9 @@ class OutputConfig:
     # "auto": the newest intact checkpoint in output_dir (or start afresh); or a checkpoint path.
     resume_from_checkpoint: Optional[str] = None
     report_to_tensorboard: bool = True
+    # Write periodic checkpoints beside the next steps, from a copy in host memory (one more copy
+    # of each process's weights and optimizer state while a write is in flight).
+    async_save: bool = False
 
 
 @dataclass
