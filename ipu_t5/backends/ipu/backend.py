@@ -33,6 +33,7 @@ from ..optim import adamw_kwargs, lr_at, param_groups, set_lr
 from .model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, checkpoint_every_block, hf_state_dict,
                     join_slices, load_hf_state_dict, place, slice_counts, slice_vocabulary, split_like_slices)
 from .hardware import ipu_hardware_available  # noqa: F401 (its home before hardware.py)
+from .batch_serial import popart_settings
 from .plan import IpuPlan, plan_ipu
 
 # PopART's names for AdamW's state of a weight: prefix + the weight's name in the wrapped model
@@ -240,6 +241,10 @@ class IpuBackend(Backend):
                 # forward pass (memory.py, cost.py); phased execution streams each phase's saved
                 # values out instead, so recomputation stays off there and its checkpoints are inert.
                 opts._Popart.set("autoRecomputation", RECOMPUTE_PIPELINE)
+            if plan.batch_serial is not None:
+                # One micro-batch per replica, sliced inside the program (batch_serial.py).
+                for key, value in popart_settings(plan.batch_serial).items():
+                    opts._Popart.set(key, value)
         else:
             opts.deviceIterations(plan.inference_device_iterations)
             opts.outputMode(poptorch.OutputMode.All)

@@ -322,10 +322,14 @@ def _choose_first(candidates: Sequence[IpuPlan], automatic: bool) -> Optional[Ip
 
 
 def _choose_fastest(candidates: Sequence[IpuPlan]) -> Optional[IpuPlan]:
-    """The fastest estimated step under the headroom target, else the fastest that fits."""
+    """The fastest estimated step under the headroom target, else the fastest that fits; among
+    estimates equal to a microsecond, the largest slices (fewer, larger matmuls per phase)."""
+    def key(plan: IpuPlan):
+        unit = plan.batch_serial.slice_size if plan.batch_serial else plan.layout.micro_batch_size
+        return round(plan.cost.step_seconds, 6), -unit
     for pool in ([p for p in candidates if p.peak_bytes <= HEADROOM * SRAM_BYTES], [p for p in candidates if p.fits]):
         if pool:
-            return min(pool, key=lambda p: p.cost.step_seconds)
+            return min(pool, key=key)
     return None
 
 
