@@ -78,6 +78,13 @@ def test_split_phases_train_as_one_process_does(standin, tmp_path, monkeypatch, 
         torch.testing.assert_close(have[name], want[name], rtol=1e-6, atol=1e-6)
     rows = samples(5, 3)
     assert backend.generate(rows, 4) == reference.generate(rows, 4)
+    # Generated with the key/value cache: an encoder executor once per batch, then a decoder-step
+    # executor per position, each compiled for its own phases; no whole-model executor.
+    assert backend.inference_model is None
+    encoder, step = backend.kv_generator.executors()
+    assert {b.split("/")[0].split(".")[0] for b, _ in encoder.trace} == {"embedding", "encoder"}
+    assert {b.split("/")[0].split(".")[0] for b, _ in step.trace} == {"embedding", "decoder", "lm_head"}
+    assert [e for e in standin.executors if not e.training] == [encoder, step]
 
 
 def test_checkpoints_move_between_split_phases_a_pipeline_and_one_process(monkeypatch, tmp_path):
