@@ -18,7 +18,6 @@ need no reset between batches. The step runs one micro-batch per call (device it
 several micro-batches in one call would share the caches. LoRA adapters are not applied on this
 path: an adapted split generates through the whole-model path (backend.py).
 """
-import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from ...data.batching import collate
 from ..base import trim_at_eos
+from .generation_cost import kv_batch
 from .split import AttentionPart, SplitT5, _wide, block_id
 
 
@@ -198,8 +198,3 @@ class KvGenerator:
             rows = torch.stack(tokens, dim=1).tolist()[:len(chunk)]
             generated += [trim_at_eos(row, eos_id) for row in rows]
         return generated
-
-
-def kv_batch(eval_batch: int, replicas: int) -> int:
-    """Samples per generation call: the evaluation batch rounded up to whole replicas."""
-    return int(math.ceil(eval_batch / replicas)) * replicas

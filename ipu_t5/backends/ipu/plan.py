@@ -30,7 +30,9 @@ from typing import List, Optional, Sequence
 from ...errors import UserError
 from ...layout import LayoutPlan, partition_costs, phased_only, pipeline_accumulation_needed, plan_layout
 from .batch_serial import SerialSchedule, serial_cost, slice_sizes
+from .calibration import calibrate
 from .cost import pipelined_cost, seconds, split_cost
+from .generation_cost import GenerationCost, best_generation, kv_batch
 from .memory import (SRAM_BYTES, Shapes, StateBytes, pipelined_ipu, pipelined_pieces, split_ipu, split_phases)
 from .report import HEADROOM, IpuPlan
 
@@ -227,6 +229,14 @@ def _phasing_reason(chosen: IpuPlan, candidates: Sequence[IpuPlan], reasons: Seq
     return "{}{}.".format(chosen_words, "; " + "; ".join(reasons) if reasons else "")
 
 
+def _validation(config, plan: IpuPlan, state: StateBytes) -> GenerationCost:
+    """Validation with the key/value cache on this plan's phases, at the calibrated rates."""
+    return best_generation(plan.layout.size, plan.split_phases, plan.ipus_per_phase, plan.embedding_serialization_factor,
+                           kv_batch(config.validation.per_device_eval_batch_size, plan.replicas), plan.replicas,
+                           plan.shards, plan.source_length, config.validation.max_new_tokens or plan.target_length,
+                           state.weight, state.matmul_proportion, HEADROOM, rates=calibrate().rates)
+
+
 def _schedule_reason(chosen: IpuPlan, other: Optional[IpuPlan]) -> str:
     """Why batch serialisation or gradient accumulation: bytes streamed per IPU and the step."""
     def words(plan: IpuPlan) -> str:
@@ -300,8 +310,9 @@ def plan_ipu(config, layout: LayoutPlan, source_length: int, target_length: int,
             chosen = _choose_fastest(candidates)
             if chosen is not None:
                 other = _choose_fastest([c for c in candidates if (c.batch_serial is None) != (chosen.batch_serial is None)])
-                chosen = dataclasses.replace(chosen, other_schedule=other, reason=" ".join(
-                    [_phasing_reason(chosen, candidates, reasons), _schedule_reason(chosen, other)]))
+                chosen = dataclasses.replace(chosen, other_schedule=other, generation=_validation(config, chosen, state),
+                                             reason=" ".join([_phasing_reason(chosen, candidates, reasons),
+                                                              _schedule_reason(chosen, other)]))
         if chosen is not None:
             return chosen
         if candidates:

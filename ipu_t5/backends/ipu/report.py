@@ -8,6 +8,7 @@ from . import cost
 from .batch_serial import SerialSchedule
 from .calibration import GRAPHCORE_BATCH, GRAPHCORE_LENGTH, Calibration, calibrate
 from .cost import StepCost, seconds
+from .generation_cost import GenerationCost
 from .memory import SRAM_BYTES, IpuMemory, Piece, SplitPhase
 
 # Automatic choices aim below the full SRAM: the estimate is not a compile.
@@ -45,6 +46,8 @@ class IpuPlan:
     # or None for gradient accumulation; and the best plan of the other schedule, for comparison.
     batch_serial: Optional[SerialSchedule] = None
     other_schedule: Optional["IpuPlan"] = None
+    # Phased execution: validation with the key/value cache, at the calibrated rates.
+    generation: Optional[GenerationCost] = None
 
     @property
     def ipus_per_replica(self) -> int:
@@ -139,7 +142,22 @@ class IpuPlan:
         if self.reason:
             lines.append("  " + self.reason)
         lines += self.calibrated_lines()
+        if self.generation is not None:
+            lines.append(self.generation_line())
         return lines
+
+    def generation_line(self) -> str:
+        g = self.generation
+        fits = "fits" if g.fits else "does NOT fit"
+        if g.best_batch and g.best_batch != g.batch:
+            fits += "; validation.per_device_eval_batch_size={} fits with headroom: {:.1f} min".format(
+                g.best_batch, g.best_seconds / 60)
+        return ("Validation of {:,} prompts (greedy, {} calls of {} prompts; kv_generation.py): {:.1f} min calibrated "
+                "with the key/value cache (an encoder executor of the embedding and encoder phases once per batch, a "
+                "decoder-step executor of the embedding, decoder and LM head phases per token, both on these IPUs; "
+                "fullest IPU {:,.0f} MB, {}), against {:.1f} min re-running the whole model per token.".format(
+                    g.prompts, g.calls, g.batch, g.seconds / 60, g.peak_bytes / 1e6, fits,
+                    g.whole_model_seconds / 60))
 
     def calibrated_lines(self) -> List[str]:
         """The estimate at rates calibrated on Graphcore's runs, and how it compares with theirs."""
@@ -229,6 +247,12 @@ class IpuPlan:
             "other_schedule_step_seconds": self.other_schedule.cost.step_seconds if self.other_schedule else None,
             "calibrated_step_seconds": self.calibrated(),
             "graphcore_workload": self.graphcore_workload(),
+            "validation": None if self.generation is None else {
+                "prompts": self.generation.prompts, "batch": self.generation.batch, "calls": self.generation.calls,
+                "kv_cache_seconds": self.generation.seconds, "whole_model_seconds": self.generation.whole_model_seconds,
+                "peak_bytes": self.generation.peak_bytes, "fits": self.generation.fits,
+                "best_batch": self.generation.best_batch or None,
+                "best_batch_kv_cache_seconds": self.generation.best_seconds or None},
             "published_step_seconds": self.published_step_seconds(),
             "ipus": [{"ipu": m.ipu, "ids": [r * n + m.ipu for r in range(self.replicas)], "blocks": list(m.blocks),
                       "params": m.params, "weights_bytes": m.weights, "gradients_bytes": m.gradients,
