@@ -50,6 +50,16 @@ def plans(calibration):
     return rows
 
 
+def validation():
+    """XXL on a Pod16 at Graphcore's validation settings (micro-batch 20, 268-token prompts, 5 new
+    tokens, 9,832 prompts): whole model per token against the key/value cache, calibrated."""
+    config = load_config("xxl", **{"validation.max_new_tokens": 5, "validation.per_device_eval_batch_size": 20})
+    g = plan_ipu(config, plan_from_config(config, 268, 5), 268, 5).generation
+    return {"prompts": g.prompts, "batch": g.batch, "whole_model_minutes": g.whole_model_seconds / 60,
+            "kv_cache_minutes": g.seconds / 60, "best_batch": g.best_batch, "best_batch_minutes": g.best_seconds / 60,
+            "graphcore_measured_minutes": 18.0}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -61,7 +71,7 @@ def main(argv=None) -> int:
                           "runs": [{"model": r.model, "ipus": r.ipus, "measured": r.measured,
                                     "predicted_base": r.base.step_seconds,
                                     "predicted_calibrated": r.base.step_seconds * calibration.factor}
-                                   for r in calibration.runs], "plans": rows}, indent=2))
+                                   for r in calibration.runs], "plans": rows, "validation": validation()}, indent=2))
         return 0
     print("Graphcore's runs modelled with the planner's costs:")
     for line in describe(calibration):
@@ -77,6 +87,11 @@ def main(argv=None) -> int:
                   " (gradient accumulation: {:.1f} GB)".format(r["other_schedule_streamed_gb_per_ipu"])
                   if r["other_schedule_streamed_gb_per_ipu"] else "", r["calibrated_seconds"],
                   r["single_term_range"][0], r["single_term_range"][1], r["graphcore_measured"]))
+    v = validation()
+    print("\nValidation, XXL on a Pod16, {prompts:,} prompts at Graphcore's settings (batch {batch}, 268-token prompts, "
+          "5 new tokens), calibrated: whole model per token {whole_model_minutes:.1f} min (Graphcore measured about "
+          "{graphcore_measured_minutes:.0f}); key/value cache {kv_cache_minutes:.1f} min, {best_batch_minutes:.1f} min "
+          "at batch {best_batch}".format(**v))
     return 0
 
 
