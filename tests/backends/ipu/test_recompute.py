@@ -4,6 +4,7 @@ computation unchanged either way (through the poptorch stand-in)."""
 import copy
 
 import pytest
+import torch
 
 from ipu_t5.backends.ipu.backend import RECOMPUTE_PIPELINE
 from ipu_t5.data.batching import GlobalBatch
@@ -78,9 +79,17 @@ def test_no_checkpoint_when_off_and_the_same_step_either_way(monkeypatch, tmp_pa
         standin = poptorch_standin.install(monkeypatch, ipus=4)
         backend, loss, training, _ = trained(standin, tmp_path / str(recompute), layout, recompute)
         results[recompute] = (loss, copy.deepcopy(backend.model_state_dict()), training.checkpoints,
-                              recomputation_modes(standin))
+                              recomputation_modes(standin), backend.ipu_plan.batch_serial)
     assert results[False][2] == [] and results[False][3] == []
     assert results[True][2] != []
-    assert results[True][0] == results[False][0]
     on, off = results[True][1], results[False][1]
-    assert list(on) == list(off) and all((on[n] == off[n]).all() for n in on)
+    assert list(on) == list(off)
+    if results[True][4] == results[False][4] or layout is PIPELINED:
+        assert results[True][0] == results[False][0]
+        assert all((on[n] == off[n]).all() for n in on)
+    else:
+        # Without recomputation the plan may take other slices (or gradient accumulation): the
+        # same step, added up in another order.
+        assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+        for name in on:
+            torch.testing.assert_close(on[name], off[name], rtol=1e-6, atol=1e-6)
