@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ipu_t5.backends.ipu import backend as ipu_backend_module
+from ipu_t5.backends.ipu.batch_serial import popart_settings
 from ipu_t5.backends.ipu.plan import plan_ipu
 from ipu_t5.backends.single import SingleProcessBackend
 from ipu_t5.data.batching import GlobalBatch
@@ -58,6 +59,15 @@ def test_split_phases_train_as_one_process_does(standin, tmp_path, monkeypatch, 
     for index, phase in enumerate(strategy.phases):
         expected = [0, 1, 2, 3] if phasing == "serial" else [index % 2, index % 2 + 2]
         assert [stage.ipu_id for stage in phase.stages] == expected
+    # Serial phases are batch-serialised (one micro-batch of 16 sliced by PopART inside the
+    # program, which the stand-in runs slice by slice); parallel ones accumulate micro-batches.
+    sets = {a["key"]: a["value"] for a in standin.named("poptorch.options._PopartOptions.set")}
+    accumulation = training.options.Training.value("gradientAccumulation", "gradient_accumulation")
+    if phasing == "serial":
+        assert plan.batch_serial is not None and plan.batch_serial.factor > 1 and accumulation == 1
+        assert sets == popart_settings(plan.batch_serial)
+    else:
+        assert plan.batch_serial is None and sets == {} and accumulation == plan.layout.micro_batches
     for step, seed in enumerate((1, 2)):
         batch = GlobalBatch(samples(16, seed))
         expected, got = reference.train_step(batch, step), backend.train_step(batch, step)
@@ -68,6 +78,13 @@ def test_split_phases_train_as_one_process_does(standin, tmp_path, monkeypatch, 
         torch.testing.assert_close(have[name], want[name], rtol=1e-6, atol=1e-6)
     rows = samples(5, 3)
     assert backend.generate(rows, 4) == reference.generate(rows, 4)
+    # Generated with the key/value cache: an encoder executor once per batch, then a decoder-step
+    # executor per position, each compiled for its own phases; no whole-model executor.
+    assert backend.inference_model is None
+    encoder, step = backend.kv_generator.executors()
+    assert {b.split("/")[0].split(".")[0] for b, _ in encoder.trace} == {"embedding", "encoder"}
+    assert {b.split("/")[0].split(".")[0] for b, _ in step.trace} == {"embedding", "decoder", "lm_head"}
+    assert [e for e in standin.executors if not e.training] == [encoder, step]
 
 
 def test_checkpoints_move_between_split_phases_a_pipeline_and_one_process(monkeypatch, tmp_path):
