@@ -64,7 +64,7 @@ class SingleProcessBackend(Backend):
 
     def setup(self, model) -> None:
         model = whole_model(model, self.device)
-        use_fast_ops(model, float32=self.eval_amp_dtype is None)
+        use_fast_ops(model)
         self.model = model.to(self.device)
         self.pad_id = model.config.pad_token_id
         self.eos_id = model.config.eos_token_id

@@ -116,7 +116,7 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         # The whole model on the meta device: its parts are cut into this rank's chunks, and only
         # those are materialised on this rank's device, their weights read or drawn by name.
         frame = source.meta_model()
-        use_fast_ops(frame, float32=self.eval_amp_dtype is None)
+        use_fast_ops(frame)
         hf = frame.config
         self.pad_id, self.eos_id, self.start_id = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
         self.d_model, self.heads, self.vocab, self.num_layers = hf.d_model, hf.num_heads, hf.vocab_size, hf.num_layers
