@@ -250,7 +250,8 @@ def table(report: Dict[str, Any]) -> str:
         rates = result.get("matrix_gflops")
         if rates:
             lines.append("{}: matrix products at its shapes (2048 rows): {}".format(model, "; ".join(
-                "{} {:.0f} GFLOP/s ({:.0f} to {:.0f})".format(p, r["gflops"], r["min_gflops"], r["max_gflops"])
+                "{} {:.0f} GFLOP/s ({:.0f} to {:.0f}; {:.0f} per CPU-second)".format(
+                    p, r["gflops"], r["min_gflops"], r["max_gflops"], r["gflops_per_cpu_second"])
                 for p, r in rates.items())))
     return "\n".join(lines)
 

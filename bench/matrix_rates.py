@@ -6,7 +6,8 @@ bound on what any trainer reaches in each precision, printed beside bench/compar
 Each shape is one of the model's products for a batch of `rows` tokens: the attention projections
 (d_model x inner), the gated feed-forward (d_model x d_ff, d_ff x d_model) and the LM head
 (d_model x vocabulary). Each runs for about `seconds` after a warm-up; the rate is the FLOPs of
-all shapes over their time (and each shape's own rate, for the range).
+all shapes over their time (and each shape's own rate, for the range). Per CPU-second too: on one
+thread of a machine shared with other work, that is the rate the core gives while it runs.
 """
 import argparse
 import json
@@ -29,15 +30,15 @@ def t5_shapes(model: str, rows: int) -> List[Tuple[int, int, int]]:
             (rows, size.d_model, size.vocab_size)]
 
 
-def rate(m: int, k: int, n: int, dtype, device, seconds: float) -> Tuple[float, float]:
-    """(FLOPs, seconds) of repeated (m x k) @ (k x n) products in `dtype`."""
+def rate(m: int, k: int, n: int, dtype, device, seconds: float) -> Tuple[float, float, float]:
+    """(FLOPs, seconds, CPU-seconds) of repeated (m x k) @ (k x n) products in `dtype`."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(k, n, generator=generator).to(device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up: oneDNN picks and caches its kernel
-    count, started = 0, time.perf_counter()
+    count, started, cpu = 0, time.perf_counter(), time.process_time()
     while True:
         torch.matmul(a, b)
         count += 1
@@ -45,7 +46,7 @@ def rate(m: int, k: int, n: int, dtype, device, seconds: float) -> Tuple[float, 
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         if elapsed >= seconds:
-            return 2.0 * m * k * n * count, elapsed
+            return 2.0 * m * k * n * count, elapsed, time.process_time() - cpu
 
 
 def matrix_rates(model: str, rows: int = 2048, seconds: float = 0.4) -> Dict[str, Dict[str, float]]:
@@ -56,9 +57,11 @@ def matrix_rates(model: str, rows: int = 2048, seconds: float = 0.4) -> Dict[str
     rates: Dict[str, Dict[str, float]] = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         measured = [rate(m, k, n, dtype, device, seconds) for m, k, n in t5_shapes(model, rows)]
-        each = [flops / elapsed / 1e9 for flops, elapsed in measured]
-        rates[name] = {"gflops": sum(f for f, _ in measured) / sum(e for _, e in measured) / 1e9,
-                       "min_gflops": min(each), "max_gflops": max(each)}
+        each = [flops / elapsed / 1e9 for flops, elapsed, _ in measured]
+        flops = sum(f for f, _, _ in measured)
+        rates[name] = {"gflops": flops / sum(e for _, e, _ in measured) / 1e9,
+                       "min_gflops": min(each), "max_gflops": max(each),
+                       "gflops_per_cpu_second": flops / sum(c for _, _, c in measured) / 1e9}
     return rates
 
 
