@@ -196,7 +196,8 @@ def _train(config, args: argparse.Namespace) -> int:
         if results is not None and fits:
             predictions = [json.loads(line) for line in open(config.output_dir / "eval_predictions.jsonl")]
             sample = predictions[:256]
-            reloaded = reload_and_predict(hf_dir, [p["prompt"] for p in sample])
+            reloaded = reload_and_predict(hf_dir, [p["prompt"] for p in sample],
+                                          bf16=results.get("precision") == "bfloat16")
             same = sum(r == p["generated"] for r, p in zip(reloaded, sample))
             example = sample[0]
             rows += [["export", "{} (reloaded with plain transformers: {}/{} predictions identical)".format(

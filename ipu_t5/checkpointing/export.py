@@ -328,15 +328,16 @@ def _check_reload(directory: Path, hf_config, dtype: torch.dtype,
     return difference, None
 
 
-def reload_and_predict(hf_dir: Path, prompts: List[str], batch_size: int = PREDICT_BATCH) -> List[str]:
+def reload_and_predict(hf_dir: Path, prompts: List[str], batch_size: int = PREDICT_BATCH, bf16: bool = False) -> List[str]:
     """Load an export with plain transformers (5.x: AutoModelForSeq2SeqLM + generate) and predict
-    greedily, as a user without ipu-t5 would, `batch_size` prompts at a time."""
+    greedily, as a user without ipu-t5 would, `batch_size` prompts at a time; under bfloat16
+    autocast where `bf16` (validation generated so: like is compared with like)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     model = AutoModelForSeq2SeqLM.from_pretrained(str(hf_dir)).eval()
     texts = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(prompts), batch_size):
             # Truncated at the tokenizer's model_max_length: the run's prompt length.
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True)

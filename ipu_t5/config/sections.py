@@ -72,7 +72,8 @@ class TrainingConfig:
     lr_scheduler_type: str = "constant"
     max_grad_norm: float = 1.0
     seed: int = 42
-    # None: bfloat16 autocast where the GPU supports it, float32 elsewhere.
+    # None: bfloat16 autocast where the device multiplies in it (GPUs with bfloat16, CPUs with
+    # AVX512-BF16 or AMX), float32 elsewhere; weights, optimizer state and the loss stay float32.
     bf16: Optional[bool] = None
     # float16 is the IPU's training precision (None: float16 on the IPU, off elsewhere, where T5
     # overflows in it).
@@ -123,6 +124,8 @@ class ValidationConfig:
     max_new_tokens: Optional[int] = None
     # Validate every N training steps as well as at the end; None: only at the end.
     eval_steps: Optional[int] = None
+    # Generation under bfloat16 autocast (true) or in float32 (false); None: as training computes.
+    bf16: Optional[bool] = None
     # The validation result that ranks evaluations (`trainer.best_metric`) and keeps the best
     # checkpoint; None: the task's lead score (accuracy for MNLI, rougeL for summarization, ...).
     metric_for_best_model: Optional[str] = None

@@ -368,6 +368,7 @@ class T5Trainer(RunCheckpoints, HfExport):
         predictions = self.postprocess(texts)
         result = score(self.task, self.metric, predictions, [r["reference"] for r in rows], self.eval_split,
                        self.step, seconds)
+        result["precision"] = "bfloat16" if self.backend.eval_amp_dtype == torch.bfloat16 else "float32"
         self._track_best(result)
         self.last_eval = result
         self._write_json("eval_results.json", result)
