@@ -15,8 +15,13 @@ two inference executors share the split model's weights (split.py):
   conditionally in a static graph); the encoder output crosses the host link each step.
 Slots past the current position are masked and each batch writes position 0 first, so the caches
 need no reset between batches. The step runs one micro-batch per call (device iterations 1):
-several micro-batches in one call would share the caches. LoRA adapters are not applied on this
-path: an adapted split generates through the whole-model path (backend.py).
+several micro-batches in one call would share the caches. A step streams its phases' weights in
+once whatever its batch, and its working set (one position) is far smaller than the encoder's
+(every prompt token), so the step takes the whole evaluation batch while the encoder runs it in
+the chunks the plan found to fit (`generation_cost.py`); the host joins their outputs. The host
+stops stepping once every prompt of the batch has produced the end-of-sequence token, as
+transformers' greedy `generate` does. LoRA adapters are not applied on this path: an adapted
+split generates through the whole-model path (backend.py).
 """
 from typing import Dict, List, Optional, Sequence
 
@@ -159,6 +164,9 @@ class KvGenerator:
     def __init__(self, backend, positions: int):
         poptorch, plan, t5 = backend.poptorch, backend.ipu_plan, backend.t5
         self.batch = kv_batch(backend.config.validation.per_device_eval_batch_size, plan.replicas)
+        # The plan's encoder chunk for this batch (the whole batch where the plan has no estimate).
+        self.encoder_batch = min(self.batch, plan.generation.encoder_batch if plan.generation is not None
+                                 and plan.generation.encoder_batch else self.batch)
         self.positions = positions
         dtype = next(t5.parameters()).dtype
         self.step_module = SplitDecoderStep(t5, self.batch // plan.replicas, positions, dtype)
@@ -184,17 +192,39 @@ class KvGenerator:
         generated: List[List[int]] = []
         for start in range(0, len(samples), self.batch):
             chunk = samples[start:start + self.batch]
-            padded = chunk + [chunk[-1]] * (self.batch - len(chunk))
-            tensors = collate(padded, pad_id, source_length=source_length)
+            tensors = collate(padded(chunk, self.batch), pad_id, source_length=source_length)
             activate(self.encoder)
-            memory = self.encoder(tensors["input_ids"], tensors["attention_mask"])
+            memory = self.encode(tensors["input_ids"], tensors["attention_mask"])
             activate(self.step)
             token = torch.full((self.batch, 1), start_id, dtype=torch.int64)
             tokens = []
+            finished = torch.zeros(self.batch, dtype=torch.bool)
             for position in range(max_new_tokens):
                 where = torch.full((self.batch,), position, dtype=torch.int64)
                 token = self.step(token, where, memory, tensors["attention_mask"]).to(torch.int64).view(self.batch, 1)
                 tokens.append(token[:, 0])
+                finished |= token[:, 0] == eos_id
+                if bool(finished.all()):
+                    break
             rows = torch.stack(tokens, dim=1).tolist()[:len(chunk)]
             generated += [trim_at_eos(row, eos_id) for row in rows]
         return generated
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder output of a batch, `encoder_batch` prompts per call (the last chunk padded)."""
+        outputs = []
+        for start in range(0, self.batch, self.encoder_batch):
+            ids, mask = input_ids[start:start + self.encoder_batch], attention_mask[start:start + self.encoder_batch]
+            rows = ids.shape[0]
+            outputs.append(self.encoder(padded(ids, self.encoder_batch), padded(mask, self.encoder_batch))[:rows])
+        return torch.cat(outputs, dim=0)
+
+
+def padded(rows, size: int):
+    """`rows` (a list or a tensor) filled up to `size` with copies of its last row: static shapes."""
+    missing = size - len(rows)
+    if missing <= 0:
+        return rows
+    if isinstance(rows, torch.Tensor):
+        return torch.cat([rows, rows[-1:].expand(missing, *rows.shape[1:])], dim=0)
+    return list(rows) + [rows[-1]] * missing

@@ -150,13 +150,15 @@ class IpuPlan:
         g = self.generation
         fits = "fits" if g.fits else "does NOT fit"
         if g.best_batch and g.best_batch != g.batch:
-            fits += "; validation.per_device_eval_batch_size={} fits with headroom: {:.1f} min".format(
-                g.best_batch, g.best_seconds / 60)
-        return ("Validation of {:,} prompts (greedy, {} calls of {} prompts; kv_generation.py): {:.1f} min calibrated "
-                "with the key/value cache (an encoder executor of the embedding and encoder phases once per batch, a "
-                "decoder-step executor of the embedding, decoder and LM head phases per token, both on these IPUs; "
-                "fullest IPU {:,.0f} MB, {}), against {:.1f} min re-running the whole model per token.".format(
-                    g.prompts, g.calls, g.batch, g.seconds / 60, g.peak_bytes / 1e6, fits,
+            fits += "; validation.per_device_eval_batch_size={} fits with headroom (encoder in chunks of {}): " \
+                    "{:.1f} min".format(g.best_batch, g.best_encoder_batch, g.best_seconds / 60)
+        return ("Validation of {:,} prompts (greedy, {} batches of {}; kv_generation.py): {:.1f} min calibrated with "
+                "the key/value cache (per batch an encoder executor of the embedding and encoder phases in chunks of "
+                "{}, then a decoder-step executor of the embedding, decoder and LM head phases per token over the "
+                "whole batch, its weights streamed once per token for all of it, both on these IPUs; every batch "
+                "counted at its full new tokens, which stopping once every prompt has ended only shortens; fullest "
+                "IPU {:,.0f} MB, {}), against {:.1f} min re-running the whole model per token.".format(
+                    g.prompts, g.calls, g.batch, g.seconds / 60, g.encoder_batch, g.peak_bytes / 1e6, fits,
                     g.whole_model_seconds / 60))
 
     def calibrated_lines(self) -> List[str]:
@@ -251,7 +253,9 @@ class IpuPlan:
                 "prompts": self.generation.prompts, "batch": self.generation.batch, "calls": self.generation.calls,
                 "kv_cache_seconds": self.generation.seconds, "whole_model_seconds": self.generation.whole_model_seconds,
                 "peak_bytes": self.generation.peak_bytes, "fits": self.generation.fits,
+                "encoder_batch": self.generation.encoder_batch,
                 "best_batch": self.generation.best_batch or None,
+                "best_encoder_batch": self.generation.best_encoder_batch or None,
                 "best_batch_kv_cache_seconds": self.generation.best_seconds or None},
             "published_step_seconds": self.published_step_seconds(),
             "ipus": [{"ipu": m.ipu, "ids": [r * n + m.ipu for r in range(self.replicas)], "blocks": list(m.blocks),

@@ -2,6 +2,7 @@
 replica's IPUs trains as one process does, under Hugging Face names, and the stand-in refuses
 what poptorch's phase rules refuse."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -191,3 +192,38 @@ def test_standin_refuses_a_plan_that_breaks_a_phase_rule(standin, kind, phases, 
 def test_standin_refuses_a_block_in_two_stages(standin):
     with pytest.raises(AssertionError, match="associated with more than one stage"):
         compile_phases("SerialPhasedExecution", [("a", 0), ("b", 1)], [("a", 0), ("d", 1)])
+
+
+def test_kv_generation_encodes_in_chunks_and_stops_when_every_prompt_has_ended(standin, tmp_path, monkeypatch):
+    """The decoder step takes the whole batch while the encoder runs it in the plan's chunks (the
+    last padded), and the host stops stepping once every prompt has produced EOS; the tokens equal
+    one process's greedy generation."""
+    def chunked(*args, **kwargs):
+        plan = plan_ipu(*args, **kwargs)
+        return dataclasses.replace(plan, generation=dataclasses.replace(plan.generation, encoder_batch=3))
+    monkeypatch.setattr(ipu_backend_module, "plan_ipu", chunked)
+    config = tiny_config(tmp_path, **PHASED)  # an evaluation batch of 8: encoder chunks of 3, 3 and 2
+    model = build_model(config, 512)
+    # Logits of EOS and of one other token only, of opposite signs: each step is EOS or that token
+    # by the sign of one column of the decoder output (column 26 of this seed's model: the prompts
+    # end at different positions, all well before 12).
+    with torch.no_grad():
+        model.decoder.final_layer_norm.weight.zero_()
+        model.decoder.final_layer_norm.weight[26] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[1, 26], model.lm_head.weight[7, 26] = 1.0, -1.0
+    reference = single_backend(tmp_path, model)
+    backend = ipu_backend(config, model)
+    assert backend.ipu_plan.generation.encoder_batch == 3 and backend.eos_id == reference.eos_id == 1
+    rows = samples(5, 3)
+    expected = reference.generate(rows, 12)
+    calls = len(standin.named("poptorch.PoplarExecutor.__call__"))
+    assert backend.generate(rows, 12) == expected
+    shapes = [[tuple(t.shape) for t in c["args"]] for c in standin.named("poptorch.PoplarExecutor.__call__")[calls:]]
+    encoder = [s for s in shapes if len(s) == 2]
+    steps = [s for s in shapes if len(s) == 4]
+    assert [s[0][0] for s in encoder] == [3, 3, 3]
+    assert all(s[0][0] == 8 and s[2][0] == 8 for s in steps)
+    # One step per position up to the last prompt's EOS (trimmed from its tokens), fewer than 12.
+    ended = [len(row) + 1 if len(row) < 12 else 12 for row in expected]
+    assert len(steps) == max(ended) < 12 and min(ended) < max(ended)

@@ -4,6 +4,7 @@ import pytest
 from ipu_t5.config import load_config
 from ipu_t5.errors import UserError
 from ipu_t5.backends.ipu.calibration import calibrate
+from ipu_t5.backends.ipu.generation_cost import GRAPHCORE_VALIDATION_SECONDS, generation_cost
 from ipu_t5.backends.ipu.memory import SRAM_BYTES
 from ipu_t5.backends.ipu.plan import IpuPlanRefused, plan_ipu
 from ipu_t5.backends.ipu.report import HEADROOM
@@ -291,12 +292,21 @@ def test_calibration_reproduces_graphcores_two_step_times_with_one_set_of_rates(
 def test_validation_estimate_with_the_key_value_cache():
     """At Graphcore's validation settings (micro-batch 20, 268-token prompts, 5 new tokens, 9,832
     prompts) the whole-model-per-token estimate at the calibrated rates lands within 15% of their
-    measured 18 minutes (the calibration saw only training steps); the key/value cache at least
-    halves it, and the plan names the largest batch that fits, which is faster again."""
-    plan = ipu_plan("xxl", 268, 8, **{"validation.max_new_tokens": 5, "validation.per_device_eval_batch_size": 20})
+    measured 18 minutes (the calibration saw only training steps); the key/value cache is faster at
+    their batch. The fastest batch that fits runs the decoder step over several encoder chunks at
+    once, faster than both executors at the largest batch the encoder fits, and within issue 25's
+    target of a third of Graphcore's 18 minutes."""
+    values = {"validation.max_new_tokens": 5, "validation.per_device_eval_batch_size": 20}
+    plan = ipu_plan("xxl", 268, 8, **values)
     g = plan.generation
-    assert (g.prompts, g.batch, g.calls) == (9832, 20, 492) and g.fits
-    assert abs(g.whole_model_seconds / (18 * 60) - 1) <= 0.15
-    assert g.seconds <= g.whole_model_seconds / 2
-    assert g.best_batch > 20 and g.best_seconds < g.seconds
+    assert (g.prompts, g.batch, g.calls, g.encoder_batch) == (9832, 20, 492, 20) and g.fits
+    assert abs(g.whole_model_seconds / GRAPHCORE_VALIDATION_SECONDS - 1) <= 0.15
+    assert g.seconds < g.whole_model_seconds
+    assert g.best_batch >= 2 * g.best_encoder_batch and g.best_seconds < g.seconds
+    one_batch = generation_cost(plan.layout.size, plan.split_phases, plan.ipus_per_phase,
+                                plan.embedding_serialization_factor, g.best_encoder_batch, plan.replicas, plan.shards,
+                                268, 5, 2, load_config("xxl", **values).ipu.matmul_proportion, rates=calibrate().rates)
+    assert one_batch.peak_bytes <= HEADROOM * SRAM_BYTES
+    assert g.best_seconds < one_batch.seconds
+    assert g.best_seconds <= GRAPHCORE_VALIDATION_SECONDS / 3
     assert "Validation of 9,832 prompts" in plan.table()
