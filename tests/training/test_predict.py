@@ -1,0 +1,149 @@
+"""Predictions for new data: `T5Trainer.predict` in the shape of Seq2SeqTrainer.predict, and
+`ipu-t5 predict` writing its file as it goes, refusing bad rows without touching what it wrote,
+continuing after kill -9 to the same file an uninterrupted run writes, and GLUE's submission file."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, run_cli, subprocess_env
+
+
+def _demo_rows(count, labels=True, seed=3):
+    from ipu_t5.tasks.demo.mnli import generate_splits
+
+    rows = generate_splits(seed, 10, count)["validation_mismatched"]
+    return [dict(r) if labels else {"idx": r["idx"], "premise": r["premise"], "hypothesis": r["hypothesis"]}
+            for r in rows]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.core
+def test_trainer_predict_returns_validations_predictions_and_metrics(trained):
+    trainer = trained["trainer"]
+    rows = trainer.eval_features
+    raw = [json.loads(line) for line in open(trained["output_dir"] / "eval_predictions.jsonl")]
+    from ipu_t5.tasks.demo.mnli import generate_splits
+
+    config = trainer.config
+    source = generate_splits(config.training.seed, config.data.demo_train_samples,
+                             config.data.demo_eval_samples)["validation_mismatched"]
+    found = trainer.predict(source)
+    assert found.generated == [r["generated"] for r in raw]
+    assert found.predictions == [r["prediction"] for r in raw]
+    assert found.label_ids == [r["reference"] for r in raw] and len(rows) == len(source)
+    assert found.metrics["accuracy"] == trained["results"]["accuracy"]
+    unlabelled = trainer.predict([{"premise": r["premise"], "hypothesis": r["hypothesis"]} for r in source[:20]])
+    assert unlabelled.label_ids is None and unlabelled.metrics is None
+    assert unlabelled.generated == found.generated[:20]
+
+
+@pytest.mark.core
+def test_predictions_file_drops_a_torn_line_and_refuses_another_runs_file(tmp_path):
+    from ipu_t5.errors import UserError
+    from ipu_t5.training.predict import PredictionsFile
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": 0, "generated": "a"}\n{"id": 1, "generated": "b"}\n{"id": 2, "gen')
+    assert PredictionsFile(path, 10).done == 2
+    assert path.read_text() == '{"id": 0, "generated": "a"}\n{"id": 1, "generated": "b"}\n'
+    with pytest.raises(UserError, match="holds 2 rows but the data have 1"):
+        PredictionsFile(path, 1)
+    path.write_text('{"id": 0}\n{"id": 5}\n')
+    with pytest.raises(UserError, match="line 2 is not row 1"):
+        PredictionsFile(path, 10)
+
+
+@pytest.mark.core
+def test_bad_rows_are_refused_in_one_line_and_the_file_is_untouched(trained, tmp_path):
+    export = trained["hf_dir"]
+    out = tmp_path / "p.jsonl"
+    out.write_text('{"id": 0, "generated": "kept"}\n')
+    rows = _demo_rows(5, labels=False)
+    cases = {
+        "no_column.jsonl": ([dict(r) for r in rows[:2]] + [{"premise": "x"}], "row 2 has no 'hypothesis' column"),
+        "empty.jsonl": ([dict(r) for r in rows[:3]] + [dict(rows[3], premise="  ")], "row 3 has an empty 'premise'"),
+    }
+    for name, (data, message) in cases.items():
+        done = run_cli(["predict", str(export), "--model", "tiny", "--data-files", "test={}".format(
+            _write(tmp_path / name, data)), "--out", str(out)])
+        assert done.returncode == 2, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()
+        assert len(last) == 1 and message in last[0] and name in last[0], done.stderr
+    (tmp_path / "broken.csv").write_text('premise,hypothesis\n"a,b\n')
+    done = run_cli(["predict", str(export), "--model", "tiny", "--data-files",
+                    "test={}".format(tmp_path / "broken.csv"), "--out", str(out)])
+    assert done.returncode == 2 and "broken.csv" in done.stderr.strip().splitlines()[-1], done.stderr
+    assert out.read_text() == '{"id": 0, "generated": "kept"}\n'
+
+
+def _predict(export, data, out, *extra):
+    return [sys.executable, "-m", "ipu_t5", "predict", str(export), "--model", "tiny", "--data-files",
+            "test={}".format(data), "--out", str(out), "--set", "validation.per_device_eval_batch_size=8"] + list(extra)
+
+
+@pytest.mark.slow
+def test_predict_killed_and_rerun_writes_the_uninterrupted_file(trained, tmp_path):
+    """kill -9 once some lines exist; the same command again ends with every row once, the file
+    byte for byte as an uninterrupted run's; the predictions are transformers' own."""
+    from ipu_t5.checkpointing.export import reload_and_predict
+
+    export, rows = trained["hf_dir"], _demo_rows(400, labels=False)
+    data = _write(tmp_path / "test.jsonl", rows)
+    whole = tmp_path / "whole.jsonl"
+    done = subprocess.run(_predict(export, data, whole), cwd=str(ROOT), env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "resumed.jsonl"
+    proc = subprocess.Popen(_predict(export, data, out), cwd=str(ROOT), env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (out.exists() and out.read_text().count("\n") >= 64):
+            assert proc.poll() is None, "the run ended before it was killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    written = out.read_text().count("\n")
+    assert 64 <= written < len(rows)
+    done = subprocess.run(_predict(export, data, out), cwd=str(ROOT), env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_bytes() == whole.read_bytes()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == list(range(len(rows)))
+    sample = lines[::10]
+    assert reload_and_predict(export, [line["prompt"] for line in sample]) == [line["generated"] for line in sample]
+
+
+@pytest.mark.slow
+def test_predict_under_two_stages_writes_what_one_process_writes_and_a_glue_file(trained, tmp_path):
+    from ipu_t5.tasks.mnli import LABELS
+
+    export, rows = trained["hf_dir"], _demo_rows(150, labels=False)
+    data = _write(tmp_path / "test_matched.jsonl", rows)
+    one = tmp_path / "one.jsonl"
+    done = run_cli(["predict", str(export), "--model", "tiny", "--data-files", "test_matched={}".format(data),
+                    "--out", str(one)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two.jsonl"
+    done = run_cli(["predict", str(export), "--model", "tiny", "--stages", "2", "--data-files",
+                    "test_matched={}".format(data), "--out", str(two), "--glue-submission", str(tmp_path / "glue")],
+                   env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert two.read_bytes() == one.read_bytes()
+    submission = (tmp_path / "glue" / "MNLI-m.tsv").read_text().splitlines()
+    predicted = [json.loads(line)["generated"] for line in one.read_text().splitlines()]
+    assert submission[0] == "index\tprediction"
+    assert [line.split("\t")[0] for line in submission[1:]] == [str(r["idx"]) for r in rows]
+    named = [(line.split("\t")[1], p) for line, p in zip(submission[1:], predicted) if p in LABELS]
+    assert len(named) > len(rows) // 2 and all(a == b for a, b in named)
