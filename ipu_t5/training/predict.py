@@ -50,8 +50,8 @@ def check_rows(dataset, task, where: str) -> List[Dict[str, Any]]:
                                 where, index, ", ".join(repr(c) for c in missing), task.name, ", ".join(row) or "none"))
         for column in task.input_columns:
             if row[column] is None or not str(row[column]).strip():
-                raise UserError("{} row {} has an empty '{}' field: every row needs text there; remove or fill "
-                                "that row.".format(where, index, column))
+                raise UserError("{} row {} has no text in '{}' (the field is missing or empty): every row needs "
+                                "text there; fill or remove that row.".format(where, index, column))
     return rows
 
 

@@ -68,15 +68,16 @@ def test_bad_rows_are_refused_in_one_line_and_the_file_is_untouched(trained, tmp
     out.write_text('{"id": 0, "generated": "kept"}\n')
     rows = _demo_rows(5, labels=False)
     cases = {
-        "no_column.jsonl": ([dict(r) for r in rows[:2]] + [{"premise": "x"}], "row 2 has no 'hypothesis' column"),
-        "empty.jsonl": ([dict(r) for r in rows[:3]] + [dict(rows[3], premise="  ")], "row 3 has an empty 'premise'"),
+        "no_column.jsonl": ([{"premise": r["premise"]} for r in rows], "row 0 has no 'hypothesis' column"),
+        "row_without.jsonl": ([dict(r) for r in rows[:2]] + [{"premise": "x"}], "row 2 has no text in 'hypothesis'"),
+        "empty.jsonl": ([dict(r) for r in rows[:3]] + [dict(rows[3], premise="  ")], "row 3 has no text in 'premise'"),
     }
     for name, (data, message) in cases.items():
         done = run_cli(["predict", str(export), "--model", "tiny", "--data-files", "test={}".format(
             _write(tmp_path / name, data)), "--out", str(out)])
         assert done.returncode == 2, done.stderr[-2000:]
-        last = done.stderr.strip().splitlines()
-        assert len(last) == 1 and message in last[0] and name in last[0], done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in done.stderr and message in last and name in last, done.stderr
     (tmp_path / "broken.csv").write_text('premise,hypothesis\n"a,b\n')
     done = run_cli(["predict", str(export), "--model", "tiny", "--data-files",
                     "test={}".format(tmp_path / "broken.csv"), "--out", str(out)])
