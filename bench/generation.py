@@ -28,7 +28,8 @@ if str(ROOT) not in sys.path:
 def _evaluate(spec, out: Path, stages: int, micro_batches) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    overrides = dict(spec["ours_overrides"], **{"output.output_dir": str(out), "output.overwrite_output_dir": "true"})
+    overrides = dict(spec["ours_overrides"], **{"output.output_dir": str(out), "output.overwrite_output_dir": "true",
+                                                "training.global_batch_size": spec["training"]["global_batch_size"]})
     if micro_batches:
         overrides["validation.generation_micro_batches"] = micro_batches
     command = [sys.executable, "-m", "ipu_t5", "evaluate", "--model", spec["model"]]
