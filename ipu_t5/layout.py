@@ -332,15 +332,17 @@ def plan_layout(
                       chunks_per_stage=chunks_per_stage, split_by=split_by)
 
 
-def plan_from_config(config, source_len: int = 128, target_len: int = 4, split_by: str = "memory") -> LayoutPlan:
+def plan_from_config(config, source_len: int = 128, target_len: int = 4, split_by: str = "memory",
+                     size=None) -> LayoutPlan:
     """The plan for a RunConfig, given the data's token lengths; `split_by` is the backend's
-    (`Backend.split_by`). Phased IPU execution (`ipu.execution_strategy=phased`) is no pipeline:
-    it keeps no minimum of micro-batches."""
-    from .models import canonical_size
+    (`Backend.split_by`); `size` the architecture the run builds (default `models.model_size`: the
+    weights' own config.json, else the registry's `model.name`). Phased IPU execution
+    (`ipu.execution_strategy=phased`) is no pipeline: it keeps no minimum of micro-batches."""
+    from .models import model_size
 
     layout = config.layout
     return plan_layout(
-        canonical_size(config.model.name), config.training.global_batch_size, layout.stages,
+        size or model_size(config), config.training.global_batch_size, layout.stages,
         layout.replicas, layout.micro_batch_size, layout.gradient_accumulation_steps,
         layout.layers_per_stage, layout.pipeline_schedule, source_len, target_len, split_by=split_by,
         pipelined=not phased_only(config),

@@ -2,7 +2,7 @@
 
 The registry holds each size's dimensions, so a layout or memory plan for XXL needs no weights.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -118,6 +118,80 @@ def canonical_size(name: str) -> ModelSize:
         raise UserError("unknown model '{}'. Known sizes: {}.{} (For other weights keep a size and "
                         "set model.pretrained=PATH.)".format(name, ", ".join(SIZES), hint))
     return SIZES[key]
+
+
+# ModelSize's fields as T5Config names them, with T5Config's defaults for keys a config.json may omit.
+_CONFIG_DEFAULTS = {"d_model": 512, "d_ff": 2048, "num_heads": 8, "d_kv": 64, "num_layers": 6,
+                    "num_decoder_layers": None, "vocab_size": 32128, "relative_attention_num_buckets": 32}
+
+
+def size_from_hf_config(hf_config, source: str = "the weights' config.json") -> ModelSize:
+    """The ModelSize of a T5 config (a `T5Config`, or a config.json's mapping): the registry's entry
+    when every dimension matches one, else a size named `custom` with the config's dimensions."""
+    read = hf_config.get if isinstance(hf_config, dict) else lambda key, default=None: getattr(hf_config, key, default)
+    model_type = read("model_type", "t5")
+    if model_type != "t5":
+        raise UserError("{} names a '{}' model, not a T5: ipu-t5 fine-tunes Flan-T5 checkpoints.".format(
+            source, model_type))
+    dims = {key: read(key, default) for key, default in _CONFIG_DEFAULTS.items()}
+    dims["num_decoder_layers"] = dims["num_decoder_layers"] or dims["num_layers"]
+    for size in SIZES.values():
+        if all(getattr(size, key) == value for key, value in dims.items() if key != "vocab_size"):
+            # A drawn model's vocabulary is its tokenizer's (the tiny demo's is below the entry's).
+            return size if size.vocab_size == dims["vocab_size"] else replace(size, vocab_size=dims["vocab_size"])
+    return ModelSize("custom", None, "custom", **dims)
+
+
+def _read_config_json(pretrained: str) -> Optional[dict]:
+    """The config.json beside weights `pretrained` (a directory, or a hub id from the cache or the
+    hub); None where there is none to read (the weights' loader refuses such a source itself)."""
+    import json
+
+    local = Path(pretrained).expanduser()
+    path = local / "config.json"
+    if not local.exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(pretrained, "config.json"))
+        except Exception:  # offline without a cached copy, or no such repository: the loader says so
+            return None
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError("cannot read {}: {}. Give a Hugging Face checkpoint directory whose config.json is "
+                        "valid JSON.".format(path, err)) from None
+
+
+def model_size(config, pretrained=None) -> ModelSize:
+    """The architecture a run builds: the weights' own config.json when the run starts from weights
+    (`pretrained`: a model, a T5Config, a directory or hub id; else `model.pretrained`), since the file
+    is the truth; the registry's entry of `model.name` when the weights are drawn."""
+    registered = canonical_size(config.model.name)
+    pretrained = config.model.pretrained if pretrained is None else pretrained
+    if pretrained is None:
+        return registered
+    if hasattr(pretrained, "config") or hasattr(pretrained, "d_model"):
+        return size_from_hf_config(getattr(pretrained, "config", pretrained))
+    data = _read_config_json(str(pretrained))
+    if data is None:
+        # A registry hub id not cached offline: its registry entry describes it.
+        return next((s for s in SIZES.values() if s.hub_id == str(pretrained)), registered)
+    return size_from_hf_config(data, "the config.json of '{}'".format(pretrained))
+
+
+def size_note(config, size: ModelSize) -> Optional[str]:
+    """One line where the weights' architecture is not the registry entry `model.name` names."""
+    if size.name == canonical_size(config.model.name).name:
+        return None
+    what = "Flan-T5 {}".format(size.name) if size.name != "custom" else \
+        "T5 of a shape in no registry entry (d_model {}, d_ff {}, {} heads, {}+{} blocks)".format(
+            size.d_model, size.d_ff, size.num_heads, size.num_layers, size.num_decoder_layers)
+    return ("model.name is '{}' but the weights are a {}: every backend builds and plans what the weights' "
+            "config.json describes.".format(config.model.name, what))
 
 
 def refuse_training_checkpoint(source: str) -> None:

@@ -19,6 +19,15 @@ class StepResult:
     loss: float
     grad_norm: float
     lr: float
+    # The loss or the gradient norm was not finite, so the weights were not updated (the same on
+    # every process: both are global before the decision).
+    skipped: bool = False
+
+
+def update_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Whether a step's global loss and gradient norm allow the optimizer to step: a NaN or an
+    infinity in either would carry into every weight (AdamW's moments keep it for good)."""
+    return bool(torch.isfinite(loss).all() and torch.isfinite(grad_norm).all())
 
 
 class Backend(abc.ABC):
@@ -45,9 +54,10 @@ class Backend(abc.ABC):
         self.plan = plan
 
     @classmethod
-    def layout_plan(cls, config: RunConfig, lengths: Lengths) -> LayoutPlan:
-        """The layout this backend runs for the data's token lengths (its default cut `split_by`)."""
-        return plan_from_config(config, lengths.source, lengths.target, split_by=cls.split_by)
+    def layout_plan(cls, config: RunConfig, lengths: Lengths, size=None) -> LayoutPlan:
+        """The layout this backend runs for the data's token lengths (its default cut `split_by`) and
+        the architecture `size` it builds (`models.model_size`)."""
+        return plan_from_config(config, lengths.source, lengths.target, split_by=cls.split_by, size=size)
 
     @classmethod
     def check_memory(cls, config: RunConfig, plan: LayoutPlan, lengths: Lengths) -> None:
@@ -123,6 +133,12 @@ class Backend(abc.ABC):
         in exactly one process's share ({} for processes that write none). Every process must call
         it. By default the main process writes the whole model (`model_state_dict`)."""
         return self.model_state_dict()
+
+    def weights_finite(self) -> bool:
+        """Whether every weight holds only finite values, the same answer on every process (every
+        process must call it): a model that is not is never checkpointed or exported."""
+        mine = all(bool(torch.isfinite(t).all()) for t in self.export_share().values())
+        return all(self.gather_object(mine))
 
     def checkpoint_state(self) -> Optional[Dict[str, Dict[str, Any]]]:
         """This process's share of the training state, for backends that save through

@@ -202,7 +202,8 @@ def check_architecture(checkpoint: Checkpoint, size) -> None:
     if differences:
         match = next((s.name for s in SIZES.values() if all(
             getattr(saved, k) == s.t5_config_kwargs()[k] for k in ARCHITECTURE)), None)
-        hint = "resume with --model {}".format(match) if match else "resume with the model size that wrote it"
+        hint = "resume with --model {}".format(match) if match else \
+            "resume with the --model or --pretrained the run started from"
         raise CheckpointError("checkpoint {} holds another model than this run's '{}': {}. {}, or "
                               "choose a checkpoint of this run.".format(
                                   checkpoint.path, size.name, ", ".join(differences), hint))

@@ -78,6 +78,9 @@ class TrainingConfig:
     # overflows in it).
     fp16: Optional[bool] = None
     logging_steps: int = 10
+    # Steps in a row whose loss or gradient norm is not finite (each skipped, the weights left as
+    # they were) before the run stops; docs/configuration.md says why 20.
+    max_nonfinite_steps: int = 20
     # torch.compile the training forward (single-process backend). Off by default: on CPUs it
     # compiles for minutes before it pays back, and torch 2.0.1 cannot compile on Python 3.11+.
     torch_compile: bool = False

@@ -289,7 +289,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                       generation_utilisation=utilisation(layout.stages, generating, target_length + 1))
 
 
-def lightest_cut(config, source_length: int, target_length: int, device: str = "cpu") -> LayoutPlan:
+def lightest_cut(config, source_length: int, target_length: int, device: str = "cpu", size=None) -> LayoutPlan:
     """The torch backend's default cut: of the compute-balanced cut, the memory-balanced one (the
     fastest within 5% of the least training state) and the one with the least training state
     however slow, the one whose fullest rank this plan puts lowest (on a tie, the faster, in that
@@ -297,12 +297,15 @@ def lightest_cut(config, source_length: int, target_length: int, device: str = "
     pipeline keeps the most micro-batches in flight on its first stages, whose encoder blocks carry
     the largest activations, so XXL on 16 GPUs at 512-token prompts peaks higher cut by memory than
     cut by compute, while a flan-t5-base-shaped model on 4 CPU processes peaks lower cut by memory.
-    `layout.layers_per_stage` is taken as given."""
-    by_memory = plan_from_config(config, source_length, target_length, split_by="memory")
+    `layout.layers_per_stage` is taken as given. `size`: the architecture (`plan_from_config`'s)."""
+    from ...models import model_size
+
+    size = size or model_size(config)
+    by_memory = plan_from_config(config, source_length, target_length, split_by="memory", size=size)
     if config.layout.layers_per_stage is not None or by_memory.stages == 1:
         return by_memory
-    cuts = [plan_from_config(config, source_length, target_length, split_by="compute"), by_memory,
-            plan_from_config(config, source_length, target_length, split_by="state")]
+    cuts = [plan_from_config(config, source_length, target_length, split_by="compute", size=size), by_memory,
+            plan_from_config(config, source_length, target_length, split_by="state", size=size)]
     return min(cuts, key=lambda cut: plan_memory(config, source_length, target_length, device,
                                                   cut).largest_process_bytes)
 
