@@ -25,13 +25,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _evaluate(spec, out: Path, stages: int, micro_batches) -> dict:
+def _evaluate(spec, out: Path, stages: int, micro_batches, max_eval_samples=None, threads=None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     overrides = dict(spec["ours_overrides"], **{"output.output_dir": str(out), "output.overwrite_output_dir": "true",
                                                 "training.global_batch_size": spec["training"]["global_batch_size"]})
     if micro_batches:
         overrides["validation.generation_micro_batches"] = micro_batches
+    if max_eval_samples:
+        overrides["data.max_eval_samples"] = max_eval_samples
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "ipu_t5", "evaluate", "--model", spec["model"]]
     if stages > 1:
         command += ["--stages", str(stages)]
@@ -54,6 +58,9 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, help="validation.generation_micro_batches (default: the plan's)")
     parser.add_argument("--eval-samples", type=int, default=600)
+    parser.add_argument("--max-eval-samples", type=int, help="validate only the first N prompts (shorter runs)")
+    parser.add_argument("--one-process-threads", type=int,
+                        help="OMP_NUM_THREADS of the one-process side (default: torch's, the machine's cores)")
     parser.add_argument("--prepare-steps", type=int, default=40)
     parser.add_argument("--workdir", help="keep the data and export here (reused when present)")
     args = parser.parse_args()
@@ -80,9 +87,12 @@ def main() -> None:
         order = [1, args.stages] if repeat % 2 == 0 else [args.stages, 1]
         found = {}
         for stages in order:
-            found[stages] = _evaluate(spec, workdir / "eval-{}-{}".format(stages, repeat), stages, args.micro_batches)
-            print("repeat {} stages {}: {:.1f} samples/s".format(repeat, stages, found[stages]["samples_per_second"]),
-                  file=sys.stderr, flush=True)
+            found[stages] = _evaluate(spec, workdir / "eval-{}-{}".format(stages, repeat), stages, args.micro_batches,
+                                      args.max_eval_samples, args.one_process_threads if stages == 1 else None)
+            # The machine is shared: each run's 1-minute load average beside its figure.
+            found[stages]["load"] = os.getloadavg()[0]
+            print("repeat {} stages {}: {:.1f} samples/s (load {:.1f})".format(
+                repeat, stages, found[stages]["samples_per_second"], found[stages]["load"]), file=sys.stderr, flush=True)
         runs.append(found)
     first = runs[0][1]
     identical = all(r[s]["generated"] == first["generated"] for r in runs for s in r)
@@ -104,10 +114,11 @@ def main() -> None:
     ratios = [s / o for s, o in zip(split, one)]
     print(json.dumps({
         "one_process_samples_per_second": one, "stages_samples_per_second": split, "ratios": ratios,
-        "ratio_range": [min(ratios), max(ratios)], "stages": args.stages, "micro_batches_in_flight": in_flight,
+        "ratio_range": [min(ratios), max(ratios)], "load_after_each_run": [[r[1]["load"], r[args.stages]["load"]] for r in runs], "stages": args.stages, "micro_batches_in_flight": in_flight,
         "predictions_identical_across_runs": identical,
         "differing_from_transformers_generate": sum(a != b for a, b in zip(first["generated"], reference)),
         "samples": len(first["generated"]), "accuracy": first["accuracy"],
+        "one_process_threads": args.one_process_threads or "torch default",
         "cache_bytes_per_stage_planned": stage_cache}, indent=2))
 
 

@@ -93,6 +93,10 @@ def _run(config, args, out: Path, pretrained, weights, tokenizer) -> int:
 
     task = build_task(config)
     split = _pick_split(config, args.split)
+    if args.glue_submission:
+        from .tasks.mnli import glue_file_name
+
+        glue_file_name(split, task)
     dataset, where = load_split(config, task, split)
     rows = check_rows(dataset, task, where)
     tokenizer = tokenizer or load_tokenizer(config)

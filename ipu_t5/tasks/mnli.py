@@ -81,15 +81,9 @@ def mnli() -> Task:
 GLUE_FILES = (("mismatched", "MNLI-mm.tsv"), ("matched", "MNLI-m.tsv"))
 
 
-def write_glue_submission(directory, split: str, task: Task, indices: List[Any], predictions: List[int]):
-    """GLUE's submission file for an MNLI test split (`index` and the label name, tab-separated):
-    MNLI-m.tsv for a split named *matched (test_matched), MNLI-mm.tsv for *mismatched. A prediction
-    that names no label is written as the most frequent predicted label (GLUE takes only labels), and
-    counted in the warning printed. Returns the file's path."""
-    import sys
-    from collections import Counter
-    from pathlib import Path
-
+def glue_file_name(split: str, task: Task) -> str:
+    """The GLUE submission file for `split` (MNLI-m.tsv for *matched, MNLI-mm.tsv for *mismatched);
+    checked before anything is generated, so a wrong split costs no prediction run."""
     if task.name != "mnli":
         raise UserError("--glue-submission writes MNLI's files; task '{}' has no GLUE submission format.".format(
             task.name))
@@ -97,6 +91,19 @@ def write_glue_submission(directory, split: str, task: Task, indices: List[Any],
     if name is None:
         raise UserError("--glue-submission needs the split named test_matched or test_mismatched (got '{}'): give "
                         "--data-files test_matched=PATH (or test_mismatched=PATH).".format(split))
+    return name
+
+
+def write_glue_submission(directory, split: str, task: Task, indices: List[Any], predictions: List[int]):
+    """GLUE's submission file for an MNLI test split (`index` and the label name, tab-separated),
+    named by `glue_file_name`. A prediction that names no label is written as the most frequent
+    predicted label (GLUE takes only labels), and counted in the warning printed. Returns the file's
+    path."""
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    name = glue_file_name(split, task)
     valid = [p for p in predictions if p != INVALID]
     fallback = Counter(valid).most_common(1)[0][0] if valid else 0
     invalid = len(predictions) - len(valid)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, run_cli, subprocess_env
+from tests.conftest import ROOT, run_cli, subprocess_env, tiny_overrides
 
 
 def _demo_rows(count, labels=True, seed=3):
@@ -148,3 +148,91 @@ def test_predict_under_two_stages_writes_what_one_process_writes_and_a_glue_file
     assert [line.split("\t")[0] for line in submission[1:]] == [str(r["idx"]) for r in rows]
     named = [(line.split("\t")[1], p) for line, p in zip(submission[1:], predicted) if p in LABELS]
     assert len(named) > len(rows) // 2 and all(a == b for a, b in named)
+
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """A tiny run of 2 steps that leaves a checkpoint and its export: what `predict` reads, not how
+    well it predicts."""
+    from ipu_t5 import checkpointing
+    from ipu_t5.config import load_config
+    from ipu_t5.training.trainer import T5Trainer
+
+    out = tmp_path_factory.mktemp("quick") / "run"
+    config = load_config("tiny", overrides=tiny_overrides(out, **{
+        "training.max_steps": 2, "output.save_steps": 2, "validation.do_eval": "false",
+        "data.demo_train_samples": 64, "data.demo_eval_samples": 8, "training.global_batch_size": 8}))
+    trainer = T5Trainer(config)
+    trainer.train()
+    trainer.save_hf_checkpoint()
+    trainer.close()
+    steps = checkpointing.list_steps(out)
+    return {"export": trainer.hf_path, "run": out, "checkpoint": checkpointing.step_path(out, steps[-1])}
+
+
+def _write_table(path, rows, delimiter):
+    import csv
+
+    with open(str(path), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.mark.core
+def test_predict_reads_an_export_a_run_and_a_checkpoint_and_jsonl_csv_tsv_with_or_without_labels(
+        quick_run, tmp_path, capsys):
+    """Every source and file type predicts the same texts as transformers on the export; labelled
+    data get references and the metric, unlabelled data neither."""
+    from ipu_t5.checkpointing.export import reload_and_predict
+    from ipu_t5.cli import main
+
+    labelled = [{k: r[k] for k in ("premise", "hypothesis", "label")} for r in _demo_rows(12)]
+    unlabelled = [{k: r[k] for k in ("premise", "hypothesis")} for r in labelled]
+    files = {"labelled.csv": _write_table(tmp_path / "labelled.csv", labelled, ","),
+             "unlabelled.tsv": _write_table(tmp_path / "unlabelled.tsv", unlabelled, "\t"),
+             "unlabelled.jsonl": _write(tmp_path / "unlabelled.jsonl", unlabelled)}
+    found = {}
+    for source in ("export", "run", "checkpoint"):
+        for name, data in files.items():
+            if source != "export" and name != "unlabelled.jsonl":
+                continue
+            out = tmp_path / "{}-{}.jsonl".format(source, name)
+            capsys.readouterr()
+            assert main(["predict", str(quick_run[source]), "--model", "tiny", "--data-files", "test={}".format(data),
+                         "--out", str(out), "--set", "validation.max_new_tokens=4"]) == 0
+            summary = json.loads(capsys.readouterr().out)
+            lines = [json.loads(line) for line in out.read_text().splitlines()]
+            assert [line["id"] for line in lines] == list(range(12)) and summary["rows"] == 12
+            if name.startswith("labelled"):
+                assert [line["reference"] for line in lines] == [r["label"] for r in labelled]
+                assert summary["accuracy"] == sum(line["prediction"] == line["reference"] for line in lines) / 12
+            else:
+                assert "reference" not in lines[0] and "accuracy" not in summary
+            found[(source, name)] = [(line["prompt"], line["generated"]) for line in lines]
+    first = found[("export", "labelled.csv")]
+    assert len(found) == 5 and all(texts == first for texts in found.values()), found
+    assert reload_and_predict(quick_run["export"], [p for p, _ in first]) == [g for _, g in first]
+
+
+@pytest.mark.core
+def test_glue_submission_names_the_mismatched_file_and_refuses_another_split_before_writing(quick_run, tmp_path):
+    from ipu_t5.cli import main
+    from ipu_t5.tasks.mnli import LABELS
+
+    rows = _demo_rows(9, labels=False)
+    data = _write(tmp_path / "mm.jsonl", rows)
+    out = tmp_path / "mm-predictions.jsonl"
+    common = ["--model", "tiny", "--set", "validation.max_new_tokens=4"]
+    assert main(["predict", str(quick_run["export"]), "--data-files", "test_mismatched={}".format(data),
+                 "--out", str(out), "--glue-submission", str(tmp_path / "glue")] + common) == 0
+    lines = (tmp_path / "glue" / "MNLI-mm.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and not (tmp_path / "glue" / "MNLI-m.tsv").exists()
+    assert [line.split("\t")[0] for line in lines[1:]] == [str(r["idx"]) for r in rows]
+    assert all(line.split("\t")[1] in LABELS for line in lines[1:])
+    other = tmp_path / "other.jsonl"
+    assert main(["predict", str(quick_run["export"]), "--data-files", "test={}".format(data), "--out", str(other),
+                 "--glue-submission", str(tmp_path / "glue2")] + common) == 2
+    assert not other.exists() and not (tmp_path / "glue2").exists()
