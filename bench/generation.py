@@ -2,6 +2,7 @@
 
     python bench/generation.py                    # flan-t5-small-shaped export, 600 prompts, 3 repeats
     python bench/generation.py --repeats 5 --stages 2 --micro-batches 4
+    python bench/generation.py --prepare-steps 4 --max-eval-samples 200 --one-process-threads 1   # as recorded
 
 Builds (once) MNLI-shaped data (bench/mnli_shaped.py) and a flan-t5-small-shaped export fine-tuned
 briefly so that it generates labels (bench/compare.py's `prepare`), then runs `ipu-t5 evaluate` on it
@@ -15,6 +16,7 @@ alternate and every repeat is reported, not only a median.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,7 +94,8 @@ def main() -> None:
             # The machine is shared: each run's 1-minute load average beside its figure.
             found[stages]["load"] = os.getloadavg()[0]
             print("repeat {} stages {}: {:.1f} samples/s (load {:.1f})".format(
-                repeat, stages, found[stages]["samples_per_second"], found[stages]["load"]), file=sys.stderr, flush=True)
+                repeat, stages, found[stages]["samples_per_second"], found[stages]["load"]),
+                file=sys.stderr, flush=True)
         runs.append(found)
     first = runs[0][1]
     identical = all(r[s]["generated"] == first["generated"] for r in runs for s in r)
@@ -114,7 +117,10 @@ def main() -> None:
     ratios = [s / o for s, o in zip(split, one)]
     print(json.dumps({
         "one_process_samples_per_second": one, "stages_samples_per_second": split, "ratios": ratios,
-        "ratio_range": [min(ratios), max(ratios)], "load_after_each_run": [[r[1]["load"], r[args.stages]["load"]] for r in runs], "stages": args.stages, "micro_batches_in_flight": in_flight,
+        "ratio_range": [min(ratios), max(ratios)], "median_ratio": statistics.median(ratios),
+        "median_samples_per_second": {"one_process": statistics.median(one), "stages": statistics.median(split)},
+        "load_after_each_run": [[r[1]["load"], r[args.stages]["load"]] for r in runs],
+        "stages": args.stages, "micro_batches_in_flight": in_flight,
         "predictions_identical_across_runs": identical,
         "differing_from_transformers_generate": sum(a != b for a, b in zip(first["generated"], reference)),
         "samples": len(first["generated"]), "accuracy": first["accuracy"],

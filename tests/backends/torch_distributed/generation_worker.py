@@ -23,7 +23,8 @@ def main() -> None:
     max_new_tokens, slots, batch = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
     config = load_config("tiny", overrides=[
         "model.pretrained={}".format(export), "layout.backend=torch", "layout.stages=2",
-        "validation.generation_micro_batches={}".format(slots), "validation.per_device_eval_batch_size={}".format(batch),
+        "validation.generation_micro_batches={}".format(slots),
+        "validation.per_device_eval_batch_size={}".format(batch),
         "validation.max_new_tokens={}".format(max_new_tokens), "output.output_dir={}".format(out / "run"),
         "layout.ddp_timeout=300"])
     task = build_task(config)
