@@ -1,4 +1,4 @@
-"""`ipu-t5 train | evaluate | export | plan | backend`: flags become config overrides.
+"""`ipu-t5 train | evaluate | predict | export | plan | backend`: flags become config overrides.
 
 This is the one place that turns a UserError into a single line and a non-zero exit."""
 import argparse
@@ -330,7 +330,7 @@ def cmd_backend(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipu-t5", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,export,plan,backend}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,plan,backend}")
     commands.required = True
     train = commands.add_parser("train", help="fine-tune, validate and export")
     _add_config_flags(train)
@@ -340,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(evaluate)
     add_cluster_flags(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+    from .predict_cli import add_predict_command
+
+    add_predict_command(commands, _add_config_flags, add_cluster_flags)
     export = commands.add_parser("export", help="turn a training checkpoint into a Hugging Face checkpoint")
     export.add_argument("checkpoint", help="a checkpoint directory (<output-dir>/checkpoints/step-N), or a run's "
                                            "output directory for its newest intact checkpoint")

@@ -102,6 +102,11 @@ class Backend(abc.ABC):
         """Greedy generation for a batch of feature samples; new token ids per sample, without the
         decoder start token, cut after the first end-of-sequence."""
 
+    def generation_window(self, batch_size: int) -> int:
+        """How many prompts one `generate` call should take when validation batches are
+        `batch_size`: one batch by default; a pipeline takes several, to keep its stages busy."""
+        return batch_size
+
     @abc.abstractmethod
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
         """The whole model's weights by Hugging Face parameter name, on CPU. Every process must call

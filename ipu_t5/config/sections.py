@@ -131,6 +131,9 @@ class ValidationConfig:
     metric_for_best_model: Optional[str] = None
     # None: greater is better unless the metric is a loss (Hugging Face's rule).
     greater_is_better: Optional[bool] = None
+    # Micro-batches in flight in each pipeline while it generates (torch backend, --stages > 1): at
+    # least the stages; None: twice the stages.
+    generation_micro_batches: Optional[int] = None
     # Stop training after this many validations in a row without improvement; None: never.
     early_stopping_patience: Optional[int] = None
     # How much the metric must improve to count as an improvement.

@@ -18,7 +18,7 @@ CHOICES = {
 POSITIVE = {
     "training.max_steps", "training.global_batch_size", "training.logging_steps", "training.max_nonfinite_steps",
     "validation.per_device_eval_batch_size", "validation.max_new_tokens", "validation.eval_steps",
-    "validation.early_stopping_patience",
+    "validation.early_stopping_patience", "validation.generation_micro_batches",
     "layout.stages", "layout.replicas", "layout.micro_batch_size",
     "layout.gradient_accumulation_steps", "layout.ddp_timeout", "data.max_source_length", "data.max_train_samples",
     "data.max_eval_samples", "data.demo_train_samples", "data.demo_eval_samples",
@@ -87,6 +87,11 @@ def validate(config: RunConfig) -> RunConfig:
         raise UserError("validation.early_stopping_patience={} needs validation during training: set "
                         "validation.eval_steps (and keep validation.do_eval=true).".format(
                             config.validation.early_stopping_patience))
+    in_flight = config.validation.generation_micro_batches
+    if in_flight is not None and in_flight < config.layout.stages:
+        raise UserError("validation.generation_micro_batches={} is fewer than the {} stages: a stage would wait for "
+                        "work at every position; give at least {} (or leave it unset: twice the stages).".format(
+                            in_flight, config.layout.stages, config.layout.stages))
     if config.layout.micro_batch_size and config.layout.gradient_accumulation_steps:
         raise UserError(
             "give layout.micro_batch_size or layout.gradient_accumulation_steps, not both: the other "

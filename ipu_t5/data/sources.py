@@ -116,6 +116,19 @@ def _available(config: RunConfig, task: Task) -> Dict[str, Callable[[], datasets
     return {split: (lambda s=split, p=path: _load_file(s, p)) for split, path in config.data.data_files.items()}
 
 
+def load_split(config: RunConfig, task: Task, split: str) -> Tuple[datasets.Dataset, str]:
+    """One split as it is (the rows to predict: the target column may be absent), and how to name
+    it in a message: the file's path, or the split of the hub or demo data."""
+    available = _available(config, task)
+    if split not in available:
+        raise UserError("no '{}' split in the {} data (it has: {}): name it with --split, or give the file "
+                        "with --data-files {}=PATH.".format(split, config.data.source, ", ".join(available) or "none",
+                                                             split))
+    where = "data file '{}'".format(config.data.data_files[split]) if config.data.source == "files" else \
+        "{} split '{}'".format(config.data.source, split)
+    return available[split](), where
+
+
 def check_examples(dataset: datasets.Dataset, task: Task, where: str, limit: Optional[int]) -> datasets.Dataset:
     """Cut to `limit` examples, then refuse empty data, missing columns or bad values."""
     if limit is not None and limit < len(dataset):

@@ -75,3 +75,45 @@ def mnli() -> Task:
         eval_split="validation_mismatched",
         demo=generate_splits,
     )
+
+
+# GLUE's submission file for each MNLI test split, by what the split's name ends with.
+GLUE_FILES = (("mismatched", "MNLI-mm.tsv"), ("matched", "MNLI-m.tsv"))
+
+
+def glue_file_name(split: str, task: Task) -> str:
+    """The GLUE submission file for `split` (MNLI-m.tsv for *matched, MNLI-mm.tsv for *mismatched);
+    checked before anything is generated, so a wrong split costs no prediction run."""
+    if task.name != "mnli":
+        raise UserError("--glue-submission writes MNLI's files; task '{}' has no GLUE submission format.".format(
+            task.name))
+    name = next((file for suffix, file in GLUE_FILES if split.lower().endswith(suffix)), None)
+    if name is None:
+        raise UserError("--glue-submission needs the split named test_matched or test_mismatched (got '{}'): give "
+                        "--data-files test_matched=PATH (or test_mismatched=PATH).".format(split))
+    return name
+
+
+def write_glue_submission(directory, split: str, task: Task, indices: List[Any], predictions: List[int]):
+    """GLUE's submission file for an MNLI test split (`index` and the label name, tab-separated),
+    named by `glue_file_name`. A prediction that names no label is written as the most frequent
+    predicted label (GLUE takes only labels), and counted in the warning printed. Returns the file's
+    path."""
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    name = glue_file_name(split, task)
+    valid = [p for p in predictions if p != INVALID]
+    fallback = Counter(valid).most_common(1)[0][0] if valid else 0
+    invalid = len(predictions) - len(valid)
+    if invalid:
+        print("ipu-t5: warning: {} of {} predictions name no label; written as '{}'.".format(
+            invalid, len(predictions), LABELS[fallback]), file=sys.stderr)
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path), "w") as f:
+        f.write("index\tprediction\n")
+        for index, prediction in zip(indices, predictions):
+            f.write("{}\t{}\n".format(index, LABELS[prediction if prediction != INVALID else fallback]))
+    return path

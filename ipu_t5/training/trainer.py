@@ -379,6 +379,20 @@ class T5Trainer(RunCheckpoints, HfExport):
         self.backend.on_main(self._record_best)
         return result
 
+    def predict(self, test_dataset, out: Optional[Union[str, Path]] = None):
+        """Generate for `test_dataset` (a `datasets.Dataset` or list of rows with the task's input
+        columns, targets optional), as `Seq2SeqTrainer.predict` does: a `PredictionOutput` of the
+        task's predictions, the references and metrics where every row is labelled, and the generated
+        texts. With `out`, the predictions file is written as it goes and continued if it exists
+        (`training/predict.py`)."""
+        from .predict import check_rows, predict_rows
+
+        self._refuse_if_released()
+        rows = check_rows(test_dataset, self.task, "prediction data")
+        return predict_rows(self.backend, self.tokenizer, self.task, rows, self.eval_config.per_device_eval_batch_size,
+                            self.eval_config.max_new_tokens or self.lengths.target, self.prompt_length, self.postprocess,
+                            self.is_main_process, None if out is None else Path(out), self.metric)
+
     def _raise_if_stopped(self) -> None:
         """Between validation batches inside the training loop: a stop signal ends the validation."""
         signal_name = self._stop_requested() if self._stop is not None else None

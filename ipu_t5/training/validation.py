@@ -9,21 +9,29 @@ from tqdm.auto import tqdm
 
 
 def generate_all(backend, rows: List[Dict], batch_size: int, max_new_tokens: int, show_progress: bool,
-                 before_batch: Optional[Callable[[], None]] = None) -> Tuple[List[List[int]], float]:
+                 before_batch: Optional[Callable[[], None]] = None, desc: str = "validation",
+                 on_window: Optional[Callable[[List[int], List[List[int]]], None]] = None,
+                 ) -> Tuple[List[List[int]], float]:
     """Greedy generation over every row, in batches of similar prompt lengths; the new token ids
-    per row (in the rows' order) and the seconds it took. `before_batch` runs before each batch
-    (the trainer's check for a stop signal)."""
+    per row (in the rows' order) and the seconds it took. The backend takes
+    `backend.generation_window(batch_size)` rows a call (a pipeline several batches). `before_batch`
+    runs before each call (the trainer's check for a stop signal); `on_window(indices, ids)` after
+    each, with the rows' indices and their ids."""
     # Longest first: similar lengths share a batch, so little padding is generated over.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     generated: List[List[int]] = [[] for _ in rows]
+    window = max(1, backend.generation_window(batch_size))
     started = time.perf_counter()
-    with tqdm(total=len(rows), desc="validation", unit="sample", disable=not show_progress, dynamic_ncols=True) as bar:
-        for start in range(0, len(order), batch_size):
+    with tqdm(total=len(rows), desc=desc, unit="sample", disable=not show_progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(order), window):
             if before_batch is not None:
                 before_batch()
-            chunk = order[start:start + batch_size]
-            for index, ids in zip(chunk, backend.generate([rows[i] for i in chunk], max_new_tokens)):
+            chunk = order[start:start + window]
+            found = backend.generate([rows[i] for i in chunk], max_new_tokens)
+            for index, ids in zip(chunk, found):
                 generated[index] = ids
+            if on_window is not None:
+                on_window(chunk, found)
             bar.update(len(chunk))
     return generated, time.perf_counter() - started
 

@@ -26,6 +26,8 @@ Counted per rank, on its device (the GPU, or the host for CPU processes):
   for the gradients being computed.
 - fixed: what a process holds before any weight (CPU: torch, transformers, tokenizer and data,
   measured; GPU: the CUDA context and communication buffers, an estimate).
+- generation: the caches of the micro-batches in flight while validating (`generation_plan`): a whole
+  validation batch's (its micro-batches are all in flight), beside the weights and moments.
 Peaks: training (all of the above at once, as DeepSpeed and the IPU planner count: it errs high);
 checkpoint (weights and moments between steps, the largest tensor twice while it is written and
 checksummed); end-of-run export (moments released, the largest tensor twice while written and read
@@ -41,6 +43,7 @@ from ...layout import LayoutPlan, plan_from_config
 from ...models import ModelSize
 from ...t5_shapes import Shapes, block_part, part_activations
 from ..precision import cpu_multiplies_bf16
+from .generation_plan import cache_bytes, slots, utilisation
 
 # Measured with bench/memory.py on this project's 2-core CPU machine (psutil RSS, torch 2.13,
 # transformers 5.x): a rank's resident memory before it holds a weight (torch, transformers, the
@@ -103,15 +106,21 @@ class RankMemory:
     on_host: bool = True
     # The reload check's whole float32 model in host memory (the main process, where it fits).
     reload_check: int = 0
+    # Generation's caches in flight (validation between steps: no gradients, no activations).
+    generation: int = 0
 
     @property
     def training(self) -> int:
         return self.fixed + self.weights + self.gradients + self.optimizer + self.activations
 
     @property
+    def validation(self) -> int:
+        return self.fixed + self.weights + self.optimizer + self.generation
+
+    @property
     def peak(self) -> int:
         """The most this rank holds on its device at any time."""
-        return max(self.training, self.checkpoint, self.export, self.startup if self.on_host else 0)
+        return max(self.training, self.validation, self.checkpoint, self.export, self.startup if self.on_host else 0)
 
     @property
     def host_peak(self) -> int:
@@ -127,7 +136,8 @@ class RankMemory:
                 "activations_bytes": self.activations, "fixed_bytes": self.fixed, "training_bytes": self.training,
                 "checkpoint_bytes": self.checkpoint, "export_bytes": self.export,
                 "startup_peak_bytes": self.startup, "peak_bytes": self.peak, "host_peak_bytes": self.host_peak,
-                "reload_check_bytes": self.reload_check}
+                "reload_check_bytes": self.reload_check, "generation_cache_bytes": self.generation,
+                "validation_bytes": self.validation}
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,10 @@ class MemoryPlan:
     source_length: int
     target_length: int
     ranks: Tuple[RankMemory, ...]
+    # Micro-batches in flight per pipeline while generating, and the share of time a stage then
+    # computes on paper (`generation_plan.utilisation`, an encoder pass and `target_length` positions).
+    generation_micro_batches: int = 1
+    generation_utilisation: float = 1.0
 
     @property
     def largest_process_bytes(self) -> int:
@@ -228,6 +242,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
     main_reloads = config.validation.do_eval
     reload_fits = host_bytes is None or WEIGHT_BYTES * total * CHECK_MARGIN <= host_bytes
     ranks: List[RankMemory] = []
+    generating = slots(config.validation.generation_micro_batches, layout.stages)
     for stage in range(layout.stages):
         chunks = layout.chunks_of(stage)
         blocks = tuple(b for c in chunks for b in layout.stage_blocks[c])
@@ -259,6 +274,8 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
         # whole chunk before it is sharded); a GPU rank stages one tensor at a time.
         startup = PROCESS_BYTES + (WEIGHT_BYTES * held + (WEIGHT_BYTES * held // replicas if fsdp else 0)
                                    if device == "cpu" else largest_tensor)
+        caches = cache_bytes(size, blocks, config.validation.per_device_eval_batch_size, source_length, target_length,
+                             act) if config.validation.do_eval else 0
         for replica in range(replicas):
             rank = stage * replicas + replica
             reload = int(RELOAD_COPIES * WEIGHT_BYTES * total) if main_reloads and rank == 0 and reload_fits else 0
@@ -268,9 +285,11 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
             ranks.append(RankMemory(rank=rank, stage=stage, replica=replica, blocks=blocks, params=held,
                                     trainable=trainable, weights=weights, gradients=gradients, optimizer=optimizer,
                                     activations=activations, fixed=fixed, checkpoint=checkpoint, export=export,
-                                    startup=startup, on_host=device == "cpu", reload_check=reload))
+                                    startup=startup, on_host=device == "cpu", reload_check=reload, generation=caches))
     return MemoryPlan(layout=layout, device=device, activation_bytes=act, data_parallel=config.layout.data_parallel,
-                      lora=lora, source_length=source_length, target_length=target_length, ranks=tuple(ranks))
+                      lora=lora, source_length=source_length, target_length=target_length, ranks=tuple(ranks),
+                      generation_micro_batches=generating,
+                      generation_utilisation=utilisation(layout.stages, generating, target_length + 1))
 
 
 def lightest_cut(config, source_length: int, target_length: int, device: str = "cpu", size=None) -> LayoutPlan:

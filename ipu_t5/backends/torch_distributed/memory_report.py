@@ -107,6 +107,12 @@ class MemoryReport:
                  .format(self.plan.source_length, self.plan.target_length, act),
                  line(header)] + [line(r) for r in rows]
         lines.append(self.verdict())
+        if layout.stages > 1:
+            lines.append("generation: {} micro-batches in flight per pipeline (validation.generation_micro_batches), "
+                         "each stage computing {:.0%} of the time on paper (an encoder pass and {} positions per "
+                         "micro-batch); their caches, up to {} GB on a rank, are in the peaks.".format(
+                             self.plan.generation_micro_batches, self.plan.generation_utilisation,
+                             self.plan.target_length, gb(max(r.generation for r in self.plan.ranks))))
         lines.append("On GPUs (one rank per GPU, bfloat16 autocast unless training.bf16=false): " + "; ".join(
             "{} {}".format(name, "fits" if ok else "does NOT fit") for name, _, ok in self.gpus) + ".")
         lines.append("start-up: host memory while each rank reads its own weights tensor by tensor (largest {} GB). "
@@ -151,6 +157,8 @@ class MemoryReport:
             "launcher_bytes": LAUNCHER_BYTES if len(self.plan.ranks) > 1 else 0,
             "largest_peak_bytes": self.plan.largest_process_bytes, "node_peak_bytes": self.plan.node_sum_bytes(self.nodes),
             "startup_peak_bytes": self.plan.startup_peak_bytes, "fits": self.fits,
+            "generation_micro_batches": self.plan.generation_micro_batches,
+            "generation_utilisation": self.plan.generation_utilisation,
             "gpus": [{"name": name, "memory_bytes": memory, "fits": ok} for name, memory, ok in self.gpus],
             "ranks": [r.to_dict() for r in self.plan.ranks],
         }

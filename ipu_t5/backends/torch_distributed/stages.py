@@ -316,13 +316,13 @@ class StageChunk(nn.Module):
         return {"hidden": state["hidden"], "encoder_bias": state["encoder_bias"]}
 
     @torch.no_grad()
-    def start_decoding(self, encoder_output: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Cache every decoder block's cross-attention keys and values for a new batch."""
+    def start_decoding(self, encoder_output: torch.Tensor, attention_mask: torch.Tensor) -> "DecodingCache":
+        """A new micro-batch's caches: every decoder block's cross-attention keys and values, and
+        their (so far empty) self-attention keys and values. Each micro-batch in flight keeps its own."""
         with self._autocast(self.eval_amp_dtype):
-            self._cross = [key_value(self.decoder.block[str(i)].layer[1].EncDecAttention, encoder_output)
-                           for i in self.decoder_ids]
-        self._cross_bias = cross_bias(attention_mask, encoder_output.dtype)
-        self._self_cache: List[List[torch.Tensor]] = [[] for _ in self.decoder_ids]
+            cross = [key_value(self.decoder.block[str(i)].layer[1].EncDecAttention, encoder_output)
+                     for i in self.decoder_ids]
+        return DecodingCache(cross, cross_bias(attention_mask, encoder_output.dtype), [[] for _ in self.decoder_ids])
 
     @torch.no_grad()
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -332,25 +332,32 @@ class StageChunk(nn.Module):
             return self.shared(tokens)
 
     @torch.no_grad()
-    def decode_step(self, position: int, hidden: torch.Tensor, decoder_bias: Optional[torch.Tensor] = None):
-        """One new position through this chunk's decoder blocks. The chunk holding `decoder.0` takes
-        the embedded previous tokens (`embed_tokens`); later chunks take its hidden states and
-        position bias. Returns (hidden, decoder_bias) for the next chunk, or the logits (batch, vocab)."""
+    def decode_step(self, position: int, hidden: torch.Tensor, decoder_bias: Optional[torch.Tensor],
+                    cache: "DecodingCache"):
+        """One new position of the micro-batch whose caches are `cache` through this chunk's decoder
+        blocks. The chunk holding `decoder.0` takes the embedded previous tokens (`embed_tokens`);
+        later chunks take its hidden states and position bias. Returns (hidden, decoder_bias) for the
+        next chunk, or the logits (batch, vocab)."""
         with self._autocast(self.eval_amp_dtype):
             if self.starts_decoder:
                 decoder_bias = relative_bias(self.decoder.block["0"].layer[0].SelfAttention, 1, position + 1, past=position)
             for j, i in enumerate(self.decoder_ids):
                 block = self.decoder.block[str(i)]
-                hidden = self_attention(block.layer[0], hidden, decoder_bias, self._self_cache[j])
-                hidden = cross_attention(block.layer[1], hidden, self._cross[j], self._cross_bias)
+                hidden = self_attention(block.layer[0], hidden, decoder_bias, cache.self_attention[j])
+                hidden = cross_attention(block.layer[1], hidden, cache.cross[j], cache.cross_bias)
                 hidden = block.layer[-1](hidden)
             if self.has_head:
                 return self._logits(hidden)[:, -1]
         return hidden, decoder_bias
 
-    def end_decoding(self) -> None:
-        """Free the caches of the last batch."""
-        self._cross, self._self_cache = [], []
+
+class DecodingCache:
+    """One micro-batch's caches in one chunk: per decoder block the cross-attention keys and values
+    (fixed) and the self-attention keys and values (growing a position at a time)."""
+
+    def __init__(self, cross: List[Tuple[torch.Tensor, torch.Tensor]], cross_bias: torch.Tensor,
+                 self_attention: List[List[torch.Tensor]]):
+        self.cross, self.cross_bias, self.self_attention = cross, cross_bias, self_attention
 
 
 def carried_shapes(kind: str, batch: int, source: int, target: int, d_model: int, heads: int,

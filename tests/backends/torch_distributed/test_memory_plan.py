@@ -224,3 +224,45 @@ def test_the_torch_backend_takes_the_lighter_cut():
     assert plan_memory(config, 64, 4, "cpu", chosen).largest_process_bytes == peaks["state"]
     given = load_config("base", overrides=["layout.stages=4", "layout.layers_per_stage=[5,7,7,5]"])
     assert memory.lightest_cut(given, 64, 4, "cpu").split_by == "given"
+
+
+def test_generation_utilisation_and_caches_in_flight_by_hand():
+    from ipu_t5.backends.torch_distributed.generation_plan import cache_bytes, micro_batch_rows, slots, utilisation
+
+    # K micro-batches in flight, each an encoder pass and 4 positions: a stage waits only while the
+    # pipeline fills (S - 1 visits) once per K micro-batches; with K < S it waits S - K of every S visits.
+    assert utilisation(16, 16, 5) == 80 / (80 + 15) > 0.8
+    assert utilisation(16, 32, 5) > utilisation(16, 16, 5) > utilisation(16, 8, 5)
+    assert utilisation(16, 8, 5) == 40 / (80 + 15)
+    assert utilisation(1, 1, 5) == 1.0
+    assert slots(None, 1) == 1 and slots(None, 4) == 8 and slots(5, 4) == 5
+    # A window of 8 batches of 64 per replica cut into K micro-batches per batch; a short last window finer.
+    assert micro_batch_rows(8 * 64 * 2, 2, 4, 2) == 16 and micro_batch_rows(40, 1, 4, 2) == 2
+    # tiny's 2 decoder blocks on stage 1: keys and values over 10 prompt and 3 new tokens, 4 x 32 wide,
+    # for 8 rows in float32, and the encoder output the stage receives.
+    size = canonical_size("tiny")
+    expected = 2 * (2 * 8 * 128 * (10 + 3) * 4) + 8 * 10 * 128 * 4
+    assert cache_bytes(size, ("decoder.0", "decoder.1", "lm_head"), 8, 10, 3) == expected
+    assert cache_bytes(size, ("embedding", "encoder.0"), 8, 10, 3) == 0
+
+
+def test_plan_counts_generation_caches_and_prints_the_utilisation():
+    plan = plan_memory(tiny("validation.per_device_eval_batch_size=8"), 10, 3)
+    assert plan.ranks[0].generation == 0 and plan.ranks[1].generation > 0
+    assert plan.ranks[1].validation == (plan.ranks[1].fixed + plan.ranks[1].weights + plan.ranks[1].optimizer
+                                        + plan.ranks[1].generation)
+    assert plan.generation_micro_batches == 4 and plan.generation_utilisation == utilisation_of(2, 4, 4)
+    done = run_cli(["plan", "--backend", "torch", "--model", "xxl", "--stages", "16", "--device-memory", "80GB",
+                    "--json", "--set", "validation.generation_micro_batches=16"])
+    found = json.loads(done.stdout)
+    assert found["generation_micro_batches"] == 16 and found["generation_utilisation"] > 0.8
+    done = run_cli(["plan", "--backend", "torch", "--model", "tiny", "--stages", "2", "--set",
+                    "validation.generation_micro_batches=1"])
+    assert done.returncode == 2
+    assert "validation.generation_micro_batches=1 is fewer than the 2 stages" in done.stderr.strip().splitlines()[-1]
+
+
+def utilisation_of(stages, slots_, positions):
+    from ipu_t5.backends.torch_distributed.generation_plan import utilisation
+
+    return utilisation(stages, slots_, positions)

@@ -527,19 +527,19 @@ def test_stage_chunks_compose_to_the_hf_model(counts):
     steps = 6
     wanted = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
                             do_sample=False, num_beams=1, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
-    state = {"input_ids": ids}
-    for chunk in chunks:
+    state, caches = {"input_ids": ids}, {}
+    for index, chunk in enumerate(chunks):
         state = chunk.encode(dict(state, attention_mask=mask))
         if chunk.decoder_ids:
-            chunk.start_decoding(state["encoder_output"], mask)
+            caches[index] = chunk.start_decoding(state["encoder_output"], mask)
     tokens, produced = torch.zeros(3, 1, dtype=torch.long), []
     for position in range(steps):
         # The first chunk holds the embedding: it embeds the tokens for the chunk with decoder.0.
         hidden, bias = chunks[0].embed_tokens(tokens), None
-        for chunk in chunks:
+        for index, chunk in enumerate(chunks):
             if not chunk.decoder_ids:
                 continue
-            out = chunk.decode_step(position, hidden, decoder_bias=bias)
+            out = chunk.decode_step(position, hidden, bias, caches[index])
             if chunk.has_head:
                 out[:, 1] = float("-inf")  # as min_new_tokens does: no end-of-sequence yet
                 tokens = out.argmax(-1, keepdim=True)

@@ -1,0 +1,63 @@
+"""How the torch backend's pipeline generates, on paper: how many micro-batches are in flight, how
+busy that keeps the stages, and the bytes of their caches. Pure arithmetic (no torch), read by the
+backend (`generation.py`), the memory plan and `ipu-t5 plan --backend torch`.
+
+The schedule (`wavefront.py`): K slots each hold one micro-batch; every tick each slot takes one step
+(its encoder pass, or one decoding position), and each stage works on slot k + 1 while the next stage
+works on slot k. A micro-batch leaves when its rows have ended and the next enters its slot.
+"""
+from typing import Iterable, Optional
+
+from ...t5_shapes import FLOAT32, block_part
+
+# Validation batches a pipelined `generate` call takes at once: the pipeline fills and drains once
+# per call, so a call of 8 batches pays (stages - 1) micro-batch steps of filling once for 8
+# batches' work; the progress bar and a stop signal are seen between calls.
+WINDOW_BATCHES = 8
+
+
+def slots(setting: Optional[int], stages: int) -> int:
+    """Micro-batches in flight per pipeline (`validation.generation_micro_batches`; None: twice the
+    stages, so a stage that finishes a micro-batch early finds the next one waiting; one without a
+    pipeline)."""
+    if setting is not None:
+        return setting
+    return 2 * stages if stages > 1 else 1
+
+
+def window_rows(batch_size: int, stages: int, replicas: int) -> int:
+    """Prompts one pipelined `generate` call takes: a batch per replica, WINDOW_BATCHES of them
+    under a pipeline."""
+    return batch_size * replicas * (WINDOW_BATCHES if stages > 1 else 1)
+
+
+def micro_batch_rows(rows: int, replicas: int, slots_: int, stages: int) -> int:
+    """Rows per micro-batch for a call of `rows` prompts: a full call cuts each replica's batch into
+    `slots_` micro-batches (so the caches in flight are one batch's); a short last call cuts finer
+    so that every slot still has one."""
+    batches = WINDOW_BATCHES if stages > 1 else 1
+    return max(1, -(-rows // (replicas * slots_ * batches)))
+
+
+def utilisation(stages: int, slots_: int, positions: int) -> float:
+    """The share of time a stage computes while one call generates, in steady state: each micro-batch
+    takes `positions` steps (its encoder pass and its decoding positions); a step visits every stage
+    once, so with K >= stages slots each stage always has a step to take, with K < stages it waits
+    for stages - K of every `stages` visits; the pipeline fills (stages - 1 visits) once per
+    micro-batch generation of K slots. Early ends only shorten `positions`."""
+    if stages == 1:
+        return 1.0
+    work = positions * slots_
+    return work / (positions * max(slots_, stages) + stages - 1)
+
+
+def cache_bytes(size, blocks: Iterable[str], rows: int, source_length: int, target_length: int,
+                activation_bytes: int = FLOAT32) -> int:
+    """Bytes of the generation caches a stage holding `blocks` keeps for `rows` prompts in flight:
+    per decoder block the cross-attention keys and values over the prompt and the self-attention
+    keys and values over the generated positions; the encoder output each chunk receives."""
+    inner = size.inner_dim
+    decoder_blocks = sum(1 for b in blocks if block_part(b) == ("block", "decoder"))
+    per_block = 2 * rows * inner * (source_length + target_length) * activation_bytes
+    encoder_output = rows * source_length * size.d_model * FLOAT32 if decoder_blocks else 0
+    return decoder_blocks * per_block + encoder_output
