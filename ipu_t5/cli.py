@@ -325,8 +325,11 @@ def _plan_torch(args: argparse.Namespace, config, source: int, target: int) -> i
     from .backends.torch_distributed.memory import lightest_cut
     from .backends.torch_distributed.memory_report import available_memory, memory_report
 
+    from .backends.batch_search import fitted_plan
+
     device = available_memory(args.device_memory).device
-    layout = lightest_cut(config, source, target, device)
+    layout = fitted_plan(config, source, target, lambda c: lightest_cut(c, source, target, device),
+                         args.device_memory)
     report = memory_report(config, source, target, args.device_memory, layout=layout)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     if not report.fits:

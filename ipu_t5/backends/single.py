@@ -42,6 +42,14 @@ class SingleProcessBackend(Backend):
     name = "single"
 
     @classmethod
+    def layout_plan(cls, config, lengths, size=None):
+        from ..layout import plan_from_config
+        from .batch_search import fitted_plan
+
+        return fitted_plan(config, lengths.source, lengths.target, lambda c: plan_from_config(
+            c, lengths.source, lengths.target, split_by=cls.split_by, size=size))
+
+    @classmethod
     def check_memory(cls, config, plan, lengths):
         from .torch_distributed.memory_report import check_layout_fits
 

@@ -78,6 +78,10 @@ class TrainingConfig:
     # overflows in it).
     fp16: Optional[bool] = None
     logging_steps: int = 10
+    # The largest micro-batch the memory plan fits on this machine, picked before any weight is read,
+    # the global batch kept by gradient accumulation (single and torch backends; the IPU's planner
+    # picks its own). Hugging Face's name; it retries after out-of-memory errors instead.
+    auto_find_batch_size: bool = False
     # torch.compile the training forward (single-process backend). Off by default: on CPUs it
     # compiles for minutes before it pays back, and torch 2.0.1 cannot compile on Python 3.11+.
     torch_compile: bool = False

@@ -84,6 +84,10 @@ def validate(config: RunConfig) -> RunConfig:
         raise UserError("validation.early_stopping_patience={} needs validation during training: set "
                         "validation.eval_steps (and keep validation.do_eval=true).".format(
                             config.validation.early_stopping_patience))
+    if config.training.auto_find_batch_size and (config.layout.micro_batch_size or
+                                                 config.layout.gradient_accumulation_steps):
+        raise UserError("training.auto_find_batch_size picks the micro-batch itself: drop layout.micro_batch_size "
+                        "and layout.gradient_accumulation_steps, or set training.auto_find_batch_size=false.")
     if config.layout.micro_batch_size and config.layout.gradient_accumulation_steps:
         raise UserError(
             "give layout.micro_batch_size or layout.gradient_accumulation_steps, not both: the other "

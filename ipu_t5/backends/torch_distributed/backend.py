@@ -64,11 +64,14 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
 
     @classmethod
     def layout_plan(cls, config, lengths, size=None):
+        from ..batch_search import fitted_plan
         from .memory import lightest_cut
         from .memory_report import available_memory
 
         # The device the memory check will compare with (the same rule for GPUs or host RAM).
-        return lightest_cut(config, lengths.source, lengths.target, available_memory().device, size)
+        device = available_memory().device
+        return fitted_plan(config, lengths.source, lengths.target,
+                           lambda c: lightest_cut(c, lengths.source, lengths.target, device, size))
 
     @classmethod
     def check_memory(cls, config, plan, lengths):

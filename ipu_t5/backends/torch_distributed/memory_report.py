@@ -170,14 +170,18 @@ def memory_report(config, source_length: int, target_length: int, device_memory:
     return MemoryReport(plan=plan, memory=memory, nodes=nodes, gpus=gpus)
 
 
+def nodes_of(layout: LayoutPlan) -> int:
+    """The nodes a launched layout runs on (torchrun's LOCAL_WORLD_SIZE processes each)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
+    return max(1, layout.world_size // max(1, local))
+
+
 def check_layout_fits(config, layout: LayoutPlan, source_length: int, target_length: int) -> None:
     """Refuse, before any weight is read, a layout whose plan exceeds this machine's memory; the
     main process shows the table first. `layout.check_memory: false` (--ignore-memory-plan) skips it."""
     if not config.layout.check_memory:
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
-    nodes = max(1, layout.world_size // max(1, local))
-    report = memory_report(config, source_length, target_length, nodes=nodes, layout=layout)
+    report = memory_report(config, source_length, target_length, nodes=nodes_of(layout), layout=layout)
     if report.fits:
         return
     if os.environ.get("RANK", "0") == "0":
@@ -185,4 +189,5 @@ def check_layout_fits(config, layout: LayoutPlan, source_length: int, target_len
     raise UserError(report.refusal())
 
 
-__all__: List[str] = ["GPUS", "MemoryReport", "available_memory", "check_layout_fits", "memory_report", "parse_bytes"]
+__all__: List[str] = ["GPUS", "MemoryReport", "available_memory", "check_layout_fits", "memory_report", "nodes_of",
+                   "parse_bytes"]
