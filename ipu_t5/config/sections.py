@@ -103,15 +103,22 @@ class TaskConfig:
 
 @dataclass
 class PeftConfig:
-    """Parameter-efficient fine-tuning through `peft`, named as in its LoraConfig."""
+    """Parameter-efficient fine-tuning through `peft`, named as in its LoraConfig and
+    PromptTuningConfig."""
 
-    # none: every weight trains; lora: only low-rank adapters on `target_modules` train.
+    # none: every weight trains; lora: only low-rank adapters on `target_modules` train;
+    # prompt_tuning: only a soft prompt of `num_virtual_tokens` in front of the encoder input trains.
     method: str = "none"
     r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     # T5's attention projections are q, k, v, o; its feed-forward wi_0, wi_1, wo.
     target_modules: List[str] = field(default_factory=lambda: ["q", "v"])
+    # Soft prompts (peft.method=prompt_tuning): virtual tokens, started from the normal(0, 1) draws of
+    # peft's nn.Embedding (random) or from the word embeddings of `prompt_tuning_init_text` (text).
+    num_virtual_tokens: int = 20
+    prompt_tuning_init: str = "random"
+    prompt_tuning_init_text: Optional[str] = None
 
 
 @dataclass

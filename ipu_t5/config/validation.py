@@ -12,7 +12,8 @@ CHOICES = {
     "layout.pipeline_schedule": ("GPipe", "1F1B", "Interleaved1F1B"),
     "layout.data_parallel": ("ddp", "fsdp"),
     "ipu.execution_strategy": ("auto", "pipelined", "phased"),
-    "peft.method": ("none", "lora"),
+    "peft.method": ("none", "lora", "prompt_tuning"),
+    "peft.prompt_tuning_init": ("random", "text"),
 }
 
 POSITIVE = {
@@ -22,7 +23,7 @@ POSITIVE = {
     "layout.stages", "layout.replicas", "layout.micro_batch_size",
     "layout.gradient_accumulation_steps", "layout.ddp_timeout", "data.max_source_length", "data.max_train_samples",
     "data.max_eval_samples", "data.demo_train_samples", "data.demo_eval_samples",
-    "output.save_steps", "output.save_total_limit", "peft.r",
+    "output.save_steps", "output.save_total_limit", "peft.r", "peft.num_virtual_tokens",
     "ipu.embedding_serialization_factor", "ipu.inference_device_iterations",
 }
 NON_NEGATIVE = {
@@ -75,7 +76,11 @@ def validate(config: RunConfig) -> RunConfig:
         raise UserError("peft.lora_alpha must be positive, got {}.".format(config.peft.lora_alpha))
     if not 0.0 <= config.peft.lora_dropout < 1.0:
         raise UserError("peft.lora_dropout must be in [0, 1), got {}.".format(config.peft.lora_dropout))
-    if config.peft.method != "none" and not config.peft.target_modules:
+    if config.peft.method == "prompt_tuning" and config.peft.prompt_tuning_init == "text" and \
+            not config.peft.prompt_tuning_init_text:
+        raise UserError("peft.prompt_tuning_init=text needs peft.prompt_tuning_init_text: the text whose word "
+                        "embeddings the soft prompt starts from.")
+    if config.peft.method == "lora" and not config.peft.target_modules:
         raise UserError("peft.target_modules is empty: name the T5 modules to adapt, e.g. q,v.")
     if not 0.0 < config.ipu.source_length_coverage <= 1.0:
         raise UserError("ipu.source_length_coverage must be in (0, 1], got {}: the share of prompts the IPU's static "

@@ -81,6 +81,11 @@ class IpuBackend(Backend):
 
     def __init__(self, config, plan):
         super().__init__(config, plan)
+        if config.peft.method == "prompt_tuning":
+            # The IPU's embedding phase is split into vocabulary slices with static prompt shapes;
+            # it carries no extra positions in front of the prompt.
+            raise UserError("peft.method=prompt_tuning runs on the single and torch backends only: use --backend "
+                            "single or --backend torch, or --peft lora on IPUs.")
         self.ipu_plan: Optional[IpuPlan] = None
         self.training_model = None
         self.inference_model = None
