@@ -22,6 +22,7 @@ from ...data.batching import GlobalBatch, collate
 from ...errors import UserError
 from ...layout import check_pipeline_fill
 from ...model_source import ModelSource
+from ...prompt_tuning import virtual_tokens
 from ..base import Backend, StepResult
 from ..fast_ops import use_fast_ops
 from ..host_memory import keep_heap_small, return_freed_memory
@@ -170,7 +171,8 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         return chunk % self.plan.stages
 
     def _meta(self, kind: str, source: int, target: int) -> Tuple[torch.Tensor, ...]:
-        shapes = carried_shapes(kind, self.plan.micro_batch_size, source, target, self.d_model, self.heads, self.vocab)
+        shapes = carried_shapes(kind, self.plan.micro_batch_size, source, target, self.d_model, self.heads, self.vocab,
+                                virtual_tokens(self.config))
         metas = []
         for name, (shape, dtype, grad) in shapes.items():
             if name == "logits" and self.amp_dtype is not None:

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ...data.batching import collate
+from ...prompt_tuning import extend_mask, virtual_tokens
 from ..base import trim_at_eos
 from .stages import ENCODER, boundary_kind
 
@@ -60,8 +61,10 @@ class PipelineGeneration:
     def _generate_share(self, share: List[Dict], max_new_tokens: int) -> List[List[int]]:
         """Greedy decoding of one replica's samples through its pipeline, with a cache per chunk."""
         tensors = collate(share, self.pad_id)
-        ids, mask = tensors["input_ids"].to(self.device), tensors["attention_mask"].to(self.device)
-        batch, width = ids.shape
+        ids, source_mask = tensors["input_ids"].to(self.device), tensors["attention_mask"].to(self.device)
+        # Past the embedding's chunk (which prepends it itself) the encoder holds a soft prompt too.
+        mask = extend_mask(source_mask, virtual_tokens(self.config))
+        batch, width = mask.shape
         carried: Dict[str, torch.Tensor] = {"input_ids": ids}
         for c in range(self.num_chunks):
             if c not in self.chunks:
@@ -73,7 +76,7 @@ class PipelineGeneration:
                     carried = {"hidden": hidden, "encoder_bias": bias}
                 else:
                     carried = {"encoder_output": self._recv([(batch, width, self.d_model)], c - 1)[0]}
-            carried = chunk.encode(dict(carried, attention_mask=mask))
+            carried = chunk.encode(dict(carried, attention_mask=source_mask if chunk.embeds_input else mask))
             if chunk.decoder_ids:
                 chunk.start_decoding(carried["encoder_output"], mask)
             if c + 1 < self.num_chunks and c + 1 not in self.chunks:

@@ -9,7 +9,8 @@ registry (`ipu_t5.models`, activations from `ipu_t5.t5_shapes`): no torch, no to
 Counted per rank, on its device (the GPU, or the host for CPU processes):
 - weights: float32 master weights of its stage's blocks (the backend keeps float32 and autocasts to
   bfloat16; the shared embedding only on the embedding's stage, which sends the embedded decoder
-  inputs down the pipeline); LoRA adds its adapters. Under FSDP2 with a unit per block (the default,
+  inputs down the pipeline); LoRA adds its adapters, prompt tuning its soft prompt (2 x virtual
+  tokens x d_model, on the embedding's stage, whose prompts it lengthens for every encoder part). Under FSDP2 with a unit per block (the default,
   `layout.fsdp_reshard_after_forward`) the shards persist and two units are whole at a time (the one
   computing and the one prefetched); with the chunk one unit, the unsharded parameters persist too
   from the first micro-batch to the end of the step (`torch.distributed.pipelining` defers the
@@ -211,13 +212,17 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
     size, replicas = layout.size, layout.replicas
     fsdp = config.layout.data_parallel == "fsdp" and replicas > 1
     lora = config.peft.method == "lora"
+    # Only adapters train (LoRA's, or the soft prompt, whose virtual tokens every encoder part sees).
+    adapters_only = config.peft.method != "none"
+    prompt_rows = 2 * config.peft.num_virtual_tokens if config.peft.method == "prompt_tuning" else 0
     act = _activation_bytes(config, device)
-    shapes = Shapes(layout.micro_batch_size, source_length, target_length, act)
+    shapes = Shapes(layout.micro_batch_size, source_length + prompt_rows // 2, target_length, act)
     embedding = size.block_params("embedding")
     largest_tensor = WEIGHT_BYTES * max(embedding, size.d_model * size.d_ff)
     # LoRA's adapters by block (the embedding, the head and the norms have none).
     adapters_of = {b: lora_params(size, b, config.peft.r, config.peft.target_modules) if lora else 0
                    for b in size.block_names}
+    adapters_of["embedding"] += prompt_rows * size.d_model
     total = size.total_params() + sum(adapters_of.values())
     # The reload check (ipu_t5/checkpointing/export.py) loads the whole export in float32 on the
     # main process where it fits; `ipu-t5 train` frees every process's model before it, so it
@@ -230,7 +235,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
         blocks = tuple(b for c in chunks for b in layout.stage_blocks[c])
         adapters = sum(adapters_of.get(b, 0) for b in blocks)
         held = layout.stage_params(stage) + adapters
-        trainable = adapters if lora else held
+        trainable = adapters if adapters_only else held
         one = ACTIVATION_FACTOR * sum(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
         largest_part = ACTIVATION_FACTOR * max(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
         autocast_copies = 2 * held if act == 2 else 0
@@ -267,7 +272,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                                     activations=activations, fixed=fixed, checkpoint=checkpoint, export=export,
                                     startup=startup, on_host=device == "cpu", reload_check=reload))
     return MemoryPlan(layout=layout, device=device, activation_bytes=act, data_parallel=config.layout.data_parallel,
-                      lora=lora, source_length=source_length, target_length=target_length, ranks=tuple(ranks))
+                      lora=adapters_only, source_length=source_length, target_length=target_length, ranks=tuple(ranks))
 
 
 def lightest_cut(config, source_length: int, target_length: int, device: str = "cpu", size=None) -> LayoutPlan:

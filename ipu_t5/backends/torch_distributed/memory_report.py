@@ -84,7 +84,7 @@ class MemoryReport:
                 "micro-batch(es) x {} replica(s) = global batch {}{}".format(
                     layout.size.name, layout.stages, layout.replicas, layout.world_size, where, schedule,
                     replicas, layout.micro_batch_size, layout.micro_batches, layout.replicas,
-                    layout.global_batch_size, "; LoRA (base frozen)" if self.plan.lora else ""))
+                    layout.global_batch_size, "; peft adapters only (base frozen)" if self.plan.lora else ""))
 
     def table(self) -> str:
         """One row per rank, in GB, then the verdict against the memory there is."""
