@@ -59,7 +59,7 @@ def fitted_plan(config, source_length: int, target_length: int,
                 print("{}\ntraining.auto_find_batch_size: micro-batch {} x {} micro-batch(es) x {} replica(s) = "
                       "global batch {}, the largest the memory plan fits ({}).".format(
                           report.table(), layout.micro_batch_size, layout.micro_batches, layout.replicas,
-                          layout.global_batch_size, report.verdict()), file=sys.stderr)
+                          layout.global_batch_size, report.verdict().rstrip(".")), file=sys.stderr)
             return layout
         refused = report
     if refused is None:

@@ -222,7 +222,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
     # LoRA's adapters by block (the embedding, the head and the norms have none).
     adapters_of = {b: lora_params(size, b, config.peft.r, config.peft.target_modules) if lora else 0
                    for b in size.block_names}
-    adapters_of["embedding"] += prompt_rows * size.d_model
+    adapters_of["embedding"] = adapters_of.get("embedding", 0) + prompt_rows * size.d_model
     total = size.total_params() + sum(adapters_of.values())
     # The reload check (ipu_t5/checkpointing/export.py) loads the whole export in float32 on the
     # main process where it fits; `ipu-t5 train` frees every process's model before it, so it
