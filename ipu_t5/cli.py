@@ -2,14 +2,15 @@
 
 This is the one place that turns a UserError into a single line and a non-zero exit."""
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .backends.torch_distributed.launch import (add_cluster_flags, maybe_launch, quiet_unless_main, record_crash,
-                                               record_failure)
+from .backends.torch_distributed.launch import (add_cluster_flags, launched_by_torchrun, maybe_launch,
+                                               quiet_unless_main, record_crash, record_failure)
 from .errors import UserError
 
 # Dedicated flags and the config keys they set.
@@ -127,6 +128,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     launched = maybe_launch(config, args.argv, args, resume=resume_command(args.argv))
     if launched is not None:
         return launched
+    with writing(config.output_dir, args.argv, config):
+        return _train(config, args)
+
+
+def writing(directory: Path, argv: List[str], config=None):
+    """The lock on the run directory a command writes, held while the command runs; with `config`,
+    another run's directory is refused first, before a lock file is left in it. The workers of a
+    multi-process run take none here: their launcher holds it, or (torchrun started by hand) their
+    trainer's main process takes it at its first write."""
+    from .checkpointing import lock, run_dir
+
+    # A directory not made yet is locked by the trainer's first write, which makes it: a command
+    # refused before then (bad data, say) leaves nothing behind.
+    if launched_by_torchrun() or not Path(directory).is_dir():
+        return contextlib.nullcontext()
+    if config is not None:
+        run_dir.holds_other_run(directory, config.to_dict(), config.output.overwrite_output_dir)
+    return lock.hold(directory, " ".join(["ipu-t5"] + list(argv))[:200])
+
+
+def _train(config, args: argparse.Namespace) -> int:
     # Imported after the launch: the launcher of a multi-process run needs none of them.
     from . import lora
     from .checkpointing.export import fits_in_memory, reload_and_predict
@@ -225,14 +247,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return launched
     from .training.trainer import T5Trainer
 
-    trainer = T5Trainer(config, pretrained=config.model.pretrained)
-    try:
-        results = trainer.evaluate()
-        if trainer.is_main_process:
-            print(json.dumps({k: v for k, v in results.items()}, indent=2))
-        return 0
-    finally:
-        trainer.close()
+    with writing(config.output_dir, args.argv, config):
+        trainer = T5Trainer(config, pretrained=config.model.pretrained)
+        try:
+            results = trainer.evaluate()
+            if trainer.is_main_process:
+                print(json.dumps({k: v for k, v in results.items()}, indent=2))
+            return 0
+        finally:
+            trainer.close()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -282,9 +305,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Checkpoints before the prompt length was recorded truncated at the configured cap.
     prompt_length = state.get("prompt_length") or prompt_cap(run_config.data.max_source_length)
-    exported = write_hf_checkpoint(Path(args.out), tensors, found.hf_config(), tokenizer, found.run_config(),
-                                   results, state.get("max_new_tokens"), DTYPES[args.dtype],
-                                   args.max_shard_size or DEFAULT_MAX_SHARD_SIZE, prompt_length=prompt_length)
+    # An export into a run directory (its hf/) is that run's writer while it writes.
+    run = Path(args.out).parent
+    with writing(run, args.argv) if (run / "run_config.yaml").is_file() else contextlib.nullcontext():
+        exported = write_hf_checkpoint(Path(args.out), tensors, found.hf_config(), tokenizer, found.run_config(),
+                                       results, state.get("max_new_tokens"), DTYPES[args.dtype],
+                                       args.max_shard_size or DEFAULT_MAX_SHARD_SIZE, prompt_length=prompt_length)
     print("{}{} (from {}, step {})".format(exported.describe(), extra, found.path, found.step))
     return 0
 

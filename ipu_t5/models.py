@@ -2,7 +2,7 @@
 
 The registry holds each size's dimensions, so a layout or memory plan for XXL needs no weights.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -136,8 +136,9 @@ def size_from_hf_config(hf_config, source: str = "the weights' config.json") -> 
     dims = {key: read(key, default) for key, default in _CONFIG_DEFAULTS.items()}
     dims["num_decoder_layers"] = dims["num_decoder_layers"] or dims["num_layers"]
     for size in SIZES.values():
-        if all(getattr(size, key) == value for key, value in dims.items()):
-            return size
+        if all(getattr(size, key) == value for key, value in dims.items() if key != "vocab_size"):
+            # A drawn model's vocabulary is its tokenizer's (the tiny demo's is below the entry's).
+            return size if size.vocab_size == dims["vocab_size"] else replace(size, vocab_size=dims["vocab_size"])
     return ModelSize("custom", None, "custom", **dims)
 
 
@@ -184,8 +185,7 @@ def model_size(config, pretrained=None) -> ModelSize:
 
 def size_note(config, size: ModelSize) -> Optional[str]:
     """One line where the weights' architecture is not the registry entry `model.name` names."""
-    named = canonical_size(config.model.name)
-    if size == named:
+    if size.name == canonical_size(config.model.name).name:
         return None
     what = "Flan-T5 {}".format(size.name) if size.name != "custom" else \
         "T5 of a shape in no registry entry (d_model {}, d_ff {}, {} heads, {}+{} blocks)".format(

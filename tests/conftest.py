@@ -96,6 +96,28 @@ def trained(tmp_path_factory):
             "output_dir": out}
 
 
+def random_export(config, out, **dims):
+    """A plain Hugging Face checkpoint at `out` of random weights drawn by name under
+    `training.seed`, with the demo tokenizer trained on the MNLI demo's texts: `config`'s size, or its
+    dimensions replaced by `dims` (d_model=96, num_layers=3, ...). Returns the export's path."""
+    from transformers import T5Config
+
+    from ipu_t5.checkpointing.export import write_hf_checkpoint
+    from ipu_t5.model_source import run_source
+    from ipu_t5.tasks import get_task
+    from ipu_t5.tokenizer import load_tokenizer
+
+    task = get_task("mnli")
+    rows = task.demo_splits(config.training.seed, 400, 1)["train"]
+    tokenizer = load_tokenizer(config, [task.source_text(r) for r in rows] + [task.target_text(r) for r in rows])
+    source = run_source(config, len(tokenizer))
+    if dims:
+        source.hf_config = T5Config(**dict(source.hf_config.to_dict(), **dims))
+    source.peft = None
+    model = source.build()
+    return write_hf_checkpoint(Path(out), model.state_dict(), model.config, tokenizer, config.to_dict()).path
+
+
 def subprocess_env(**extra: str) -> Dict[str, str]:
     """This process's environment for a child that imports this checkout's ipu_t5 (and tests)."""
     env = dict(os.environ)

@@ -10,7 +10,7 @@ from ipu_t5.errors import UserError
 from ipu_t5.layout import plan_from_config
 from ipu_t5.models import SIZES, model_size, size_from_hf_config, size_note
 
-from .conftest import losses, run_cli, tiny_overrides
+from .conftest import losses, random_export, run_cli, tiny_overrides
 
 # A Flan-T5 of a shape no registry entry has: another width, head count and encoder/decoder depths.
 CUSTOM = dict(d_model=96, d_ff=160, num_heads=3, d_kv=32, num_layers=3, num_decoder_layers=2)
@@ -18,22 +18,9 @@ CUSTOM = dict(d_model=96, d_ff=160, num_heads=3, d_kv=32, num_layers=3, num_deco
 
 @pytest.fixture(scope="module")
 def custom_export(tmp_path_factory):
-    """A random-weight export of the CUSTOM shape with the demo tokenizer, as `save_pretrained` writes one."""
-    from transformers import T5Config
-
-    from ipu_t5.checkpointing.export import write_hf_checkpoint
-    from ipu_t5.model_source import ModelSource
-    from ipu_t5.tasks import get_task
-    from ipu_t5.tokenizer import load_tokenizer
-
+    """A random-weight export of the CUSTOM shape with the demo tokenizer."""
     config = load_config("tiny", overrides=tiny_overrides(tmp_path_factory.mktemp("tok") / "run"))
-    task = get_task("mnli")
-    rows = task.demo_splits(config.training.seed, 400, 1)["train"]
-    tokenizer = load_tokenizer(config, [task.source_text(r) for r in rows] + [task.target_text(r) for r in rows])
-    kwargs = dict(SIZES["tiny"].t5_config_kwargs(), vocab_size=len(tokenizer), **CUSTOM)
-    model = ModelSource(hf_config=T5Config(**kwargs), seed=7).build()
-    out = tmp_path_factory.mktemp("custom") / "hf"
-    return write_hf_checkpoint(out, model.state_dict(), model.config, tokenizer, config.to_dict()).path
+    return random_export(config, tmp_path_factory.mktemp("custom") / "hf", **CUSTOM)
 
 
 @pytest.mark.core
@@ -67,6 +54,10 @@ def test_the_layout_cuts_the_weights_architecture_not_the_named_size(custom_expo
     # Weights drawn at random: the registry's entry, and nothing to say.
     drawn = load_config("tiny", overrides=tiny_overrides(tmp_path / "drawn"))
     assert model_size(drawn) is SIZES["tiny"] and size_note(drawn, SIZES["tiny"]) is None
+    # The demo's export: the tiny entry with its tokenizer's smaller vocabulary, nothing to say either.
+    exported = dict(SIZES["tiny"].t5_config_kwargs(), vocab_size=238, model_type="t5")
+    size = size_from_hf_config(exported)
+    assert size.name == "tiny" and size.vocab_size == 238 and size_note(drawn, size) is None
 
 
 @pytest.mark.core

@@ -11,7 +11,7 @@ from ipu_t5.config import load_config
 from ipu_t5.errors import UserError
 from ipu_t5.models import SIZES
 
-from .conftest import ROOT, losses, run_cli, sdk_python, tiny_overrides
+from .conftest import ROOT, losses, random_export, run_cli, sdk_python, tiny_overrides
 
 pytest.importorskip("peft", reason="LoRA needs peft (in setup.py; installed on both stacks)")
 
@@ -28,18 +28,8 @@ def lora_config(output_dir, **values):
 @pytest.fixture(scope="module")
 def base_export(tmp_path_factory):
     """A tiny T5 exported as a plain Hugging Face checkpoint: the pretrained model LoRA adapts."""
-    from ipu_t5.checkpointing.export import write_hf_checkpoint
-    from ipu_t5.model_source import build_model
-    from ipu_t5.tasks import get_task
-    from ipu_t5.tokenizer import load_tokenizer
-
     config = load_config("tiny", overrides=tiny_overrides(tmp_path_factory.mktemp("base") / "run"))
-    task = get_task("mnli")
-    rows = task.demo_splits(config.training.seed, 400, 1)["train"]
-    tokenizer = load_tokenizer(config, [task.source_text(r) for r in rows] + [task.target_text(r) for r in rows])
-    model = build_model(config, len(tokenizer))
-    out = tmp_path_factory.mktemp("base") / "hf"
-    return write_hf_checkpoint(out, model.state_dict(), model.config, tokenizer, config.to_dict()).path
+    return random_export(config, tmp_path_factory.mktemp("base") / "hf")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,15 @@ class StepResult:
     loss: float
     grad_norm: float
     lr: float
+    # The loss or the gradient norm was not finite, so the weights were not updated (the same on
+    # every process: both are global before the decision).
+    skipped: bool = False
+
+
+def update_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Whether a step's global loss and gradient norm allow the optimizer to step: a NaN or an
+    infinity in either would carry into every weight (AdamW's moments keep it for good)."""
+    return bool(torch.isfinite(loss).all() and torch.isfinite(grad_norm).all())
 
 
 class Backend(abc.ABC):
@@ -119,6 +128,12 @@ class Backend(abc.ABC):
         in exactly one process's share ({} for processes that write none). Every process must call
         it. By default the main process writes the whole model (`model_state_dict`)."""
         return self.model_state_dict()
+
+    def weights_finite(self) -> bool:
+        """Whether every weight holds only finite values, the same answer on every process (every
+        process must call it): a model that is not is never checkpointed or exported."""
+        mine = all(bool(torch.isfinite(t).all()) for t in self.export_share().values())
+        return all(self.gather_object(mine))
 
     def checkpoint_state(self) -> Optional[Dict[str, Dict[str, Any]]]:
         """This process's share of the training state, for backends that save through

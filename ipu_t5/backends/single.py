@@ -7,7 +7,7 @@ import torch
 from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
 from ..model_source import whole_model
-from .base import Backend, StepResult, trim_at_eos
+from .base import Backend, StepResult, trim_at_eos, update_is_finite
 from .fast_ops import use_fast_ops
 from .optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
                      set_lr, token_loss)
@@ -107,11 +107,14 @@ class SingleProcessBackend(Backend):
             loss += micro_loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.training.max_grad_norm)
         lr = lr_at(step, self.config.training)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        # Gradients exist only within a step: checkpoints, exports and validation run without them.
+        finite = update_is_finite(loss, grad_norm)
+        if finite:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        # Gradients exist only within a step: checkpoints, exports and validation run without them,
+        # and a skipped step leaves none behind.
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss.item(), grad_norm=float(grad_norm), lr=lr)
+        return StepResult(loss=loss.item(), grad_norm=float(grad_norm), lr=lr, skipped=not finite)
 
     @torch.no_grad()
     def generate(self, samples: List[Dict], max_new_tokens: int) -> List[List[int]]:
@@ -135,6 +138,10 @@ class SingleProcessBackend(Backend):
             for name, param in self.model.named_parameters():
                 if name in state:
                     param.copy_(state[name])
+
+    def weights_finite(self) -> bool:
+        # On the device, without the CPU copy `export_share` makes.
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def optimizer_state_dict(self) -> Dict:
         return named_optimizer_state(self.optimizer, self.model.named_parameters())

@@ -15,6 +15,7 @@ compute something else (a tied head, a rescaled decoder, a missing weight) is ne
 Where the model does not fit, that reload is skipped and the export says so and why.
 """
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,14 +95,27 @@ def write_weight_files(directory: Path, files: Dict[str, List[str]], state: Mapp
     for filename, names in files.items():
         path = directory / filename
         write_streamed(path, names, shapes, dtype, lambda name: state[name], metadata={"format": "pt"})
-        differ = []
+        differ, nonfinite, overflow = [], [], []
         for name in names:
             # The file is mapped while open and every page read stays resident until it closes: one
             # open per tensor keeps the read-back to one tensor, not the whole shard, in memory.
             with safe_open(str(path), framework="pt") as f:
-                if name not in f.keys() or not same_bits(f.get_tensor(name),
-                                                         state[name].detach().to("cpu", dtype).contiguous()):
+                source = state[name].detach()
+                written = source.to("cpu", dtype).contiguous()
+                if name not in f.keys() or not same_bits(f.get_tensor(name), written):
                     differ.append(name)
+                if not bool(torch.isfinite(source).all()):
+                    nonfinite.append(name)
+                elif not bool(torch.isfinite(written).all()):
+                    overflow.append(name)
+        if nonfinite:
+            raise UserError("the weights are not finite ({} of the tensors in {} hold NaN or infinity, first {}): the "
+                            "model diverged in training and is not exported; nothing was put in place. Export an "
+                            "earlier checkpoint of the run instead.".format(len(nonfinite), filename, nonfinite[0]))
+        if overflow:
+            raise UserError("the weights do not fit {} ({} tensors overflow to infinity, first {}): nothing was put in "
+                            "place; export in float32 or bfloat16 (--dtype).".format(
+                                str(dtype).replace("torch.", ""), len(overflow), overflow[0]))
         if differ:
             raise UserError("the export's {} did not read back as written ({} of its tensors differ, first {}): "
                             "nothing was put in place; check the disk at {}.".format(
@@ -303,6 +317,10 @@ def _check_reload(directory: Path, hf_config, dtype: torch.dtype,
     gc.collect()
     model = AutoModelForSeq2SeqLM.from_pretrained(str(directory), **dtype_kwarg(torch.float32)).eval()
     difference = float((logits_on(model, batch) - reference).abs().max())
+    if not math.isfinite(difference):
+        raise UserError("the exported model computes logits that are not finite on a fixed batch (its weights are "
+                        "finite but overflow in computation), so nothing was written: the model diverged in "
+                        "training; export an earlier checkpoint of the run instead.")
     if not difference <= TOLERANCE:
         raise UserError("the export does not reload as the trained model: transformers' logits on a fixed batch "
                         "differ from the trainer's by up to {:.3g} (tolerance {:.0e}), so nothing was written. "

@@ -6,14 +6,16 @@ from typing import Any, Dict
 import yaml
 
 from ..errors import UserError
+from .lock import LOCK_FILE
 
 RECORD = "run_config.yaml"
 # What a run writes; --overwrite removes exactly these and nothing else the user keeps there.
 ARTIFACTS = (RECORD, "metrics.jsonl", "eval_results.json", "eval_predictions.jsonl", "hf", "adapter",
              "checkpoints", "tensorboard", "summary.json", "loss_curve.png", "eval_scores.png")
 # Multi-process launches keep every rank's output here; kept by --overwrite, and a directory
-# holding only these logs counts as empty.
+# holding only these logs (and the writer's lock) counts as empty.
 LOGS = "logs"
+BESIDE_A_RUN = (LOGS, LOCK_FILE)
 # Keys that may change between invocations of the same run (continuing, re-splitting, evaluating).
 MUTABLE = {"training": ("max_steps", "logging_steps"), "model": ("pretrained",)}
 MUTABLE_SECTIONS = ("validation", "layout", "output")
@@ -46,7 +48,7 @@ def holds_other_run(path: Path, config: Dict[str, Any], overwrite: bool) -> bool
     record = path / RECORD
     if path.exists() and not path.is_dir():
         raise UserError("output directory '{}' is a file: choose another --output-dir.".format(path))
-    if not (path.is_dir() and any(p.name != LOGS for p in path.iterdir())):
+    if not (path.is_dir() and any(p.name not in BESIDE_A_RUN for p in path.iterdir())):
         return False
     if record.is_file():
         old = yaml.safe_load(record.read_text()) or {}

@@ -78,6 +78,9 @@ class TrainingConfig:
     # overflows in it).
     fp16: Optional[bool] = None
     logging_steps: int = 10
+    # Steps in a row whose loss or gradient norm is not finite (each skipped, the weights left as
+    # they were) before the run stops; docs/configuration.md says why 20.
+    max_nonfinite_steps: int = 20
     # The largest micro-batch the memory plan fits on this machine, picked before any weight is read,
     # the global batch kept by gradient accumulation (single and torch backends; the IPU's planner
     # picks its own). Hugging Face's name; it retries after out-of-memory errors instead.

@@ -17,7 +17,7 @@ CHOICES = {
 }
 
 POSITIVE = {
-    "training.max_steps", "training.global_batch_size", "training.logging_steps",
+    "training.max_steps", "training.global_batch_size", "training.logging_steps", "training.max_nonfinite_steps",
     "validation.per_device_eval_batch_size", "validation.max_new_tokens", "validation.eval_steps",
     "validation.early_stopping_patience",
     "layout.stages", "layout.replicas", "layout.micro_batch_size",

@@ -2,7 +2,7 @@
 is written and rotated, and how a run continues from one (weights, optimizer, generators, data
 order, step and validation history), under whatever layout wrote it."""
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 from .. import checkpointing, lora
 from ..backends.optim import lr_at
@@ -49,6 +49,7 @@ class RunCheckpoints:
         self.step = int(state["step"])
         self.order.load_state_dict(state["data_order"])
         self.best.load_state_dict(state.get("best"))
+        self.nonfinite.load_state_dict(state.get("nonfinite"))
         self.last_eval = state.get("last_eval")
         self._last_eval_step = state.get("last_eval_step")
         self._saved_step = self.step
@@ -82,6 +83,7 @@ class RunCheckpoints:
         return {"step": self.step, "max_steps": cfg.max_steps, "data_order": self.order.state_dict(),
                 "lr_scheduler": {"type": cfg.lr_scheduler_type, "last_lr": lr_at(max(self.step - 1, 0), cfg)},
                 "best": self.best.state_dict(), "last_eval": self.last_eval, "last_eval_step": self._last_eval_step,
+                "nonfinite": self.nonfinite.state_dict(),
                 "max_new_tokens": self.eval_config.max_new_tokens or self.lengths.target,
                 "prompt_length": self.prompt_length,
                 "layout": {"backend": self.backend.name, "stages": plan.stages, "replicas": plan.replicas,
@@ -92,10 +94,22 @@ class RunCheckpoints:
         every process, data order and step. Written atomically; `--resume PATH` continues it."""
         self._refuse_if_released()
         self._claim()
+        self._refuse_nonfinite_weights()
         # Under LoRA the base weights are the run's starting point, rebuilt from its config on load.
         select = lora.adapter_state if lora.enabled(self.config) else None
         return checkpointing.save_checkpoint(Path(path), self.backend, self._trainer_state(), self.config.to_dict(),
                                           self.hf_config, self.tokenizer, select)
+
+    def _newest_checkpoint(self) -> Optional[Path]:
+        """This run's newest complete periodic checkpoint, or None."""
+        steps = checkpointing.list_steps(self.output_dir)
+        return checkpointing.step_path(self.output_dir, steps[-1]) if steps else None
+
+    def _refuse_nonfinite_weights(self) -> None:
+        """Weights that are no longer finite are never written over a good checkpoint: the run stops
+        with the newest intact one named (the same decision on every process)."""
+        if not self.backend.weights_finite():
+            raise UserError(self.nonfinite.broken_weights_message(self.step, self._newest_checkpoint()))
 
     def _save_periodic(self) -> Path:
         """`<output-dir>/checkpoints/step-N`, then keep the newest `output.save_total_limit` and the best."""

@@ -38,6 +38,7 @@ class HfExport:
             raise UserError("export_hf cannot write a training checkpoint after releasing the model: save it "
                             "first (save_checkpoint) or leave release_model off.")
         self._claim()
+        self._refuse_nonfinite_weights()
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
         # Each process writes the weights it holds; none gathers the model.
         share = self.backend.export_share()

@@ -7,6 +7,7 @@ returns the fine-tuned model, as theirs does; ``export_hf`` writes the same and 
 Every argument after `config` may be left out; it is then built from the config.
 """
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpointing, lora
 from ..backends import Backend, backend_class, resolve_backend_name
-from ..checkpointing import run_dir
+from ..checkpointing import lock, run_dir
 from ..config import RunConfig, ValidationConfig
 from ..data.batching import BatchOrder, GlobalBatch
 from ..data.features import Lengths
@@ -30,6 +31,7 @@ from .best_metric import BestMetric
 from .checkpoints import RunCheckpoints
 from .hf_export import HfExport
 from .metrics_log import MetricsLog
+from .nonfinite import NonfiniteSteps
 from .signals import GracefulStop
 from .validation import generate_all, score, write_predictions
 
@@ -103,8 +105,8 @@ class T5Trainer(RunCheckpoints, HfExport):
         if self.backend.lengths is None:
             self.backend.lengths = self.lengths
         note = size_note(config, self.size)
-        if note:
-            self._say("ipu-t5: " + note)
+        if note and self.is_main_process:
+            tqdm.write("ipu-t5: " + note, file=sys.stderr)  # stdout may be a command's JSON
         # Verified (every file's checksum) before any weight is read from it.
         found = checkpointing.find_for_resume(self.backend, resume, self.output_dir, self._say) if resume else None
         weights = None
@@ -144,12 +146,16 @@ class T5Trainer(RunCheckpoints, HfExport):
         self.best = BestMetric(self.eval_config.metric_for_best_model, self.eval_config.greater_is_better,
                                self.eval_config.early_stopping_patience, self.eval_config.early_stopping_threshold)
         self.resumed_from: Optional[Path] = None
+        # Steps skipped for a loss or gradient norm that was not finite, and the current streak.
+        self.nonfinite = NonfiniteSteps(config.training.max_nonfinite_steps)
         # Where the latest `export_hf` / `save_hf_checkpoint` wrote the Hugging Face export.
         self.hf_path: Optional[Path] = None
         self._last_eval_step: Optional[int] = None
         self._saved_step: Optional[int] = None
         self._stop: Optional[GracefulStop] = None
         self._claimed = False
+        # The main process took the run directory's lock at its first write (released by `close`).
+        self._lock_owed = False
         self._trained_out = False
         # The backend freed its model after the run's last export (export_hf(release_model=True)).
         self._released = False
@@ -173,12 +179,23 @@ class T5Trainer(RunCheckpoints, HfExport):
 
     def _claim(self) -> MetricsLog:
         if not self._claimed:
-            self.backend.on_main(lambda: run_dir.claim(self.output_dir, self.config.to_dict(),
-                                                self.config.output.overwrite_output_dir))
+            self._lock_owed = self.backend.on_main(self._lock_and_claim)
             self._claimed = True
             self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard,
                                    resumed_at=self.step if self.resumed_from else None)
         return self._log
+
+    def _lock_and_claim(self) -> bool:
+        """One writer per run directory (another live one is refused), then the directory is this
+        run's; whether a lock release is owed."""
+        owed = lock.acquire(self.output_dir, "T5Trainer")
+        try:
+            run_dir.claim(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
+        except BaseException:
+            if owed:
+                lock.release(self.output_dir)
+            raise
+        return owed
 
     def _write_json(self, name: str, data: Any) -> None:
         if self.is_main_process:
@@ -243,19 +260,28 @@ class T5Trainer(RunCheckpoints, HfExport):
                     result = self.backend.train_step(batch, self.step)
                     elapsed = time.perf_counter() - tick
                     self.step += 1
+                    self.nonfinite.record(result, self.step)
                     samples_done += len(batch.samples)
                     tokens = sum(len(s["input_ids"]) + len(s["labels"]) for s in batch.samples)
                     record = {"step": self.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                               "samples_per_second": len(batch.samples) / elapsed, "tokens_per_second": tokens / elapsed,
-                              "epoch": self.order.epoch + self.order.position / self.order.batches_per_epoch}
+                              "epoch": self.order.epoch + self.order.position / self.order.batches_per_epoch,
+                              "nonfinite": result.skipped, "nonfinite_steps": self.nonfinite.total}
                     log.log(record)
                     bar.update(1)
-                    if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                    if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps or result.skipped:
+                        skipped = {"nonfinite": self.nonfinite.total} if self.nonfinite.total else {}
                         bar.set_postfix(loss="{:.4f}".format(result.loss), lr="{:.2e}".format(result.lr),
-                                        samples_s="{:.1f}".format(samples_done / (time.perf_counter() - started)))
+                                        samples_s="{:.1f}".format(samples_done / (time.perf_counter() - started)),
+                                        **skipped)
+                    if self.nonfinite.exhausted:
+                        # Ends the run without its final save: the newest checkpoint stays the newest.
+                        raise UserError(self.nonfinite.stop_message(self.step, self._newest_checkpoint()))
                     improved = self._evaluate_in_loop() if self._eval_due() else False
                     save_steps = self.config.output.save_steps
-                    if save_steps and (self.step % save_steps == 0 or improved):
+                    # None while a streak of skipped steps lasts: the checkpoint before it stays the
+                    # newest, and rotation keeps it.
+                    if save_steps and (self.step % save_steps == 0 or improved) and not self.nonfinite.in_row:
                         self._save_periodic()
                     if self.best.should_stop:
                         stopped_early = True
@@ -361,7 +387,10 @@ class T5Trainer(RunCheckpoints, HfExport):
         self._last_eval_step = self.step
 
     def close(self) -> None:
-        """Flush logs and release the backend."""
+        """Flush logs, release the backend and the run directory (another trainer may then write it)."""
         if self._log is not None:
             self._log.close()
+        if self._lock_owed and self.is_main_process:
+            lock.release(self.output_dir)
+        self._lock_owed = False
         self.backend.close()

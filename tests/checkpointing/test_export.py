@@ -295,3 +295,20 @@ def test_export_command_keeps_the_runs_prompt_length(truncated_run, tmp_path, ca
     assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert config["model_max_length"] == PROMPT_LENGTH
+
+
+@pytest.mark.core
+def test_weights_that_are_not_finite_are_not_exported(ckpt, tmp_path):
+    """Whoever hands the export NaN weights (a checkpoint of a diverged run, another tool) is told
+    the weights are not finite, not that transformers reloads them wrongly; nothing is written."""
+    from ipu_t5.checkpointing.export import write_hf_checkpoint
+    from ipu_t5.errors import UserError
+
+    found = checkpointing.inspect(ckpt)
+    state = dict(found.model_tensors())
+    state["lm_head.weight"] = state["lm_head.weight"].clone()
+    state["lm_head.weight"][0, 0] = float("nan")
+    out = tmp_path / "hf"
+    with pytest.raises(UserError, match=r"the weights are not finite \(1 of the tensors .* first lm_head.weight\)"):
+        write_hf_checkpoint(out, state, found.hf_config(), found.tokenizer(), found.run_config())
+    assert list(tmp_path.iterdir()) == []

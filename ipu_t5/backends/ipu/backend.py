@@ -292,7 +292,10 @@ class IpuBackend(Backend):
             self._restored_rng = None
         loss = self.training_model(*inputs)
         self._steps += 1
-        return StepResult(loss=float(loss.float().sum()), grad_norm=math.nan, lr=lr)
+        loss = float(loss.float().sum())
+        # The update ran on the device, where poptorch's float16 loss scaling governs overflow; the
+        # host sees only the loss, and counts a step whose loss is not finite as skipped.
+        return StepResult(loss=loss, grad_norm=math.nan, lr=lr, skipped=not math.isfinite(loss))
 
     def extra_state(self) -> Dict[str, Any]:
         # Dropout draws from the IPUs' own generator, which the host's saved generators do not cover.

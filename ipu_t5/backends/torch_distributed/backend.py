@@ -23,7 +23,7 @@ from ...errors import UserError
 from ...layout import check_pipeline_fill
 from ...model_source import ModelSource
 from ...prompt_tuning import virtual_tokens
-from ..base import Backend, StepResult
+from ..base import Backend, StepResult, update_is_finite
 from ..fast_ops import use_fast_ops
 from ..host_memory import keep_heap_small, return_freed_memory
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
@@ -224,17 +224,21 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
                              self._squared_grad_norm()])
         dist.all_reduce(stats)
         loss, grad_norm = stats[0].item(), stats[1].sqrt()
-        coefficient = torch.clamp(self.config.training.max_grad_norm / (grad_norm + 1e-6), max=1.0)
-        for _, param in self.named:
-            if param.grad is not None:
-                param.grad.mul_(coefficient)
         lr = lr_at(step, self.config.training)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        # Gradients exist only within a step: checkpoints, exports and validation run without them.
+        # The loss and the norm were all-reduced, so every rank skips the same steps.
+        finite = update_is_finite(stats[0], grad_norm)
+        if finite:
+            coefficient = torch.clamp(self.config.training.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+            for _, param in self.named:
+                if param.grad is not None:
+                    param.grad.mul_(coefficient)
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        # Gradients exist only within a step: checkpoints, exports and validation run without them,
+        # and a skipped step leaves none behind.
         self.optimizer.zero_grad(set_to_none=True)
         return_freed_memory()
-        return StepResult(loss=loss, grad_norm=grad_norm.item(), lr=lr)
+        return StepResult(loss=loss, grad_norm=grad_norm.item(), lr=lr, skipped=not finite)
 
     def _squared_grad_norm(self) -> torch.Tensor:
         """This rank's share of the squared global gradient norm: each parameter counted once
@@ -246,6 +250,11 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
             if param.grad is not None:
                 total += local_shard(param.grad).detach().float().pow(2).sum()
         return total
+
+    def weights_finite(self) -> bool:
+        # Each rank checks its own parameters (FSDP2: its shards), without gathering any.
+        mine = all(bool(torch.isfinite(local_shard(p.detach())).all()) for _, p in self.named)
+        return all(self.gather_object(mine))
 
     def release_optimizer_state(self) -> None:
         self.optimizer.state.clear()

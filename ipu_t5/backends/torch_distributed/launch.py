@@ -239,7 +239,7 @@ def maybe_launch(config, argv: Optional[List[str]], args: argparse.Namespace,
     """When the config's layout needs several torch.distributed processes and this process is not
     one of them, run them and return the exit status; otherwise None (run here). Their logs go
     to `<output-dir>/logs/<start time>-<pid>/`; `resume` ends a failure's report."""
-    from ...checkpointing import run_dir
+    from ...checkpointing import lock, run_dir
     from ...layout import check_pipeline_fill, plan_from_config
     from .. import resolve_backend_name
 
@@ -250,10 +250,15 @@ def maybe_launch(config, argv: Optional[List[str]], args: argparse.Namespace,
     check_pipeline_fill(plan)
     # Another run's directory is refused before anything is written into it.
     run_dir.holds_other_run(config.output_dir, config.to_dict(), config.output.overwrite_output_dir)
-    log_dir = config.output_dir / run_dir.LOGS / "{}-{}".format(time.strftime("%Y%m%d-%H%M%S"), os.getpid())
-    try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError("cannot write the ranks' logs under output directory '{}': {}. Choose another "
-                        "--output-dir.".format(config.output_dir, err.strerror or err)) from None
-    return launch(plan.world_size, sys.argv[1:] if argv is None else argv, args, log_dir=log_dir, resume=resume)
+    argv = sys.argv[1:] if argv is None else argv
+    # One writer per run directory: the launcher holds the lock for its workers and their restarts.
+    # Over several nodes each node has a launcher, so the main worker takes it instead.
+    with lock.for_workers(config.output_dir, " ".join(["ipu-t5"] + list(argv))[:200]) \
+            if getattr(args, "nnodes", 1) == 1 else contextlib.nullcontext():
+        log_dir = config.output_dir / run_dir.LOGS / "{}-{}".format(time.strftime("%Y%m%d-%H%M%S"), os.getpid())
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError("cannot write the ranks' logs under output directory '{}': {}. Choose another "
+                            "--output-dir.".format(config.output_dir, err.strerror or err)) from None
+        return launch(plan.world_size, argv, args, log_dir=log_dir, resume=resume)
