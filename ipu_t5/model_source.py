@@ -40,6 +40,8 @@ class ModelSource:
     peft: Any = None
     module: Optional[torch.nn.Module] = None
     prompt_ids: Optional[List[int]] = None
+    # int8 | nf4: the base quantised by bitsandbytes under LoRA (`ipu_t5.quantization`); none: float.
+    quantization: str = "none"
 
     @classmethod
     def of(cls, model: Any) -> "ModelSource":
@@ -82,6 +84,16 @@ class ModelSource:
 
     def build(self, device: Any = "cpu") -> torch.nn.Module:
         """The whole model on `device`."""
+        if self.quantization != "none" and self.module is None:
+            from .quantization import load_quantised
+
+            # The float base as any run builds it (no reference kept: it is freed once written), then
+            # quantised, then LoRA's adapters drawn by name.
+            model = load_quantised(self.materialise(model_from_config(self.hf_config, "meta"), "cpu"),
+                                   self.quantization, device)
+            model = adapted(model, self.peft)
+            _draw_adapters(model, self.seed)
+            return model
         return self.materialise(self.meta_model(), device)
 
 
@@ -199,7 +211,8 @@ def run_source(config, vocab_size: int, backend=None, pretrained: Any = None,
     run's, which tokenizes `peft.prompt_tuning_init_text`)."""
     from transformers import PretrainedConfig, T5Config
 
-    fields: Dict[str, Any] = {"seed": config.training.seed, "peft": config.peft if lora.enabled(config) else None}
+    fields: Dict[str, Any] = {"seed": config.training.seed, "peft": config.peft if lora.enabled(config) else None,
+                              "quantization": config.model.quantization}
     peft = config.peft
     if prompt_tuning.enabled(config) and peft.prompt_tuning_init == "text" and tokenizer is not None:
         fields["prompt_ids"] = prompt_tuning.init_ids(tokenizer(peft.prompt_tuning_init_text)["input_ids"],
@@ -208,7 +221,8 @@ def run_source(config, vocab_size: int, backend=None, pretrained: Any = None,
         if lora.enabled(config):
             pretrained = adapted(pretrained, config.peft)
             _draw_adapters(pretrained, config.training.seed, fields.get("prompt_ids"))
-        source = ModelSource(hf_config=pretrained.config, module=pretrained, seed=config.training.seed)
+        source = ModelSource(hf_config=pretrained.config, module=pretrained, seed=config.training.seed,
+                             quantization=config.model.quantization)
     elif isinstance(pretrained, PretrainedConfig):
         source = ModelSource(hf_config=pretrained, weights=weights, **fields)
     else:
@@ -232,5 +246,5 @@ def build_model(config, vocab_size: int) -> torch.nn.Module:
     """The whole model a run of `config` starts from, on the CPU, without LoRA adapters (the base
     they adapt)."""
     source = run_source(config, vocab_size)
-    source.peft = None
+    source.peft, source.quantization = None, "none"
     return source.build()

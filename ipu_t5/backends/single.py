@@ -1,12 +1,13 @@
 """One process on one device (a GPU when present, else the CPU)."""
 import contextlib
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 import torch
 
 from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
 from ..model_source import whole_model
+from .. import quantization
 from .base import Backend, StepResult, trim_at_eos, update_is_finite
 from .fast_ops import use_fast_ops
 from .optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
@@ -128,7 +129,10 @@ class SingleProcessBackend(Backend):
                 eos_token_id=self.eos_id, pad_token_id=self.pad_id)
         return [trim_at_eos(row[1:], self.eos_id) for row in output.tolist()]
 
-    def model_state_dict(self) -> Dict[str, torch.Tensor]:
+    def model_state_dict(self) -> Mapping[str, torch.Tensor]:
+        if quantization.enabled(self.config):
+            # Dequantised to float32 one tensor at a time, under the same names.
+            return quantization.FloatWeights(self.model)
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:

@@ -23,6 +23,9 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     # None keeps the checkpoint's own dropout.
     dropout_rate: Optional[float] = None
+    # int8 | nf4: the frozen base weights quantised by bitsandbytes (BitsAndBytesConfig) under LoRA;
+    # none: float32.
+    quantization: str = "none"
 
 
 @dataclass

@@ -14,6 +14,7 @@ CHOICES = {
     "ipu.execution_strategy": ("auto", "pipelined", "phased"),
     "peft.method": ("none", "lora", "prompt_tuning"),
     "peft.prompt_tuning_init": ("random", "text"),
+    "model.quantization": ("none", "int8", "nf4"),
 }
 
 POSITIVE = {
@@ -80,6 +81,10 @@ def validate(config: RunConfig) -> RunConfig:
             not config.peft.prompt_tuning_init_text:
         raise UserError("peft.prompt_tuning_init=text needs peft.prompt_tuning_init_text: the text whose word "
                         "embeddings the soft prompt starts from.")
+    if config.model.quantization != "none" and config.peft.method != "lora":
+        raise UserError("model.quantization={} freezes the base in {}: train LoRA adapters on it (--peft lora), "
+                        "or set model.quantization=none.".format(config.model.quantization,
+                                                                 config.model.quantization))
     if config.peft.method == "lora" and not config.peft.target_modules:
         raise UserError("peft.target_modules is empty: name the T5 modules to adapt, e.g. q,v.")
     if not 0.0 < config.ipu.source_length_coverage <= 1.0:

@@ -28,6 +28,7 @@ import torch
 from ...data.batching import IGNORE_INDEX, GlobalBatch, collate
 from ...errors import UserError
 from ...model_source import whole_model
+from ...quantization import refuse_here as refuse_quantised
 from ..base import Backend, StepResult, trim_at_eos
 from ..optim import adamw_kwargs, lr_at, param_groups, set_lr
 from .model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, checkpoint_every_block, hf_state_dict,
@@ -86,6 +87,7 @@ class IpuBackend(Backend):
             # it carries no extra positions in front of the prompt.
             raise UserError("peft.method=prompt_tuning runs on the single and torch backends only: use --backend "
                             "single or --backend torch, or --peft lora on IPUs.")
+        refuse_quantised(config, "IPU")
         self.ipu_plan: Optional[IpuPlan] = None
         self.training_model = None
         self.inference_model = None

@@ -23,6 +23,7 @@ from ...errors import UserError
 from ...layout import check_pipeline_fill
 from ...model_source import ModelSource
 from ...prompt_tuning import virtual_tokens
+from ...quantization import refuse_here as refuse_quantised
 from ..base import Backend, StepResult, update_is_finite
 from ..fast_ops import use_fast_ops
 from ..host_memory import keep_heap_small, return_freed_memory
@@ -90,6 +91,7 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         check_pipeline_fill(plan)  # the layout relaxes it for phased IPU execution only
         _require_torch()
         refuse_fp16(config.training)
+        refuse_quantised(config, "torch")
         self.topology: Topology = connect(plan, config.layout.ddp_timeout)
         self.device = self.topology.device
         self.amp_dtype = autocast_dtype(config.training.bf16, self.device)
