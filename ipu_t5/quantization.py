@@ -32,16 +32,24 @@ def refuse_here(config, backend: str) -> None:
                             config.model.quantization, backend))
 
 
-def bnb_config(kind: str):
-    """transformers' BitsAndBytesConfig for `kind` (int8 or nf4), computing in float32, every Linear
-    quantised (no skipped modules)."""
+def require(config) -> None:
+    """One line, before any weight is read, where the run quantises but bitsandbytes is missing."""
+    if not enabled(config):
+        return
     try:
         import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
+        from transformers import BitsAndBytesConfig  # noqa: F401
     except ImportError:
         raise UserError("model.quantization={} needs bitsandbytes (pip install 'bitsandbytes>=0.45', which runs on "
                         "GPUs and CPUs; not on the Poplar SDK's torch 2.0.1), or set model.quantization=none.".format(
-                            kind)) from None
+                            config.model.quantization)) from None
+
+
+def bnb_config(kind: str):
+    """transformers' BitsAndBytesConfig for `kind` (int8 or nf4), computing in float32, every Linear
+    quantised (no skipped modules)."""
+    from transformers import BitsAndBytesConfig
+
     if kind == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                   llm_int8_skip_modules=[])
@@ -53,7 +61,12 @@ def _quantisable_t5():
 
     class QuantisableT5(T5ForConditionalGeneration):
         # T5 keeps `wo` in float32 against float16 overflow; computing in float32 it quantises safely.
+        # transformers 4.x reads the class's list, 5.x the instance's (gathered from its stacks).
         _keep_in_fp32_modules = None
+
+        def post_init(self):
+            super().post_init()
+            self._keep_in_fp32_modules = set()
 
     return QuantisableT5
 

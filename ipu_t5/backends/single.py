@@ -62,6 +62,7 @@ class SingleProcessBackend(Backend):
             raise UserError("the single-process backend runs 1 stage x 1 replica, but the layout asks for "
                             "{} x {}: use --backend torch (run.sh launches it).".format(plan.stages, plan.replicas))
         refuse_fp16(config.training)
+        quantization.require(config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp_dtype = autocast_dtype(config.training.bf16, self.device)
 
