@@ -71,6 +71,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     started = time.time()
+    load_before = " ".join("{:.2f}".format(x) for x in os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             row = {"method": LABELS[method], "plan": planned(method)}
@@ -80,7 +81,9 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print("{} steps of global batch 16 on the tiny demo each, {:.0f} s in all".format(args.steps, time.time() - started))
+    print("{} steps of global batch 16 on the tiny demo each, {:.0f} s in all; load average {} at the start, {} at "
+          "the end (the machine is shared)".format(args.steps, time.time() - started, load_before,
+                                                   " ".join("{:.2f}".format(x) for x in os.getloadavg())))
     print("| method | trainable (base shape) | plan peak GB (base, 1 GPU) | tiny samples/s | tiny final loss | "
           "tiny accuracy |\n|---|---|---|---|---|---|")
     for r in rows:

@@ -51,8 +51,10 @@ def bnb_config(kind: str):
     from transformers import BitsAndBytesConfig
 
     if kind == "nf4":
+        # Packed codes stored as float32 (the same bytes): T5's feed-forward casts its input to `wo`'s
+        # dtype unless that is int8, which would turn activations into uint8 under the default storage.
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                                  llm_int8_skip_modules=[])
+                                  bnb_4bit_quant_storage=torch.float32, llm_int8_skip_modules=[])
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[])
 
 

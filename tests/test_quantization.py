@@ -118,6 +118,31 @@ def test_dequantised_weights_are_the_float_base_within_the_quantisation_step(kin
 
 
 @needs_bitsandbytes
+@pytest.mark.parametrize("kind, tolerance", [("nf4", 1e-5), ("int8", 0.05)])
+def test_the_quantised_model_computes_what_its_dequantised_export_computes(kind, tolerance, tmp_path):
+    """nf4 computes with the dequantised weights themselves (T5's feed-forward included, which casts
+    its input to `wo`'s dtype); LLM.int8 also rounds the activations, so only closely."""
+    from ipu_t5 import lora
+    from ipu_t5.model_source import run_source
+    from ipu_t5.models import with_weights
+
+    config = quantised_config(tmp_path, kind, **{"model.dropout_rate": 0.0, "peft.lora_dropout": 0.0})
+    model = run_source(config, 500).build()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:  # peft starts B at zero: give the adapters something to merge
+                param.normal_(0, 0.05)
+    export = with_weights(model.config, lora.merged_state(quantization.FloatWeights(model), config.peft)).eval()
+    ids, decoder_ids = torch.randint(2, 500, (4, 24)), torch.randint(2, 500, (4, 6))
+    for train in (True, False):
+        model.train(train)
+        with torch.no_grad():
+            ours = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+            theirs = export(input_ids=ids, decoder_input_ids=decoder_ids).logits
+        assert float((ours - theirs).abs().max()) <= tolerance * float(theirs.abs().max()), (kind, train)
+
+
+@needs_bitsandbytes
 def test_the_memory_plan_counts_the_weights_as_the_module_holds_them(tmp_path):
     from ipu_t5.backends.torch_distributed.memory import plan_memory
     from ipu_t5.model_source import run_source

@@ -145,8 +145,11 @@ class SingleProcessBackend(Backend):
                     param.copy_(state[name])
 
     def weights_finite(self) -> bool:
-        # On the device, without the CPU copy `export_share` makes.
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        # On the device, without the CPU copy `export_share` makes. A quantised base's packed codes
+        # are bytes, not numbers (stored as float32), and frozen: there only what trains is checked.
+        frozen_codes = quantization.enabled(self.config)
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters()
+                   if p.requires_grad or not frozen_codes)
 
     def optimizer_state_dict(self) -> Dict:
         return named_optimizer_state(self.optimizer, self.model.named_parameters())
