@@ -88,8 +88,10 @@ def main() -> int:
           "tiny accuracy |\n|---|---|---|---|---|---|")
     for r in rows:
         plan = r["plan"]
-        tail = "{} | {} | {} |".format(r.get("samples_per_second", "-"), r.get("final_loss", "-"),
-                                       r.get("accuracy", r.get("error", "-")))
+        if "error" in r:
+            tail = "- | - | {} |".format(r["error"])
+        else:
+            tail = "{:.1f} | {:.4f} | {:.1%} |".format(r["samples_per_second"], r["final_loss"], r["accuracy"])
         print("| {} | {:,} ({:.2%}) | {:.2f} | {}".format(r["method"], plan["trainable"],
                                                           plan["trainable"] / plan["params"], plan["peak_gb"], tail))
     return 0
