@@ -196,3 +196,28 @@ def test_without_bitsandbytes_the_single_backend_refuses_in_one_line(tmp_path, m
     config = quantised_config(tmp_path)
     with pytest.raises(UserError, match="model.quantization=nf4 needs bitsandbytes"):
         SingleProcessBackend(config, plan_from_config(config))
+
+
+@needs_bitsandbytes
+@pytest.mark.slow
+def test_a_quantised_lora_run_resumes_exactly_from_its_adapter_checkpoint(tmp_path):
+    """The base is quantised again from the same float weights; the checkpoint holds the adapters."""
+    from ipu_t5 import checkpointing, lora
+    from ipu_t5.training.trainer import T5Trainer
+
+    def run(out, steps, **extra):
+        values = {"training.max_steps": steps, "output.save_steps": 3, "validation.do_eval": "false",
+                  "data.demo_train_samples": 200}
+        values.update(extra)
+        T5Trainer(quantised_config(out, **values)).train()
+        return list(losses(out).values())
+
+    straight = run(tmp_path / "straight", 6)
+    first = run(tmp_path / "stopped", 3)
+    resumed = run(tmp_path / "stopped", 6, **{"output.resume_from_checkpoint": "auto"})
+    assert first == straight[:3] and resumed == straight
+    final = [checkpointing.inspect(checkpointing.step_path(tmp_path / name, 6)).model_tensors()
+             for name in ("straight", "stopped")]
+    assert set(final[0]) == set(final[1]) and all(lora.is_adapter_key(k) for k in final[0])
+    for name in final[0]:
+        assert torch.equal(final[0][name], final[1][name]), name
