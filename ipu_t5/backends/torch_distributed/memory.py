@@ -10,8 +10,9 @@ Counted per rank, on its device (the GPU, or the host for CPU processes):
 - weights: float32 master weights of its stage's blocks (the backend keeps float32 and autocasts to
   bfloat16; the shared embedding only on the embedding's stage, which sends the embedded decoder
   inputs down the pipeline); LoRA adds its adapters, prompt tuning its soft prompt (2 x virtual
-  tokens x d_model, on the embedding's stage, whose prompts it lengthens for every encoder part). A base
-  quantised by `model.quantization` (one process) holds its Linear layers in QUANTISED_BYTES a weight. Under FSDP2 with a unit per block (the default,
+  tokens x d_model, on the embedding's stage, whose prompts it lengthens for every encoder part);
+  a base quantised by `model.quantization` (one process) holds its Linear layers in
+  QUANTISED_BYTES a weight. Under FSDP2 with a unit per block (the default,
   `layout.fsdp_reshard_after_forward`) the shards persist and two units are whole at a time (the one
   computing and the one prefetched); with the chunk one unit, the unsharded parameters persist too
   from the first micro-batch to the end of the step (`torch.distributed.pipelining` defers the
