@@ -1,16 +1,25 @@
-"""ipu-t5 against Hugging Face's Seq2SeqTrainer: the same model, data and settings, one machine.
+"""ipu-t5 against Hugging Face's Seq2SeqTrainer: the same model, data and settings, one machine,
+in float32 and in bfloat16 autocast.
 
     python bench/compare.py            # tiny and flan-t5-small-shaped models, 3 repeats each
-    python bench/compare.py --quick    # tiny only, fewer steps (under 3 minutes on 2 cores)
+    python bench/compare.py --quick    # tiny only, fewer steps
     python bench/compare.py --json     # the same figures as JSON
+    python bench/compare.py --precisions float32   # one precision only
 
 For each model the script builds MNLI-shaped data (bench/mnli_shaped.py), a tokenizer trained on
 it, and a checkpoint in the registry's dimensions (random initialisation, then a short ipu-t5
 fine-tune so that validation generates real labels). Then, for every repeat, each side runs in a
 fresh process of its own (bench/sides.py): train one epoch of `steps` global batches from the
 checkpoint, validate the checkpoint's weights by greedy generation. Every figure is the median
-over the repeats; peak memory is each process's own high-water mark. The order of the sides
-rotates between repeats, so a machine that slows down during the run favours none of them.
+over the repeats; peak memory is each process's own high-water mark. Every repeat runs each side
+at each precision (ours with `training.bf16`, validation following it; the peer with `bf16=True`,
+its own CPU autocast, or float32), in an order that rotates between repeats, so a machine that
+slows down during the run favours none of them. Beside them the CPU's float32 and bfloat16 matrix
+rates at the model's shapes (bench/matrix_rates.py) bound what either side can reach.
+
+Ratios are ours over the peer at the same precision, and default against default: ours as it runs
+with `training.bf16` unset (bfloat16 where the CPU multiplies in it, float32 on the tiny preset)
+against the peer's default, float32.
 
 The peer runs with its best ordinary settings (length grouping on, its default optimizer);
 `--peer-defaults` adds a third side, Seq2SeqTrainer with length grouping left off, as most
@@ -45,6 +54,7 @@ QUICK = {"tiny": {"steps": 24, "eval_samples": 600, "prepare_steps": 100}}
 METRICS = ("train_tokens_per_second", "train_tokens_per_cpu_second", "eval_samples_per_second",
            "eval_samples_per_cpu_second", "peak_rss_mb", "peak_gpu_mb", "accuracy", "mean_loss")
 LABELS = {"ours": "ipu-t5", "peer": "Seq2SeqTrainer", "peer-defaults": "Seq2SeqTrainer, no length grouping"}
+PRECISIONS = ("float32", "bfloat16")
 
 
 def _log(message: str) -> None:
@@ -89,7 +99,8 @@ def prepare(model: str, settings: Dict[str, Any], workdir: Path, ours_extra: Dic
             "data.eval_split": "validation", "model.tokenizer": None}
     overrides = dict(base, **{"output.output_dir": str(workdir / "prepare"), "training.max_steps": settings["prepare_steps"],
                               "training.global_batch_size": settings["global_batch_size"],
-                              "training.learning_rate": settings["learning_rate"], "validation.do_eval": "false"})
+                              "training.learning_rate": settings["learning_rate"], "validation.do_eval": "false",
+                              "training.bf16": "false"})
     _log("[{}] fine-tuning the shared checkpoint for {} steps".format(model, settings["prepare_steps"]))
     config = load_config(model, overrides=["{}={}".format(k, v) for k, v in overrides.items() if v is not None])
     trainer = T5Trainer(config, pretrained=network, tokenizer=tokenizer)
@@ -106,7 +117,7 @@ def prepare(model: str, settings: Dict[str, Any], workdir: Path, ours_extra: Dic
     ours.update(ours_extra)
     return {"model": model, "checkpoint": str(checkpoint), "train_file": str(train_file), "eval_file": str(eval_file),
             "training": training, "eval_batch_size": settings["eval_batch_size"], "max_new_tokens": cap,
-            "device": "cuda" if torch.cuda.is_available() else "cpu", "bf16": settings["bf16"],
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "bf16": False,
             "peer_dataloader_workers": settings["peer_workers"],
             "ours_overrides": {k: v for k, v in ours.items() if v is not None}}
 
@@ -128,36 +139,65 @@ def run_side(side: str, spec_path: Path) -> Dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(spec: Dict[str, Any], workdir: Path, repeats: int, sides: List[str]) -> Dict[str, Any]:
-    """Every side `repeats` times, rotating which goes first; medians and ratios to the peer."""
-    runs: Dict[str, List[Dict[str, Any]]] = {side: [] for side in sides}
+def _compare(ours: Dict[str, float], peer: Dict[str, float], memory: str) -> Dict[str, float]:
+    return {"train_speedup": ours["train_tokens_per_second"] / peer["train_tokens_per_second"],
+            "eval_speedup": ours["eval_samples_per_second"] / peer["eval_samples_per_second"],
+            # On a GPU the memory that limits a run is the GPU's.
+            "memory_ratio": ours[memory] / peer[memory],
+            "train_speedup_cpu": ours["train_tokens_per_cpu_second"] / peer["train_tokens_per_cpu_second"],
+            "eval_speedup_cpu": ours["eval_samples_per_cpu_second"] / peer["eval_samples_per_cpu_second"]}
+
+
+def measure(spec: Dict[str, Any], workdir: Path, repeats: int, sides: List[str], precisions: List[str],
+            ours_default: str) -> Dict[str, Any]:
+    """Every side at every precision `repeats` times, rotating the order; medians and ratios to the
+    peer at the same precision, and ours at `ours_default` against the peer in float32."""
+    order = [(side, precision) for precision in precisions for side in sides]
+    runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {p: {side: [] for side in sides} for p in precisions}
     for repeat in range(repeats):
         # A seed per repeat: each side's batch order (and so its padding) is that seed's luck,
         # and the medians average over several orders, not one.
-        spec_path = workdir / "spec-{}.json".format(repeat)
         training = dict(spec["training"], seed=spec["training"]["seed"] + repeat)
-        spec_path.write_text(json.dumps(dict(spec, training=training), indent=2))
-        for side in sides[repeat % len(sides):] + sides[:repeat % len(sides)]:
-            result = run_side(side, spec_path)
-            _log("[{}] repeat {} {}: {}".format(spec["model"], repeat + 1, side, json.dumps(
+        paths = {}
+        for precision in precisions:
+            paths[precision] = workdir / "spec-{}-{}.json".format(repeat, precision)
+            paths[precision].write_text(json.dumps(dict(spec, training=training, bf16=precision == "bfloat16"),
+                                                   indent=2))
+        shift = repeat % len(order)
+        for side, precision in order[shift:] + order[:shift]:
+            result = run_side(side, paths[precision])
+            _log("[{}] repeat {} {} {}: {}".format(spec["model"], repeat + 1, side, precision, json.dumps(
                 {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})))
-            runs[side].append(result)
-    report: Dict[str, Any] = {side: {m: statistics.median(r[m] for r in results) for m in METRICS if m in results[0]}
-                              for side, results in runs.items()}
-    ours, peer = report["ours"], report["peer"]
+            runs[precision][side].append(result)
     memory = "peak_gpu_mb" if spec["device"] == "cuda" else "peak_rss_mb"
-    report.update({
-        "runs": runs,
-        "train_speedup": ours["train_tokens_per_second"] / peer["train_tokens_per_second"],
-        "eval_speedup": ours["eval_samples_per_second"] / peer["eval_samples_per_second"],
-        # On a GPU the memory that limits a run is the GPU's.
-        "memory_ratio": ours[memory] / peer[memory],
-        "train_speedup_cpu": ours["train_tokens_per_cpu_second"] / peer["train_tokens_per_cpu_second"],
-        "eval_speedup_cpu": ours["eval_samples_per_cpu_second"] / peer["eval_samples_per_cpu_second"],
-        "same_accuracy": len({r["accuracy"] for results in runs.values() for r in results}) == 1,
-        "same_train_tokens": len({r["train_tokens"] for results in runs.values() for r in results}) == 1,
-        "settings": {k: spec[k] for k in ("training", "eval_batch_size", "max_new_tokens", "device", "bf16")}})
+    report: Dict[str, Any] = {}
+    for precision, by_side in runs.items():
+        medians = {side: {m: statistics.median(r[m] for r in results) for m in METRICS if m in results[0]}
+                   for side, results in by_side.items()}
+        report[precision] = dict(medians, **_compare(medians["ours"], medians["peer"], memory), **{
+            "runs": by_side,
+            "ranges": {side: {m: [min(r[m] for r in results), max(r[m] for r in results)]
+                              for m in ("train_tokens_per_second", "eval_samples_per_second")}
+                       for side, results in by_side.items()},
+            "same_accuracy": len({r["accuracy"] for results in by_side.values() for r in results}) == 1,
+            "same_train_tokens": len({r["train_tokens"] for results in by_side.values() for r in results}) == 1})
+    if ours_default in report and "float32" in report:
+        report["default"] = dict(_compare(report[ours_default]["ours"], report["float32"]["peer"], memory),
+                                 ours_precision=ours_default, peer_precision="float32")
+    report["settings"] = {k: spec[k] for k in ("training", "eval_batch_size", "max_new_tokens", "device")}
     return report
+
+
+def ours_default_precision(model: str) -> str:
+    """What ipu-t5 computes in on this machine with training.bf16 unset, for the model's preset."""
+    import torch
+
+    from ipu_t5.backends.precision import autocast_dtype
+    from ipu_t5.config import load_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = autocast_dtype(load_config(model).training.bf16, device)
+    return "bfloat16" if dtype is not None else "float32"
 
 
 def machine() -> Dict[str, Any]:
@@ -179,19 +219,40 @@ def machine() -> Dict[str, Any]:
 
 
 def table(report: Dict[str, Any]) -> str:
-    """The comparison as a Markdown table: medians, then ours over the best-settings peer."""
-    lines = ["| model | side | train tokens/s | (per CPU-s) | validation samples/s | (per CPU-s) | peak RSS (MB) "
-             "| accuracy | mean train loss |", "|---|---|---|---|---|---|---|---|---|"]
+    """The comparison as a Markdown table: medians per precision, ours over the peer at the same
+    precision, then default against default; the matrix rates below."""
+    lines = ["| model | precision | side | train tokens/s | (per CPU-s) | validation samples/s | (per CPU-s) "
+             "| peak RSS (MB) | accuracy | mean train loss |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model, result in report["models"].items():
-        for side in (s for s in LABELS if s in result):
-            m = result[side]
-            lines.append("| {} | {} | {:.0f} | {:.0f} | {:.1f} | {:.1f} | {:.0f} | {:.2%} | {:.4f} |".format(
-                model, LABELS[side], m["train_tokens_per_second"], m["train_tokens_per_cpu_second"],
-                m["eval_samples_per_second"], m["eval_samples_per_cpu_second"], m["peak_rss_mb"], m["accuracy"],
-                m["mean_loss"]))
-        lines.append("| {} | **ipu-t5 / Seq2SeqTrainer** | **{:.2f}x** | {:.2f}x | **{:.2f}x** | {:.2f}x | **{:.2f}** | {} | |".format(
-            model, result["train_speedup"], result["train_speedup_cpu"], result["eval_speedup"],
-            result["eval_speedup_cpu"], result["memory_ratio"], "identical" if result["same_accuracy"] else "differs"))
+        for precision in PRECISIONS:
+            if precision not in result:
+                continue
+            measured = result[precision]
+            for side in (s for s in LABELS if s in measured):
+                m = measured[side]
+                lines.append("| {} | {} | {} | {:.0f} | {:.0f} | {:.1f} | {:.1f} | {:.0f} | {:.2%} | {:.4f} |".format(
+                    model, precision, LABELS[side], m["train_tokens_per_second"], m["train_tokens_per_cpu_second"],
+                    m["eval_samples_per_second"], m["eval_samples_per_cpu_second"], m["peak_rss_mb"], m["accuracy"],
+                    m["mean_loss"]))
+            lines.append("| {} | {} | **ipu-t5 / Seq2SeqTrainer** | **{:.2f}x** | {:.2f}x | **{:.2f}x** | {:.2f}x "
+                         "| **{:.2f}** | {} | |".format(
+                             model, precision, measured["train_speedup"], measured["train_speedup_cpu"],
+                             measured["eval_speedup"], measured["eval_speedup_cpu"], measured["memory_ratio"],
+                             "identical" if measured["same_accuracy"] else "differs"))
+        if "default" in result:
+            d = result["default"]
+            lines.append("| {} | defaults | **ipu-t5 ({}) / Seq2SeqTrainer (float32)** | **{:.2f}x** | {:.2f}x "
+                         "| **{:.2f}x** | {:.2f}x | **{:.2f}** | | |".format(
+                             model, d["ours_precision"], d["train_speedup"], d["train_speedup_cpu"], d["eval_speedup"],
+                             d["eval_speedup_cpu"], d["memory_ratio"]))
+    lines.append("")
+    for model, result in report["models"].items():
+        rates = result.get("matrix_gflops")
+        if rates:
+            lines.append("{}: matrix products at its shapes (2048 rows): {}".format(model, "; ".join(
+                "{} {:.0f} GFLOP/s ({:.0f} to {:.0f}; {:.0f} per CPU-second)".format(
+                    p, r["gflops"], r["min_gflops"], r["max_gflops"], r["gflops_per_cpu_second"])
+                for p, r in rates.items())))
     return "\n".join(lines)
 
 
@@ -208,7 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--peer-defaults", action="store_true",
                         help="also run Seq2SeqTrainer without length grouping (its default)")
     parser.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's, one per core)")
-    parser.add_argument("--bf16", action="store_true", help="both sides in bfloat16 autocast (default: float32)")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="comma-separated: float32, bfloat16 (default: both, alternating)")
     parser.add_argument("--set", dest="ours", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an extra ipu-t5 setting for our side (repeatable)")
     parser.add_argument("--workdir", help="keep data, checkpoints and specs here (default: a temporary directory)")
@@ -221,6 +283,9 @@ def main(argv=None) -> int:
         print(json.dumps(SIDES[args.worker](json.loads(Path(args.spec).read_text()))))
         return 0
     models = (args.models or ("tiny" if args.quick else "tiny,small")).split(",")
+    precisions = args.precisions.split(",")
+    if not set(precisions) <= set(PRECISIONS):
+        parser.error("--precisions takes {}, got '{}'".format(", ".join(PRECISIONS), args.precisions))
     ours_extra = dict(item.split("=", 1) for item in args.ours)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ipu-t5-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -236,8 +301,7 @@ def main(argv=None) -> int:
     for model in models:
         if model not in MODELS:
             parser.error("--models takes {}, got '{}'".format(", ".join(MODELS), model))
-        settings = dict(MODELS[model], **(QUICK.get(model, {}) if args.quick else {}), peer_workers=args.peer_workers,
-                        bf16=args.bf16)
+        settings = dict(MODELS[model], **(QUICK.get(model, {}) if args.quick else {}), peer_workers=args.peer_workers)
         if args.steps:
             settings["steps"] = args.steps
         if args.eval_samples:
@@ -249,11 +313,15 @@ def main(argv=None) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the table or the JSON
             spec = dict(prepare(model, settings, directory, ours_extra), threads=args.threads)
         sides = ["ours", "peer"] + (["peer-defaults"] if args.peer_defaults else [])
-        report["models"][model] = measure(spec, directory, args.repeats, sides)
+        report["models"][model] = measure(spec, directory, args.repeats, sides, precisions,
+                                          ours_default_precision(model))
+        from bench.matrix_rates import matrix_rates
+
+        report["models"][model]["matrix_gflops"] = matrix_rates(model)
     report["machine"]["load_average_end"] = list(os.getloadavg())
     report["seconds"] = time.perf_counter() - started
-    results = list(report["models"].values())
-    # The headline ratios are the worst case over the models measured.
+    # The headline ratios are the worst case over the models and precisions measured.
+    results = [r[p] for r in report["models"].values() for p in precisions]
     report["train_speedup"] = min(r["train_speedup"] for r in results)
     report["eval_speedup"] = min(r["eval_speedup"] for r in results)
     report["memory_ratio"] = max(r["memory_ratio"] for r in results)

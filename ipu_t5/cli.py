@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .backends.torch_distributed.launch import (add_cluster_flags, launched_by_torchrun, maybe_launch,
-                                               quiet_unless_main, record_crash, record_failure)
+                                               quiet_unless_main, record_crash, record_failure, restart_count,
+                                               resume_after_restart)
 from .errors import UserError
+from .plan_cli import add_plan_command
 
 # Dedicated flags and the config keys they set.
 FLAG_KEYS = {
@@ -27,8 +29,6 @@ FLAG_KEYS = {
     "peft": "peft.method",
 }
 EXIT_USER_ERROR = 2
-# MNLI's targets ("entailment", ...) with their end-of-sequence token are well under this.
-DEFAULT_PLAN_TARGET_LENGTH = 8
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -154,8 +154,14 @@ def _train(config, args: argparse.Namespace) -> int:
     from .checkpointing.export import fits_in_memory, reload_and_predict
     from .training.trainer import T5Trainer
 
+    # torchrun restarted every process after one failed (--max-restarts): continue, not start over.
+    restart = restart_count()
+    if restart:
+        config.output.resume_from_checkpoint = resume_after_restart(config)
     trainer = T5Trainer(config)
     try:
+        if restart:
+            trainer.record_restart(restart)
         summary = trainer.train()
         if "interrupted" in summary:
             if trainer.is_main_process:
@@ -194,6 +200,7 @@ def _train(config, args: argparse.Namespace) -> int:
             sample = predictions[:256]
             # A soft prompt's export is the base: it predicts as validation did with the adapter over it.
             reloaded = reload_and_predict(hf_dir, [p["prompt"] for p in sample],
+                                          bf16=results.get("precision") == "bfloat16",
                                           adapter=None if lora.is_lora(config) else adapter)
             same = sum(r == p["generated"] for r, p in zip(reloaded, sample))
             example = sample[0]
@@ -315,61 +322,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    """How the layout maps onto IPUs: one row per IPU with its blocks, parameters, bytes on chip and
-    streamed, and whether it fits; with --backend torch or single (or --device-memory), one row per
-    process of the torch backend. Needs no IPU, no GPU and no weights; exits 2 with the table when
-    the layout does not fit."""
-    from .backends.ipu.plan import IpuPlanRefused, plan_ipu
-    from .data.features import prompt_cap
-    from .layout import plan_from_config
-    from .models import model_size, size_note
-
-    config = config_from_args(args)
-    note = size_note(config, model_size(config))
-    if note:
-        print("ipu-t5: " + note, file=sys.stderr)
-    source = args.source_length or prompt_cap(config.data.max_source_length)
-    target = args.target_length or config.validation.max_new_tokens or DEFAULT_PLAN_TARGET_LENGTH
-    if config.layout.backend in ("torch", "single") or args.device_memory:
-        return _plan_torch(args, config, source, target)
-    layout = plan_from_config(config, source, target)
-    try:
-        plan = plan_ipu(config, layout, source, target)
-    except IpuPlanRefused as refused:
-        if args.json:
-            print(json.dumps({"fits": False, "error": str(refused),
-                              "attempts": [a.to_dict() for a in refused.attempts]}, indent=2))
-        else:
-            print(refused.details)
-        raise UserError(str(refused)) from None
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
-    if args.export_ipu_config:
-        from .backends.ipu.ipu_config import write_ipu_config
-
-        path = write_ipu_config(args.export_ipu_config, config, plan)
-        print("wrote {}".format(path), file=sys.stderr)
-    return 0
-
-
-def _plan_torch(args: argparse.Namespace, config, source: int, target: int) -> int:
-    """The torch backend's memory per rank, for the cut it would run, against the GPUs' or the host's
-    memory; exits 2 with the table when it does not fit."""
-    from .backends.torch_distributed.memory import lightest_cut
-    from .backends.torch_distributed.memory_report import available_memory, memory_report
-
-    from .backends.batch_search import fitted_plan
-
-    device = available_memory(args.device_memory).device
-    layout = fitted_plan(config, source, target, lambda c: lightest_cut(c, source, target, device),
-                         args.device_memory)
-    report = memory_report(config, source, target, args.device_memory, layout=layout)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
-    if not report.fits:
-        raise UserError(report.refusal())
-    return 0
-
-
 def cmd_backend(args: argparse.Namespace) -> int:
     """Print the backend the flags resolve to and how many processes it runs as (the IPU backend is
     one process driving every IPU, never torchrun)."""
@@ -406,19 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "save_pretrained does (default 5GB)")
     export.add_argument("--adapter-out", help="where a LoRA run's adapter goes (default: <out>-adapter)")
     export.set_defaults(func=cmd_export)
-    plan = commands.add_parser("plan", help="per-IPU placement and memory of a layout, or with --backend torch the "
-                                            "memory of each process (no IPU, no GPU, no weights)")
-    _add_config_flags(plan)
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument("--source-length", type=int,
-                      help="prompt tokens (default: data.max_source_length, else T5's 512; runs use the data's)")
-    plan.add_argument("--target-length", type=int, help="target tokens (default: validation.max_new_tokens, else {})"
-                      .format(DEFAULT_PLAN_TARGET_LENGTH))
-    plan.add_argument("--device-memory", metavar="SIZE",
-                      help="plan the torch backend against GPUs of this memory, e.g. 80GB (default with --backend "
-                           "torch|single: this machine's GPUs, else its RAM)")
-    plan.add_argument("--export-ipu-config", metavar="FILE", help="also write the plan as an optimum-graphcore ipu_config.json")
-    plan.set_defaults(func=cmd_plan)
+    add_plan_command(commands, _add_config_flags)
     backend = commands.add_parser("backend", help="print the backend and process count the flags resolve to")
     _add_config_flags(backend)
     backend.set_defaults(func=cmd_backend)

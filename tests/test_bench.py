@@ -21,12 +21,21 @@ def test_compare_quick_json_smoke(tmp_path):
     for key in ("train_speedup", "eval_speedup", "memory_ratio"):
         assert report[key] > 0
     tiny = report["models"]["tiny"]
-    assert set(tiny) >= {"ours", "peer", "train_speedup", "eval_speedup", "memory_ratio", "runs"}
-    for side in ("ours", "peer"):
-        assert {"train_tokens_per_second", "eval_samples_per_second", "peak_rss_mb", "accuracy"} <= set(tiny[side])
-        assert tiny[side]["peak_rss_mb"] > 100
-    # Both sides trained on exactly the same examples and validated the same weights.
-    assert tiny["same_train_tokens"] and tiny["same_accuracy"]
-    assert tiny["runs"]["ours"][0]["train_steps"] == tiny["runs"]["peer"][0]["train_steps"] == 4
-    assert tiny["runs"]["ours"][0]["eval_samples"] == tiny["runs"]["peer"][0]["eval_samples"] == 40
+    # Both precisions side by side, and the tiny preset's own default (float32) against the peer's.
+    assert set(tiny) >= {"float32", "bfloat16", "default", "matrix_gflops"}
+    assert tiny["default"]["ours_precision"] == "float32"
+    assert tiny["default"]["train_speedup"] == tiny["float32"]["train_speedup"]
+    assert set(tiny["matrix_gflops"]) == {"float32", "bfloat16"}
+    for precision in ("float32", "bfloat16"):
+        measured = tiny[precision]
+        assert set(measured) >= {"ours", "peer", "train_speedup", "eval_speedup", "memory_ratio", "runs"}
+        for side in ("ours", "peer"):
+            assert {"train_tokens_per_second", "eval_samples_per_second", "peak_rss_mb", "accuracy"} <= set(measured[side])
+            assert measured[side]["peak_rss_mb"] > 100
+        # Both sides trained on exactly the same examples.
+        assert measured["same_train_tokens"]
+        assert measured["runs"]["ours"][0]["train_steps"] == measured["runs"]["peer"][0]["train_steps"] == 4
+        assert measured["runs"]["ours"][0]["eval_samples"] == measured["runs"]["peer"][0]["eval_samples"] == 40
+    # In float32 both validate the same weights with the same arithmetic: the same accuracy.
+    assert tiny["float32"]["same_accuracy"]
     assert report["machine"]["cores"] >= 1 and report["machine"]["transformers"]

@@ -48,6 +48,9 @@ class Backend(abc.ABC):
     static_prompt_length = False
     # How the layout cuts the model into stages by default (`ipu_t5.layout.plan_layout`'s split_by).
     split_by = "memory"
+    # The autocast dtype `generate` multiplies in (bfloat16), or None where it computes as the
+    # weights are stored: the export's reload check then generates the same way.
+    eval_amp_dtype: Optional[torch.dtype] = None
 
     def __init__(self, config: RunConfig, plan: LayoutPlan):
         self.config = config

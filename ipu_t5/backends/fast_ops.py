@@ -14,7 +14,9 @@ own instead of a new tensor per step: 3 feed-forward-sized tensors instead of 11
 instead of 3. Each new tensor of that size is fresh memory the kernel must map and zero, and
 another pass through memory: measured on a 2-core CPU, flan-t5-small's validation batches ran
 about 9% faster with almost none of their page faults. Multiplication commutes and each step is
-the same float32 operation on the same values, so the results are bit for bit transformers'.
+the same operation on the same values, so the results are bit for bit transformers': in float32,
+and under bfloat16 autocast, where the steps run in the same dtypes as transformers' (its cast of
+the gated activations back to float32 before `wo` is undone by autocast's cast to bfloat16).
 """
 import math
 
@@ -46,7 +48,7 @@ def gelu_new_consuming(x: torch.Tensor) -> torch.Tensor:
 
 
 class InPlaceInferenceGatedFF(T5DenseGatedActDense):
-    """T5's gated-GELU feed-forward, computed in place when no gradient is recorded (float32 only)."""
+    """T5's gated-GELU feed-forward, computed in place when no gradient is recorded."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.training:
@@ -56,7 +58,7 @@ class InPlaceInferenceGatedFF(T5DenseGatedActDense):
 
 
 class InPlaceInferenceLayerNorm(T5LayerNorm):
-    """T5's RMS norm, computed in place when no gradient is recorded (float32 only)."""
+    """T5's RMS norm, computed in place when no gradient is recorded (float32 weights)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.training:
@@ -76,9 +78,8 @@ def fuse_gelu(model: torch.nn.Module) -> int:
 
 
 def compute_inference_in_place(model: torch.nn.Module) -> int:
-    """Let `model`'s float32 `gelu_new` feed-forwards and RMS norms compute inference in place;
-    returns how many modules now do. Only for a model that runs in float32 without autocast:
-    under autocast the steps would run in other dtypes than transformers' own."""
+    """Let `model`'s float32 `gelu_new` feed-forwards and RMS norms compute inference in place
+    (in float32 or under bfloat16 autocast); returns how many modules now do."""
     swapped = 0
     for module in model.modules():
         if type(module) is T5DenseGatedActDense and isinstance(module.act, (NewGELUActivation, TrainingFusedGELU)):
@@ -91,9 +92,8 @@ def compute_inference_in_place(model: torch.nn.Module) -> int:
     return swapped
 
 
-def use_fast_ops(model: torch.nn.Module, float32: bool) -> None:
-    """What a torch backend swaps into its model: the fused training GELU always, in-place
-    inference where the model runs in float32 (`float32`: no autocast)."""
+def use_fast_ops(model: torch.nn.Module) -> None:
+    """What a torch backend swaps into its float32 model: the fused training GELU and in-place
+    inference."""
     fuse_gelu(model)
-    if float32:
-        compute_inference_in_place(model)
+    compute_inference_in_place(model)

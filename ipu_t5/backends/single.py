@@ -12,6 +12,7 @@ from .base import Backend, StepResult, trim_at_eos, update_is_finite
 from .fast_ops import use_fast_ops
 from .optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
                      set_lr, token_loss)
+from .precision import autocast_dtype, eval_autocast_dtype, precision_phrase
 
 
 def refuse_fp16(training) -> None:
@@ -19,13 +20,6 @@ def refuse_fp16(training) -> None:
     if training.fp16:
         raise UserError("training.fp16 is the IPU's precision; T5 overflows in float16 on CPUs and GPUs. "
                         "Use training.bf16=true instead.")
-
-
-def autocast_dtype(bf16, device: torch.device):
-    """bfloat16 where asked, or by default on GPUs that have it; None means float32."""
-    if bf16 is None:
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if bf16 else None
 
 
 def compiled(model: torch.nn.Module):
@@ -65,20 +59,22 @@ class SingleProcessBackend(Backend):
         quantization.require(config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp_dtype = autocast_dtype(config.training.bf16, self.device)
+        self.eval_amp_dtype = eval_autocast_dtype(config.validation.bf16, self.amp_dtype)
 
     @property
     def description(self) -> str:
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        return "single process on {} ({})".format(where, "bf16 autocast" if self.amp_dtype else "fp32")
+        return "single process on {} ({})".format(where, precision_phrase(
+            self.amp_dtype, self.eval_amp_dtype, self.config.training.bf16, self.device))
 
-    def _autocast(self):
-        if self.amp_dtype is None:
+    def _autocast(self, dtype):
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def setup(self, model) -> None:
         model = whole_model(model, self.device)
-        use_fast_ops(model, float32=self.amp_dtype is None)
+        use_fast_ops(model)
         self.model = model.to(self.device)
         self.pad_id = model.config.pad_token_id
         self.eos_id = model.config.eos_token_id
@@ -101,7 +97,7 @@ class SingleProcessBackend(Backend):
         # waits behind the previous micro-batch's backward.
         micro_batches = [self._on_device(collate(micro, self.pad_id)) for micro in self.plan.split(batch.samples)[0]]
         for tensors in micro_batches:
-            with self._autocast():
+            with self._autocast(self.amp_dtype):
                 logits = self.forward(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
                                       decoder_input_ids=tensors["decoder_input_ids"], use_cache=False).logits
             micro_loss = token_loss(logits, tensors["labels"], total_tokens)
@@ -122,7 +118,7 @@ class SingleProcessBackend(Backend):
     def generate(self, samples: List[Dict], max_new_tokens: int) -> List[List[int]]:
         self.model.eval()
         tensors = self._on_device(collate(samples, self.pad_id))
-        with self._autocast():
+        with self._autocast(self.eval_amp_dtype):
             output = self.model.generate(
                 input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

@@ -10,6 +10,7 @@ from typing import Any
 # Name -> the submodule that defines it; imported on first use (PEP 562), so that a process that
 # only needs `run_dir` or `atomic` (the multi-process launcher) imports neither torch nor safetensors.
 _NAMES = {
+    "background": ["BackgroundSave"],
     "format": ["FORMAT", "FORMAT_VERSION", "MODEL_FILE", "OPTIMIZER_FILE", "PROCESS_FILE", "SHARDED_DIR", "STATE_FILE",
                "STEP_PREFIX", "CheckpointError", "checkpoints_dir", "list_steps", "step_path"],
     "load": ["Checkpoint", "check_architecture", "check_data_order", "check_tensors", "find_for_resume", "inspect",
@@ -18,7 +19,7 @@ _NAMES = {
 }
 _HOME = {name: module for module, names in _NAMES.items() for name in names}
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_FILE", "OPTIMIZER_FILE", "PROCESS_FILE", "SHARDED_DIR", "STATE_FILE",
+__all__ = ["BackgroundSave", "FORMAT", "FORMAT_VERSION", "MODEL_FILE", "OPTIMIZER_FILE", "PROCESS_FILE", "SHARDED_DIR", "STATE_FILE",
            "STEP_PREFIX", "Checkpoint", "CheckpointError", "check_architecture", "check_data_order", "check_tensors",
            "checkpoints_dir", "find_for_resume", "flatten_optimizer_state", "inspect", "list_steps", "newest_usable",
            "resolve", "rotate", "save_checkpoint", "step_path", "update_trainer_state"]

@@ -3,8 +3,9 @@ of one state dict, by name; a single process can read what several wrote."""
 import inspect
 import pickle
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -41,6 +42,61 @@ def transfer(operation: str, state: Dict[str, Any], path: Path, alone: bool = Fa
         if alone:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         function(*args, **kwargs)
+
+
+def background_group():
+    """A gloo group of every process, for the collectives of checkpoints written in a background
+    thread: beside the training steps' own collectives, never interleaved with them (and on the
+    CPU, which torch.distributed.checkpoint's asynchronous save needs). Every process creates it
+    together; None without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def host_stager():
+    """What copies a state to host memory for `start_save`, keeping its host buffers from one
+    checkpoint to the next (the first copy allocates them, later ones only copy: on the CPU about
+    a third of the first's time), pinned for a GPU's copies; `close()` it after the last save.
+    None on a torch without one (`start_save` then lets torch choose)."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        return None
+    return DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                                        use_async_staging=False, use_non_blocking_copy=False))
+
+
+def start_save(state: Dict[str, Any], path: Path, group, stager=None) -> Future:
+    """torch.distributed.checkpoint's asynchronous save of `state` (every process its share) on
+    `group`, copied to host memory by `stager` (`host_stager`): returns once the tensors are
+    copied, with a Future of the written files. On a torch without `dcp.async_save` (the SDK's
+    2.0) the save is done here, in full."""
+    import torch.distributed.checkpoint as dcp
+
+    if not hasattr(dcp, "async_save"):
+        done: Future = Future()
+        transfer("save", state, path)
+        done.set_result(None)
+        return done
+    kwargs = {"async_stager": stager} if stager is not None else {}
+    with warnings.catch_warnings():
+        if group is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return dcp.async_save(state, checkpoint_id=str(path), process_group=group, no_dist=group is None, **kwargs)
+
+
+def all_gather(obj: Any, group) -> List[Any]:
+    """Every process's `obj`, in rank order, over `group` ([obj] without one)."""
+    import torch.distributed as dist
+
+    if group is None:
+        return [obj]
+    gathered: List[Optional[Any]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
 
 
 def metadata(path: Path) -> Dict[str, Tuple[torch.Size, torch.dtype]]:

@@ -4,7 +4,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import yaml
@@ -16,6 +16,9 @@ from ..models import TIED_ALIASES
 from . import atomic, dcp
 from .format import (FORMAT, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, PROCESS_FILE, SHARDED_DIR, STATE_FILE,
                      STEP_PREFIX, CheckpointError, checkpoints_dir, list_steps, step_path)
+
+if TYPE_CHECKING:
+    from .background import BackgroundSave
 
 
 def _tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -53,13 +56,20 @@ def _no_space(path: Path, needed: int) -> CheckpointError:
 
 
 def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_config: Dict[str, Any],
-                    hf_config, tokenizer, select: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> Path:
+                    hf_config, tokenizer, select: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
+                    background: Optional["BackgroundSave"] = None, then: Optional[Callable[[], Any]] = None) -> Path:
     """Write `backend`'s training state as a checkpoint at `path`, atomically. Every process calls it.
 
     `trainer_state` is what the loop needs to continue (step, data order, ...). Nothing at `path`
     changes unless the whole checkpoint was written; a full disk raises CheckpointError naming the
     path and the bytes needed. `select` picks the model weights to keep (a LoRA run keeps only its
-    adapters: the base is its starting point).
+    adapters: the base is its starting point). `then` runs on the main process once the checkpoint
+    is in place (rotation).
+
+    With `background` (a `BackgroundSave` with no write in flight) this returns once the state is
+    copied to host memory, and the rest is written beside the caller's next steps: the checkpoint
+    appears complete or not at all as before, and `background.wait()` finishes it (raising what
+    the write raised, on every process).
     """
     from . import rng
 
@@ -73,6 +83,9 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
         model_state = backend.model_state_dict()
         tensors = {MODEL_FILE: _cpu_tensors(select(model_state) if select else model_state),
                    OPTIMIZER_FILE: flatten_optimizer_state(backend.optimizer_state_dict())}
+        if background is not None:
+            # Host copies that the steps after this one do not change while they are written.
+            tensors = {name: {k: v.clone() for k, v in part.items()} for name, part in tensors.items()}
         needed = sum(_tensor_bytes(t) for t in tensors.values())
     else:
         needed = sum(backend.gather_object(_tensor_bytes(dict(dcp.flat_shares(shares)))))
@@ -87,23 +100,15 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
             raise
 
     staging = Path(backend.on_main(begin))
-    written: Dict[str, Dict[str, object]] = {}
-    if shares is not None:
-        try:
-            dcp.transfer("save", shares, staging / SHARDED_DIR)
-        except Exception as err:  # torch.distributed.checkpoint raises on every process alike
-            if backend.is_main_process:
-                shutil.rmtree(str(staging), ignore_errors=True)
-            if atomic.is_no_space(err):
-                raise _no_space(path, needed) from None
-            raise
-        # Every process reads back, checksums and syncs its share of the files, in parallel.
-        part = atomic.fsync_tree(staging / SHARDED_DIR, checksum=True,
-                                 share=(backend.process_index, backend.num_processes))
-        for entries in backend.gather_object(part):
-            written.update({"{}/{}".format(SHARDED_DIR, k): v for k, v in entries.items()})
 
-    def finish() -> None:
+    def failed(err: BaseException) -> BaseException:
+        if backend.is_main_process:
+            shutil.rmtree(str(staging), ignore_errors=True)
+        if not isinstance(err, UserError) and atomic.is_no_space(err):
+            return _no_space(path, needed)
+        return err
+
+    def finish(written: Dict[str, Dict[str, object]]) -> None:
         try:
             for rank, state in enumerate(process_states):
                 with open(str(staging / PROCESS_FILE.format(rank)), "w") as f:
@@ -112,13 +117,35 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
                               backend.num_processes, shares is not None, path, written)
             atomic.replace_dir(staging, path)
         except BaseException as err:
-            shutil.rmtree(str(staging), ignore_errors=True)
-            if not isinstance(err, UserError) and atomic.is_no_space(err):
-                raise _no_space(path, needed) from None
-            raise
+            raise failed(err) from None
+        if then is not None:
+            then()
 
-    backend.on_main(finish)
+    if background is not None:
+        background.start(backend, shares, staging, finish, failed)
+        return path
+    written: Dict[str, Dict[str, object]] = {}
+    if shares is not None:
+        try:
+            dcp.transfer("save", shares, staging / SHARDED_DIR)
+        except Exception as err:  # torch.distributed.checkpoint raises on every process alike
+            raise failed(err) from None
+        # Every process reads back, checksums and syncs its share of the files, in parallel.
+        written = sharded_manifest(staging, backend.process_index, backend.num_processes, backend.gather_object)
+    backend.on_main(lambda: finish(written))
     return path
+
+
+def sharded_manifest(staging: Path, index: int, count: int,
+                     gather: Callable[[Any], List[Any]]) -> Dict[str, Dict[str, object]]:
+    """The manifest entries of the files torch.distributed.checkpoint wrote under `staging`: each
+    of `count` processes reads back, checksums and syncs its share of them; `gather` collects the
+    shares (every process's object, in rank order)."""
+    part = atomic.fsync_tree(staging / SHARDED_DIR, checksum=True, share=(index, count))
+    written: Dict[str, Dict[str, object]] = {}
+    for entries in gather(part):
+        written.update({"{}/{}".format(SHARDED_DIR, k): v for k, v in entries.items()})
+    return written
 
 
 def _write_main_files(staging: Path, tensors: Dict[str, Dict[str, torch.Tensor]], needed: int,

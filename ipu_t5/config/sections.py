@@ -75,7 +75,8 @@ class TrainingConfig:
     lr_scheduler_type: str = "constant"
     max_grad_norm: float = 1.0
     seed: int = 42
-    # None: bfloat16 autocast where the GPU supports it, float32 elsewhere.
+    # None: bfloat16 autocast where the device multiplies in it (GPUs with bfloat16, CPUs with
+    # AVX512-BF16 or AMX), float32 elsewhere; weights, optimizer state and the loss stay float32.
     bf16: Optional[bool] = None
     # float16 is the IPU's training precision (None: float16 on the IPU, off elsewhere, where T5
     # overflows in it).
@@ -137,6 +138,8 @@ class ValidationConfig:
     max_new_tokens: Optional[int] = None
     # Validate every N training steps as well as at the end; None: only at the end.
     eval_steps: Optional[int] = None
+    # Generation under bfloat16 autocast (true) or in float32 (false); None: as training computes.
+    bf16: Optional[bool] = None
     # The validation result that ranks evaluations (`trainer.best_metric`) and keeps the best
     # checkpoint; None: the task's lead score (accuracy for MNLI, rougeL for summarization, ...).
     metric_for_best_model: Optional[str] = None
@@ -227,6 +230,9 @@ class OutputConfig:
     # "auto": the newest intact checkpoint in output_dir (or start afresh); or a checkpoint path.
     resume_from_checkpoint: Optional[str] = None
     report_to_tensorboard: bool = True
+    # Write periodic checkpoints beside the next steps, from a copy in host memory (one more copy
+    # of each process's weights and optimizer state while a write is in flight).
+    async_save: bool = False
 
 
 @dataclass

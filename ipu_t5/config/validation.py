@@ -71,6 +71,9 @@ def validate(config: RunConfig) -> RunConfig:
         raise UserError("ipu.loss_scaling must be positive, got {}.".format(config.ipu.loss_scaling))
     if config.training.bf16 and config.training.fp16:
         raise UserError("training.bf16 and training.fp16 are both set: choose one precision.")
+    if config.validation.bf16 and config.training.fp16:
+        raise UserError("validation.bf16 and training.fp16 are both set: a float16 (IPU) run validates in float16; "
+                        "unset validation.bf16.")
     if config.data.source == "files" and not config.data.data_files:
         raise UserError("data.source is 'files' but no data files are given: use --data-files train=PATH,validation=PATH.")
     if not config.peft.lora_alpha > 0:

@@ -64,6 +64,16 @@ class RunCheckpoints:
         self.resumed_from = found.path
         self._say("ipu-t5: resuming from {} at step {}".format(found.path, self.step))
 
+    def record_restart(self, restart: int) -> None:
+        """This process is part of the `restart`-th start of a multi-process run whose processes
+        torchrun restarted after one failed (--max-restarts): say so, and from which step the run
+        continues, on the progress output and in metrics.jsonl; the steps the failed attempt logged
+        after that step are dropped from metrics.jsonl as on any resume."""
+        self._claim(continuing=True).event({"event": "restart", "restart": restart, "step": self.step,
+                                            "resumed_from_step": self.step})
+        self._say("ipu-t5: restart {} after a failed process: continuing from step {} ({})".format(
+            restart, self.step, self.resumed_from or "no checkpoint yet"))
+
     def _record_best(self) -> None:
         """A checkpoint of this step, written before its validation finished, records the ranking
         too, and the best checkpoint is kept by rotation."""
@@ -92,13 +102,21 @@ class RunCheckpoints:
     def save_checkpoint(self, path: Union[str, Path]) -> Path:
         """A layout-free training checkpoint at `path`: weights, optimizer, random generators of
         every process, data order and step. Written atomically; `--resume PATH` continues it."""
+        return self._write_checkpoint(Path(path))
+
+    def _write_checkpoint(self, path: Path, background: bool = False, then=None) -> Path:
+        """`save_checkpoint`; with `background`, written beside the next steps (`_saves`), `then`
+        run on the main process once it is in place."""
         self._refuse_if_released()
         self._claim()
         self._refuse_nonfinite_weights()
+        # One write at a time, in order: the next one starts by clearing unfinished staging directories.
+        self._saves.wait()
         # Under LoRA the base weights are the run's starting point, rebuilt from its config on load.
         select = lora.adapter_state if lora.enabled(self.config) else None
-        return checkpointing.save_checkpoint(Path(path), self.backend, self._trainer_state(), self.config.to_dict(),
-                                          self.hf_config, self.tokenizer, select)
+        return checkpointing.save_checkpoint(path, self.backend, self._trainer_state(), self.config.to_dict(),
+                                          self.hf_config, self.tokenizer, select,
+                                          background=self._saves if background else None, then=then)
 
     def _newest_checkpoint(self) -> Optional[Path]:
         """This run's newest complete periodic checkpoint, or None."""
@@ -111,10 +129,12 @@ class RunCheckpoints:
         if not self.backend.weights_finite():
             raise UserError(self.nonfinite.broken_weights_message(self.step, self._newest_checkpoint()))
 
-    def _save_periodic(self) -> Path:
-        """`<output-dir>/checkpoints/step-N`, then keep the newest `output.save_total_limit` and the best."""
-        path = self.save_checkpoint(checkpointing.step_path(self.output_dir, self.step))
+    def _save_periodic(self, final: bool = False) -> Path:
+        """`<output-dir>/checkpoints/step-N`, then keep the newest `output.save_total_limit` and the
+        best. With `output.async_save` (unless `final`) written beside the next steps."""
+        protect = self._protected_steps()
+        path = self._write_checkpoint(
+            checkpointing.step_path(self.output_dir, self.step), self.config.output.async_save and not final,
+            lambda: checkpointing.rotate(self.output_dir, self.config.output.save_total_limit, protect))
         self._saved_step = self.step
-        self.backend.on_main(lambda: checkpointing.rotate(self.output_dir, self.config.output.save_total_limit,
-                                                self._protected_steps()))
         return path

@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard."""
+"""Per-step metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard; events
+(a restart) as records with an "event" key."""
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -51,6 +52,13 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar("{}/{}".format(prefix, key), value, record["step"])
+
+    def event(self, record: Dict[str, Any]) -> None:
+        """Write one record of something that happened to the run (`record["event"]` names it, its
+        `step` says when), which is no metric and so not mirrored to TensorBoard."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -31,6 +31,8 @@ def read_metrics(output_dir: Union[str, Path]) -> Tuple[List[Record], List[Recor
     with open(path) as f:
         for line in f:
             record = json.loads(line)
+            if "event" in record:  # a restart, neither a step nor a validation
+                continue
             if "loss" in record:
                 if train and record["step"] <= train[-1]["step"]:
                     train, evals = [], []

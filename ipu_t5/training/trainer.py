@@ -160,6 +160,8 @@ class T5Trainer(RunCheckpoints, HfExport):
         # The backend freed its model after the run's last export (export_hf(release_model=True)).
         self._released = False
         self._log: Optional[MetricsLog] = None
+        # The checkpoint being written beside training (output.async_save).
+        self._saves = checkpointing.BackgroundSave()
         if found is not None:
             self._resume(found, weights_loaded=weights is not None)
 
@@ -177,12 +179,14 @@ class T5Trainer(RunCheckpoints, HfExport):
         if self.is_main_process:
             tqdm.write(message)
 
-    def _claim(self) -> MetricsLog:
+    def _claim(self, continuing: bool = False) -> MetricsLog:
+        """Make the output directory this run's and open its metrics log; `continuing`: this
+        process continues the run from its step even without a checkpoint (a restart)."""
         if not self._claimed:
             self._lock_owed = self.backend.on_main(self._lock_and_claim)
             self._claimed = True
             self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard,
-                                   resumed_at=self.step if self.resumed_from else None)
+                                   resumed_at=self.step if self.resumed_from or continuing else None)
         return self._log
 
     def _lock_and_claim(self) -> bool:
@@ -295,7 +299,10 @@ class T5Trainer(RunCheckpoints, HfExport):
                 stopped = str(during_validation)
             # Inside the handler, so that a second signal during this write exits at once.
             if (stopped or self.config.output.save_steps) and self._saved_step != self.step:
-                self._save_periodic()
+                self._save_periodic(final=True)
+            # A run ends with its last checkpoint in place, and frees the host copies of its state.
+            self._saves.wait()
+            self._saves.close()
         self._stop = None
         seconds = time.perf_counter() - started
         summary = {"steps": self.step, "steps_this_run": self.step - first_step, "train_seconds": seconds,
@@ -364,6 +371,7 @@ class T5Trainer(RunCheckpoints, HfExport):
         predictions = self.postprocess(texts)
         result = score(self.task, self.metric, predictions, [r["reference"] for r in rows], self.eval_split,
                        self.step, seconds)
+        result["precision"] = "bfloat16" if self.backend.eval_amp_dtype == torch.bfloat16 else "float32"
         self._track_best(result)
         self.last_eval = result
         self._write_json("eval_results.json", result)
@@ -387,7 +395,9 @@ class T5Trainer(RunCheckpoints, HfExport):
         self._last_eval_step = self.step
 
     def close(self) -> None:
-        """Flush logs, release the backend and the run directory (another trainer may then write it)."""
+        """Flush logs, wait for checkpoint writes, release the backend and the run directory (another
+        trainer may then write it)."""
+        self._saves.close()
         if self._log is not None:
             self._log.close()
         if self._lock_owed and self.is_main_process:

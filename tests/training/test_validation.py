@@ -95,14 +95,16 @@ def test_gelu_new_consuming_is_gelu_new_bit_for_bit():
     assert torch.equal(gelu_new_consuming(x.clone()), NewGELUActivation()(x))
 
 
-def test_inference_in_place_generates_bit_for_bit_what_transformers_generates():
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bfloat16-autocast"])
+def test_inference_in_place_generates_bit_for_bit_what_transformers_generates(bf16):
     reference, fast = _tiny_pair()
     reference.eval()
     fast.eval()
     ids = torch.randint(3, 500, (3, 17))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # a padded row
-    with torch.no_grad():
+    # Under autocast the element-wise steps run in the same dtypes, in the same order, as transformers'.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         kwargs = {"input_ids": ids, "attention_mask": mask}
         assert torch.equal(fast(decoder_input_ids=ids[:, :5], **kwargs).logits,
                            reference(decoder_input_ids=ids[:, :5], **kwargs).logits)

@@ -14,9 +14,11 @@ changes, gradients summed over micro-batches and replicas because each micro-bat
 already its share of the global token mean. poptorch clips on the device and does not report the
 gradient norm, so steps report it as NaN.
 
-Generation: `poptorch.inferenceModel` of the same weights returns the greedy token at every target
-position; the host feeds each one back, re-running the encoder per token as Graphcore's own
-Flan-T5 validation does. Training and inference executors share the IPUs, so the idle one is
+Generation: under phased execution, the encoder once per batch and then the decoder one position
+at a time against key/value caches kept on the device (`kv_generation.py`); otherwise (pipelined,
+or LoRA-adapted phases) `poptorch.inferenceModel` of the same weights returns the greedy token at
+every target position and the host feeds each one back, re-running the encoder per token as
+Graphcore's own Flan-T5 validation does. Training and inference executors share the IPUs, so the idle one is
 detached (weights and optimizer state go back to the host and return on attach).
 """
 import importlib
@@ -34,6 +36,8 @@ from ..optim import adamw_kwargs, lr_at, param_groups, set_lr
 from .model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, checkpoint_every_block, hf_state_dict,
                     join_slices, load_hf_state_dict, place, slice_counts, slice_vocabulary, split_like_slices)
 from .hardware import ipu_hardware_available  # noqa: F401 (its home before hardware.py)
+from . import kv_generation
+from .batch_serial import popart_settings
 from .plan import IpuPlan, plan_ipu
 
 # PopART's names for AdamW's state of a weight: prefix + the weight's name in the wrapped model
@@ -91,6 +95,7 @@ class IpuBackend(Backend):
         self.ipu_plan: Optional[IpuPlan] = None
         self.training_model = None
         self.inference_model = None
+        self.kv_generator = None
         self._lr: Optional[float] = None
         self._steps = 0
         self._restored_rng: Optional[List[int]] = None
@@ -187,7 +192,8 @@ class IpuBackend(Backend):
 
         return str(cache_root() / "executables")
 
-    def _strategy(self):
+    def _strategy(self, only: Optional[List[str]] = None):
+        """The plan's execution strategy; `only`: the phases an executor runs (KV generation)."""
         poptorch, plan = self.poptorch, self.ipu_plan
         if plan.execution == "pipelined":
             return poptorch.PipelinedExecution(*[
@@ -197,7 +203,7 @@ class IpuBackend(Backend):
 
         # One stage per IPU of a phase, each holding that IPU's part (`split.place_split` names them).
         phases = [poptorch.Phase(*[poptorch.Stage(block_id(name, part)).ipu(ipu) for part, ipu in enumerate(ipus)])
-                  for name, ipus in plan.phases()]
+                  for name, ipus in plan.phases() if only is None or name in only]
         if plan.phasing == "serial":
             strategy = poptorch.SerialPhasedExecution(*phases)
             # Activations leave the chip after every phase: an IPU holds one phase at a time.
@@ -222,7 +228,7 @@ class IpuBackend(Backend):
         elif plan.optimizer_state_offchip:
             opts.TensorLocations.setOptimizerLocation(streamed(sharded))
 
-    def _options(self, training: bool):
+    def _options(self, training: bool, phases: Optional[List[str]] = None):
         poptorch, plan, ipu = self.poptorch, self.ipu_plan, self.config.ipu
         opts = poptorch.Options()
         opts.replicationFactor(plan.replicas)
@@ -247,18 +253,23 @@ class IpuBackend(Backend):
                 # forward pass (memory.py, cost.py); phased execution streams each phase's saved
                 # values out instead, so recomputation stays off there and its checkpoints are inert.
                 opts._Popart.set("autoRecomputation", RECOMPUTE_PIPELINE)
+            if plan.batch_serial is not None:
+                # One micro-batch per replica, sliced inside the program (batch_serial.py).
+                for key, value in popart_settings(plan.batch_serial).items():
+                    opts._Popart.set(key, value)
         else:
             opts.deviceIterations(plan.inference_device_iterations)
             opts.outputMode(poptorch.OutputMode.All)
         self._locations(opts)
-        opts.setExecutionStrategy(self._strategy())
+        opts.setExecutionStrategy(self._strategy(phases))
         return opts
 
     # ----- executors share the IPUs -----
 
     def _compiled(self) -> List:
         """The executors poptorch has compiled."""
-        return [e for e in (self.training_model, self.inference_model) if e is not None and e.isCompiled()]
+        kv = self.kv_generator.executors() if self.kv_generator is not None else []
+        return [e for e in [self.training_model, self.inference_model] + kv if e is not None and e.isCompiled()]
 
     def _attached(self) -> List:
         """The compiled executors that hold the IPUs now."""
@@ -317,6 +328,15 @@ class IpuBackend(Backend):
 
     @torch.no_grad()
     def generate(self, samples: List[Dict], max_new_tokens: int) -> List[List[int]]:
+        if kv_generation.supports(getattr(self.t5, "ipu_split", None)):
+            if self.kv_generator is None or self.kv_generator.positions != max_new_tokens:
+                for executor in self.kv_generator.executors() if self.kv_generator is not None else []:
+                    if executor.isCompiled():
+                        executor.destroy()
+                self.kv_generator = kv_generation.KvGenerator(self, max_new_tokens)
+            self.generate_module.eval()
+            return self.kv_generator.generate(samples, max_new_tokens, self.pad_id, self.start_id, self.eos_id,
+                                              self.ipu_plan.source_length, self._activate)
         if self.inference_model is None:
             self.inference_model = self.poptorch.inferenceModel(self.generate_module,
                                                                 options=self._options(training=False))

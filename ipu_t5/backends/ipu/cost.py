@@ -33,6 +33,25 @@ TRAINING_PASSES = 3
 
 
 @dataclass(frozen=True)
+class Rates:
+    """The three rates a step estimate divides by, per IPU: matmul FLOPs per second, bytes per
+    second to and from Streaming Memory, bytes per second over IPU-Links."""
+
+    flops_per_second: float
+    streaming_bytes_per_second: float
+    link_bytes_per_second: float
+
+    def scaled(self, compute: float = 1.0, streaming: float = 1.0, links: float = 1.0) -> "Rates":
+        """These rates with each term `factor` times slower."""
+        return Rates(self.flops_per_second / compute, self.streaming_bytes_per_second / streaming,
+                     self.link_bytes_per_second / links)
+
+
+# The rates as published or assumed above, before any calibration (calibration.py).
+BASE_RATES = Rates(PEAK_FLOPS_PER_IPU * MATMUL_EFFICIENCY, STREAMING_BYTES_PER_SECOND, IPU_LINK_BYTES_PER_SECOND)
+
+
+@dataclass(frozen=True)
 class StepCost:
     """One training step's estimated cost on the busiest IPU, and the step it adds up to."""
 
@@ -56,9 +75,10 @@ def seconds(value: float) -> str:
     return "{:.1f}".format(value) if value >= 10 else "{:.3g}".format(value)
 
 
-def _seconds(flops: float, streamed: float, exchanged: float):
-    return (flops / (PEAK_FLOPS_PER_IPU * MATMUL_EFFICIENCY), streamed / STREAMING_BYTES_PER_SECOND,
-            exchanged / IPU_LINK_BYTES_PER_SECOND)
+def term_seconds(flops: float, streamed: float, exchanged: float, rates: Rates = BASE_RATES):
+    """(compute, streaming, exchange) seconds of those amounts at `rates`."""
+    return (flops / rates.flops_per_second, streamed / rates.streaming_bytes_per_second,
+            exchanged / rates.link_bytes_per_second)
 
 
 def phase_flops(size: ModelSize, phase: SplitPhase, source: int, target: int) -> float:
@@ -73,7 +93,7 @@ def phase_flops(size: ModelSize, phase: SplitPhase, source: int, target: int) ->
     return size.sublayer_flops(block, source, target)[order.index(sub)]
 
 
-def _exchanged(size: ModelSize, phase: SplitPhase, shapes: Shapes, parts: int) -> float:
+def exchanged_bytes(size: ModelSize, phase: SplitPhase, shapes: Shapes, parts: int) -> float:
     """Bytes an IPU receives over IPU-Links in one phase's forward and backward for one
     micro-batch: the column chunks of the others' normalised input (gathered) and of their partial
     outputs (added up), in both directions of the pass."""
@@ -93,7 +113,8 @@ def _exchanged(size: ModelSize, phase: SplitPhase, shapes: Shapes, parts: int) -
 
 
 def split_cost(size: ModelSize, phases: Sequence[SplitPhase], shapes: Shapes, parts: int, slices: int,
-               micro_batches: int, replicas: int, shards: int, phasing: str, global_batch: int) -> StepCost:
+               micro_batches: int, replicas: int, shards: int, phasing: str, global_batch: int,
+               rates: Rates = BASE_RATES) -> StepCost:
     """The step of phased execution: `phases` in order, each split over `parts` IPUs (all the
     replica's under serial phasing, one of two alternating groups under parallel phasing)."""
     weight = shapes.activation_bytes
@@ -106,7 +127,7 @@ def split_cost(size: ModelSize, phases: Sequence[SplitPhase], shapes: Shapes, pa
         streamed = 2 * weight * phase.share / shards + 2 * split_saved(size, phase, shapes, parts, slices)
         if micro_batches > 1:
             streamed += 2 * weight * phase.share
-        exchanged = _exchanged(size, phase, shapes, parts)
+        exchanged = exchanged_bytes(size, phase, shapes, parts)
         if shards > 1:  # each replica loads its shard of the weights and gathers the rest
             exchanged += 2 * weight * phase.share * (shards - 1) / shards
         per_phase.append((flops, streamed, exchanged))
@@ -123,23 +144,23 @@ def split_cost(size: ModelSize, phases: Sequence[SplitPhase], shapes: Shapes, pa
     flops = micro_batches * sum(p[0] for p in mine)
     streamed = micro_batches * sum(p[1] for p in mine) + update
     exchanged = micro_batches * sum(p[2] for p in mine) + reduction
-    times = [_seconds(*p) for p in per_phase]
+    times = [term_seconds(*p, rates=rates) for p in per_phase]
     compute = micro_batches * sum(c for c, _, _ in times)
-    streaming = micro_batches * sum(w for _, w, _ in times) + update / STREAMING_BYTES_PER_SECOND
-    exchange = micro_batches * sum(x for _, _, x in times) + reduction / IPU_LINK_BYTES_PER_SECOND
+    streaming = micro_batches * sum(w for _, w, _ in times) + update / rates.streaming_bytes_per_second
+    exchange = micro_batches * sum(x for _, _, x in times) + reduction / rates.link_bytes_per_second
     if phasing == "serial":
         step = compute + streaming + exchange
     else:
         # While one group computes a phase the other streams in the next one.
         overlapped = sum(max(c + x, w) for c, w, x in times)
-        step = (micro_batches * overlapped + update / STREAMING_BYTES_PER_SECOND
-                + reduction / IPU_LINK_BYTES_PER_SECOND)
+        step = (micro_batches * overlapped + update / rates.streaming_bytes_per_second
+                + reduction / rates.link_bytes_per_second)
     return StepCost(flops, streamed, exchanged, compute, streaming, exchange, step, global_batch / step)
 
 
 def pipelined_cost(size: ModelSize, stage_flops: float, stage_params: int, stages: int, shapes: Shapes,
                    micro_batches: int, replicas: int, shards: int, optimizer_offchip: bool, recompute: bool,
-                   global_batch: int) -> StepCost:
+                   global_batch: int, rates: Rates = BASE_RATES) -> StepCost:
     """The step of pipelined execution on its slowest stage (`stage_flops` forward FLOPs per
     sample, `stage_params` parameters): weights stay on chip; stages pass the float32 stream
     forward and its gradient back; the pipeline idles (stages - 1) of (micro-batches + stages - 1)."""
@@ -149,7 +170,7 @@ def pipelined_cost(size: ModelSize, stage_flops: float, stage_params: int, stage
     exchanged = 2 * micro_batches * m * shapes.source_length * size.d_model * 4 if stages > 1 else 0
     if replicas > 1:
         exchanged += 2 * (replicas - 1) / replicas * weight * stage_params
-    compute, streaming, exchange = _seconds(flops, streamed, exchanged)
+    compute, streaming, exchange = term_seconds(flops, streamed, exchanged, rates)
     compute *= (micro_batches + stages - 1) / micro_batches
     step = compute + streaming + exchange
     return StepCost(flops, streamed, exchanged, compute, streaming, exchange, step, global_batch / step)

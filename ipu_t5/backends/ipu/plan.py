@@ -29,7 +29,10 @@ from typing import List, Optional, Sequence
 
 from ...errors import UserError
 from ...layout import LayoutPlan, partition_costs, phased_only, pipeline_accumulation_needed, plan_layout
+from .batch_serial import SerialSchedule, serial_cost, slice_sizes
+from .calibration import calibrate
 from .cost import pipelined_cost, seconds, split_cost
+from .generation_cost import GenerationCost, best_generation, kv_batch
 from .memory import (SRAM_BYTES, Shapes, StateBytes, pipelined_ipu, pipelined_pieces, split_ipu, split_phases)
 from .report import HEADROOM, IpuPlan
 
@@ -118,23 +121,39 @@ def _build_pipelined(layout: LayoutPlan, micro: int, slices: int, source: int, t
 
 
 def _build_phased(layout: LayoutPlan, phasing: str, micro: int, slices: int, source: int, target: int,
-                  state: StateBytes, half: bool, inference_iterations: int) -> IpuPlan:
-    layout = _with_micro(layout, micro)
+                  state: StateBytes, half: bool, inference_iterations: int,
+                  schedule: Optional[SerialSchedule] = None) -> IpuPlan:
+    """A phased plan: `micro`-sample micro-batches accumulated, or, with `schedule`, one micro-batch
+    per replica batch-serialised into `schedule.factor` slices (`micro` is then the slice)."""
+    per_replica = layout.micro_batch_size * layout.micro_batches
+    layout = _with_micro(layout, per_replica if schedule is not None else micro)
     size, n = layout.size, layout.stages
     parts = n if phasing == "serial" else n // 2
+    # What is live on chip is one slice's (or micro-batch's) working set.
     shapes = Shapes(micro, source, target, state.weight)
     phases = split_phases(size, parts, slices)
+    # IPUs of one group hold alike except part 0 (which combines the LM head's slices): work out
+    # each kind once.
+    kinds = {}
     ipus = []
     for ipu in range(n):
-        mine, part = (phases, ipu) if phasing == "serial" else (phases[ipu % 2::2], ipu // 2)
-        ipus.append(split_ipu(size, ipu, mine, part, parts, shapes, state, slices))
-    estimate = split_cost(size, phases, shapes, parts, slices, layout.micro_batches, layout.replicas, state.shards,
-                          phasing, layout.global_batch_size)
+        group, part = (0, ipu) if phasing == "serial" else (ipu % 2, ipu // 2)
+        key = (group, part == 0)
+        if key not in kinds:
+            kinds[key] = split_ipu(size, ipu, phases[group::1 if phasing == "serial" else 2], part, parts, shapes,
+                                   state, slices)
+        ipus.append(dataclasses.replace(kinds[key], ipu=ipu))
+    if schedule is None:
+        estimate = split_cost(size, phases, shapes, parts, slices, layout.micro_batches, layout.replicas,
+                              state.shards, phasing, layout.global_batch_size)
+    else:
+        estimate = serial_cost(size, phases, shapes, parts, slices, schedule.factor, layout.replicas, state.shards,
+                               schedule.recompute, layout.global_batch_size)
     return IpuPlan(layout=layout, execution="phased", pieces=(), ipus=tuple(ipus),
                    embedding_serialization_factor=slices, half=half, source_length=source,
                    target_length=target, inference_device_iterations=inference_iterations,
                    shards=state.shards, optimizer_state_offchip=True, cost=estimate, phasing=phasing,
-                   split_phases=tuple(phases))
+                   split_phases=tuple(phases), batch_serial=schedule)
 
 
 def split_refusal(size, parts: int) -> Optional[str]:
@@ -150,6 +169,10 @@ def _phased_candidates(config, layout: LayoutPlan, micros: Sequence[int], source
                        state: StateBytes, half: bool, iterations: int, phasings: Sequence[str],
                        reasons: List[str]) -> List[IpuPlan]:
     size, n = layout.size, layout.stages
+    per_replica = layout.micro_batch_size * layout.micro_batches
+    # Batch serialisation slices one micro-batch per replica; a fixed split fixes the slice too.
+    serial_slices = micros if len(micros) == 1 and micros[0] < per_replica else slice_sizes(per_replica)
+    recomputes = (False, True) if state.recompute else (False,)
     candidates = []
     for phasing in phasings:
         parts = n if phasing == "serial" else n // 2
@@ -164,6 +187,10 @@ def _phased_candidates(config, layout: LayoutPlan, micros: Sequence[int], source
         for slices in _split_slices(size.vocab_size, parts, config.ipu.embedding_serialization_factor):
             candidates += [_build_phased(layout, phasing, m, slices, source, target, state, half, iterations)
                            for m in micros]
+            if phasing == "serial":
+                candidates += [_build_phased(layout, phasing, b, slices, source, target, state, half, iterations,
+                                             SerialSchedule(per_replica // b, b, recompute))
+                               for b in serial_slices for recompute in recomputes]
     return candidates
 
 
@@ -200,6 +227,24 @@ def _phasing_reason(chosen: IpuPlan, candidates: Sequence[IpuPlan], reasons: Seq
             chosen_words, words[others[0].phasing].format(others[0].ipus_per_phase),
             min(c.peak_bytes for c in others) / 1e6)
     return "{}{}.".format(chosen_words, "; " + "; ".join(reasons) if reasons else "")
+
+
+def _validation(config, plan: IpuPlan, state: StateBytes) -> GenerationCost:
+    """Validation with the key/value cache on this plan's phases, at the calibrated rates."""
+    return best_generation(plan.layout.size, plan.split_phases, plan.ipus_per_phase, plan.embedding_serialization_factor,
+                           kv_batch(config.validation.per_device_eval_batch_size, plan.replicas), plan.replicas,
+                           plan.shards, plan.source_length, config.validation.max_new_tokens or plan.target_length,
+                           state.weight, state.matmul_proportion, HEADROOM, rates=calibrate().rates)
+
+
+def _schedule_reason(chosen: IpuPlan, other: Optional[IpuPlan]) -> str:
+    """Why batch serialisation or gradient accumulation: bytes streamed per IPU and the step."""
+    def words(plan: IpuPlan) -> str:
+        return "{} ({:,.1f} GB to and from Streaming Memory per IPU per step, {} s)".format(
+            plan.schedule_words(), plan.cost.streamed_bytes / 1e9, seconds(plan.cost.step_seconds))
+    if other is None:
+        return "Schedule: {}; the other schedule does not fit.".format(words(chosen))
+    return "Schedule: {}, against {}.".format(words(chosen), words(other))
 
 
 def plan_ipu(config, layout: LayoutPlan, source_length: int, target_length: int,
@@ -264,7 +309,10 @@ def plan_ipu(config, layout: LayoutPlan, source_length: int, target_length: int,
                                             iterations, phasings, reasons)
             chosen = _choose_fastest(candidates)
             if chosen is not None:
-                chosen = dataclasses.replace(chosen, reason=_phasing_reason(chosen, candidates, reasons))
+                other = _choose_fastest([c for c in candidates if (c.batch_serial is None) != (chosen.batch_serial is None)])
+                chosen = dataclasses.replace(chosen, other_schedule=other, generation=_validation(config, chosen, state),
+                                             reason=" ".join([_phasing_reason(chosen, candidates, reasons),
+                                                              _schedule_reason(chosen, other)]))
         if chosen is not None:
             return chosen
         if candidates:
@@ -285,10 +333,14 @@ def _choose_first(candidates: Sequence[IpuPlan], automatic: bool) -> Optional[Ip
 
 
 def _choose_fastest(candidates: Sequence[IpuPlan]) -> Optional[IpuPlan]:
-    """The fastest estimated step under the headroom target, else the fastest that fits."""
+    """The fastest estimated step under the headroom target, else the fastest that fits; among
+    estimates equal to a microsecond, the largest slices (fewer, larger matmuls per phase)."""
+    def key(plan: IpuPlan):
+        unit = plan.batch_serial.slice_size if plan.batch_serial else plan.layout.micro_batch_size
+        return round(plan.cost.step_seconds, 6), -unit
     for pool in ([p for p in candidates if p.peak_bytes <= HEADROOM * SRAM_BYTES], [p for p in candidates if p.fits]):
         if pool:
-            return min(pool, key=lambda p: p.cost.step_seconds)
+            return min(pool, key=key)
     return None
 
 

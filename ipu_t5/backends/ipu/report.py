@@ -5,7 +5,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ...layout import LayoutPlan, compact_blocks
 from . import cost
-from .cost import StepCost
+from .batch_serial import SerialSchedule
+from .calibration import GRAPHCORE_BATCH, GRAPHCORE_LENGTH, Calibration, calibrate
+from .cost import StepCost, seconds
+from .generation_cost import GenerationCost
 from .memory import SRAM_BYTES, IpuMemory, Piece, SplitPhase
 
 # Automatic choices aim below the full SRAM: the estimate is not a compile.
@@ -39,6 +42,12 @@ class IpuPlan:
     phasing: Optional[str] = None
     split_phases: Tuple[SplitPhase, ...] = ()
     reason: str = ""
+    # Phased execution batch-serialised (one micro-batch per replica sliced inside the program),
+    # or None for gradient accumulation; and the best plan of the other schedule, for comparison.
+    batch_serial: Optional[SerialSchedule] = None
+    other_schedule: Optional["IpuPlan"] = None
+    # Phased execution: validation with the key/value cache, at the calibrated rates.
+    generation: Optional[GenerationCost] = None
 
     @property
     def ipus_per_replica(self) -> int:
@@ -79,17 +88,46 @@ class IpuPlan:
     def published_step_seconds(self) -> Optional[float]:
         return PUBLISHED_STEP_SECONDS.get((self.layout.size.name, self.total_ipus))
 
+    def schedule_words(self) -> str:
+        """How the step's samples pass through the phases, in words."""
+        if self.batch_serial is not None:
+            b = self.batch_serial
+            return "batch-serialised: {} slices of {} pass through each phase while its weights are resident{}".format(
+                b.factor, b.slice_size, ", forward recomputed in the backward" if b.recompute else "")
+        return "{} micro-batches of {}, each phase's weights streamed in again for each".format(
+            self.layout.micro_batches, self.layout.micro_batch_size)
+
     def summary(self) -> str:
         """One line: hardware, strategy, precision and the batch split."""
         if self.execution == "phased":
             how = "weights streamed, {} phases on {} IPUs each".format(self.phasing, self.ipus_per_phase)
         else:
             how = "weights on chip"
-        return ("{} IPUs per replica x {} replica(s) = {} IPUs, {} execution ({}), {}; micro-batch {} x {} "
+        serial = "" if self.batch_serial is None else " (batch-serialised into {} slices of {})".format(
+            self.batch_serial.factor, self.batch_serial.slice_size)
+        return ("{} IPUs per replica x {} replica(s) = {} IPUs, {} execution ({}), {}; micro-batch {}{} x {} "
                 "accumulation x {} replica(s) = global batch {}".format(
                     self.ipus_per_replica, self.replicas, self.total_ipus, self.execution, how,
-                    "float16" if self.half else "float32", self.layout.micro_batch_size,
+                    "float16" if self.half else "float32", self.layout.micro_batch_size, serial,
                     self.layout.micro_batches, self.replicas, self.layout.global_batch_size))
+
+    def graphcore_workload(self) -> bool:
+        """Whether this plan's work is the work of Graphcore's measured runs (their global batch,
+        512-token prompts and targets padded to 512)."""
+        return (self.layout.global_batch_size == GRAPHCORE_BATCH and self.source_length == GRAPHCORE_LENGTH
+                and self.target_length == GRAPHCORE_LENGTH)
+
+    def calibrated(self, calibration: Optional[Calibration] = None) -> Dict[str, float]:
+        """The step at the calibrated rates, and at each single-term explanation's: the terms are
+        scaled and added (under parallel phases, where streaming hides under compute, an upper bound)."""
+        calibration = calibration or calibrate()
+        c = self.cost
+        terms = {"compute": c.compute_seconds, "streaming": c.streaming_seconds, "links": c.exchange_seconds}
+        # One factor on every rate scales any step exactly, overlapped or not.
+        estimates = {"calibrated": calibration.factor * c.step_seconds}
+        for name, factor in calibration.single.items():
+            estimates["only_" + name] = sum(v * (factor if k == name else 1.0) for k, v in terms.items())
+        return estimates
 
     def estimate_lines(self) -> List[str]:
         """The step estimate, its parts and rates, and Graphcore's figure where it has one."""
@@ -103,11 +141,47 @@ class IpuPlan:
                          cost.IPU_LINK_BYTES_PER_SECOND / 1e9)]
         if self.reason:
             lines.append("  " + self.reason)
+        lines += self.calibrated_lines()
+        if self.generation is not None:
+            lines.append(self.generation_line())
+        return lines
+
+    def generation_line(self) -> str:
+        g = self.generation
+        fits = "fits" if g.fits else "does NOT fit"
+        if g.best_batch and g.best_batch != g.batch:
+            fits += "; validation.per_device_eval_batch_size={} fits with headroom (encoder in chunks of {}): " \
+                    "{:.1f} min".format(g.best_batch, g.best_encoder_batch, g.best_seconds / 60)
+        return ("Validation of {:,} prompts (greedy, {} batches of {}; kv_generation.py): {:.1f} min calibrated with "
+                "the key/value cache (per batch an encoder executor of the embedding and encoder phases in chunks of "
+                "{}, then a decoder-step executor of the embedding, decoder and LM head phases per token over the "
+                "whole batch, its weights streamed once per token for all of it, both on these IPUs; every batch "
+                "counted at its full new tokens, which stopping once every prompt has ended only shortens; fullest "
+                "IPU {:,.0f} MB, {}), against {:.1f} min re-running the whole model per token.".format(
+                    g.prompts, g.calls, g.batch, g.seconds / 60, g.encoder_batch, g.peak_bytes / 1e6, fits,
+                    g.whole_model_seconds / 60))
+
+    def calibrated_lines(self) -> List[str]:
+        """The estimate at rates calibrated on Graphcore's runs, and how it compares with theirs."""
+        calibration = calibrate()
+        e = self.calibrated(calibration)
+        singles = [e["only_" + name] for name in ("compute", "streaming", "links")]
+        lines = ["Calibrated on Graphcore's two published runs (every rate {:.2f} times slower than above; "
+                 "docs/ipu.md, 'The cost model'): {} s per step; {} to {} s if only one rate is off (compute "
+                 "{} s, Streaming Memory {} s, IPU-Links {} s).".format(
+                     calibration.factor, seconds(e["calibrated"]), seconds(min(singles)), seconds(max(singles)),
+                     *[seconds(v) for v in singles])]
         published = self.published_step_seconds()
         if published is not None:
-            lines.append("  Graphcore's published figure for Flan-T5 {} on {} IPUs: about {:.0f} s per step ({:.1f} "
-                         "samples/s) at {}.".format(self.layout.size.name.upper(), self.total_ipus, published,
-                                                    128 / published, PUBLISHED_SETTINGS))
+            if self.graphcore_workload():
+                lines.append("  Same work as Graphcore's measured run (global batch 128, 512-token prompts, targets "
+                             "padded to 512): they took about {:.0f} s per step for Flan-T5 {} on {} IPUs.".format(
+                                 published, self.layout.size.name.upper(), self.total_ipus))
+            else:
+                lines.append("  Not Graphcore's workload ({}-token targets, {}-token prompts, global batch {}; "
+                             "theirs: 512, 512, 128, about {:.0f} s per step): `--source-length 512 "
+                             "--target-length 512` compares like with like.".format(
+                                 self.target_length, self.source_length, self.layout.global_batch_size, published))
         return lines
 
     def table(self) -> str:
@@ -167,6 +241,22 @@ class IpuPlan:
                       "streaming_bytes_per_second": cost.STREAMING_BYTES_PER_SECOND,
                       "ipu_link_bytes_per_second": cost.IPU_LINK_BYTES_PER_SECOND},
             "phasing_reason": self.reason or None,
+            "batch_serialization_factor": self.batch_serial.factor if self.batch_serial else None,
+            "batch_serial_slice_size": self.batch_serial.slice_size if self.batch_serial else None,
+            "batch_serial_recompute": self.batch_serial.recompute if self.batch_serial else None,
+            "other_schedule_streamed_bytes_per_ipu": (self.other_schedule.cost.streamed_bytes
+                                                      if self.other_schedule else None),
+            "other_schedule_step_seconds": self.other_schedule.cost.step_seconds if self.other_schedule else None,
+            "calibrated_step_seconds": self.calibrated(),
+            "graphcore_workload": self.graphcore_workload(),
+            "validation": None if self.generation is None else {
+                "prompts": self.generation.prompts, "batch": self.generation.batch, "calls": self.generation.calls,
+                "kv_cache_seconds": self.generation.seconds, "whole_model_seconds": self.generation.whole_model_seconds,
+                "peak_bytes": self.generation.peak_bytes, "fits": self.generation.fits,
+                "encoder_batch": self.generation.encoder_batch,
+                "best_batch": self.generation.best_batch or None,
+                "best_encoder_batch": self.generation.best_encoder_batch or None,
+                "best_batch_kv_cache_seconds": self.generation.best_seconds or None},
             "published_step_seconds": self.published_step_seconds(),
             "ipus": [{"ipu": m.ipu, "ids": [r * n + m.ipu for r in range(self.replicas)], "blocks": list(m.blocks),
                       "params": m.params, "weights_bytes": m.weights, "gradients_bytes": m.gradients,

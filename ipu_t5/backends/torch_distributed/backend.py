@@ -28,7 +28,8 @@ from ..base import Backend, StepResult, update_is_finite
 from ..fast_ops import use_fast_ops
 from ..host_memory import keep_heap_small, return_freed_memory
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
-from ..single import autocast_dtype, refuse_fp16
+from ..precision import autocast_dtype, eval_autocast_dtype, precision_phrase
+from ..single import refuse_fp16
 from .generation import PipelineGeneration
 from .stages import build_chunks, carried_shapes
 from .state import NamedState, local_shard
@@ -95,6 +96,7 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         self.topology: Topology = connect(plan, config.layout.ddp_timeout)
         self.device = self.topology.device
         self.amp_dtype = autocast_dtype(config.training.bf16, self.device)
+        self.eval_amp_dtype = eval_autocast_dtype(config.validation.bf16, self.amp_dtype)
         self.chunk_ids = plan.chunks_of(self.topology.stage)
         self.num_chunks = len(plan.stage_blocks)
         self._pipelines: "collections.OrderedDict[Tuple[int, int], Any]" = collections.OrderedDict()
@@ -113,18 +115,19 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
             self.plan.stages, self.plan.replicas, self.topology.world_size, where,
             "nccl" if self.device.type == "cuda" else "gloo", self.plan.schedule,
             self.config.layout.data_parallel.upper() if self.plan.replicas > 1 else "no data parallelism",
-            "bf16 autocast" if self.amp_dtype else "fp32")
+            precision_phrase(self.amp_dtype, self.eval_amp_dtype, self.config.training.bf16, self.device))
 
     def setup(self, model) -> None:
         source = ModelSource.of(model)
         # The whole model on the meta device: its parts are cut into this rank's chunks, and only
         # those are materialised on this rank's device, their weights read or drawn by name.
         frame = source.meta_model()
-        use_fast_ops(frame, float32=self.amp_dtype is None)
+        use_fast_ops(frame)
         hf = frame.config
         self.pad_id, self.eos_id, self.start_id = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
         self.d_model, self.heads, self.vocab, self.num_layers = hf.d_model, hf.num_heads, hf.vocab_size, hf.num_layers
-        chunks = build_chunks(frame, [self.plan.stage_blocks[c] for c in self.chunk_ids], self.amp_dtype)
+        chunks = build_chunks(frame, [self.plan.stage_blocks[c] for c in self.chunk_ids], self.amp_dtype,
+                              self.eval_amp_dtype)
         self.chunks = {c: source.materialise(chunk, self.device) for c, chunk in zip(self.chunk_ids, chunks)}
         self.modules = {c: self._data_parallel(chunk) for c, chunk in self.chunks.items()}
         # Parameters by HF name; FSDP2 replaces them, so they are looked up after wrapping.

@@ -2,7 +2,9 @@
 process per stage x replica, and reports a failed rank as one line.
 
 torchrun's agent watches the workers: when one fails it stops the others, so a failure on any rank
-ends the run (collectives also time out after `layout.ddp_timeout` seconds rather than hang). Every
+ends the run (collectives also time out after `layout.ddp_timeout` seconds rather than hang), or,
+with `--max-restarts N`, starts them all again up to N times; a restarted worker continues the run
+from its newest intact checkpoint (`restart_count`). Every
 rank's output goes to its own log under `<output-dir>/logs/` (`ipu_t5.backends.torch_distributed.rank_logs`); the terminal
 shows rank 0's. A worker that fails records its message in torchrun's per-worker error file (a
 `UserError` prints nothing else; another exception writes its traceback to the rank's log only),
@@ -34,7 +36,13 @@ def launched_by_torchrun() -> bool:
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    """torchrun's flags for runs over several nodes; one node needs none of them."""
+    """torchrun's flags for runs over several nodes (one node needs none of them), and its restarts."""
+    # 0, as torchrun: a restart repeats whatever failed, a deterministic failure (bad data, an
+    # exhausted disk, a loss that turns non-finite) as well, and without checkpoints from step 0.
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                        help="after a process fails, start every process again up to N times, each time "
+                             "continuing from the newest checkpoint (torchrun's flag; default 0: a failure "
+                             "ends the run)")
     group = parser.add_argument_group("several nodes (passed to torchrun; one node needs none)")
     group.add_argument("--nnodes", type=int, default=1, help="nodes taking part (default 1)")
     group.add_argument("--node-rank", type=int, help="this node's index, with --master-addr (static rendezvous)")
@@ -43,6 +51,26 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rdzv-id", default="ipu-t5", help="rendezvous id shared by the nodes of one run")
     group.add_argument("--master-addr", help="address of node 0, with --node-rank")
     group.add_argument("--master-port", type=int, help="port on node 0, with --node-rank")
+
+
+def restart_count() -> int:
+    """How many times torchrun's agent has restarted this worker's group (0: the first attempt, or
+    not a torchrun worker): a restarted worker continues its run instead of starting it."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) if launched_by_torchrun() else 0
+
+
+def resume_after_restart(config) -> Optional[str]:
+    """Where a restarted worker continues its run from: the newest intact checkpoint of its output
+    directory (as `--resume auto`) once the run has written one there; before that, where the first
+    attempt started (`--resume PATH`, or step 0 over the first attempt's own output)."""
+    from ...checkpointing import list_steps, run_dir
+
+    if not list_steps(config.output_dir):
+        return config.output.resume_from_checkpoint
+    # Checkpoints of another run that --overwrite was to replace before the first attempt failed.
+    if run_dir.holds_other_run(config.output_dir, config.to_dict(), overwrite=True):
+        return config.output.resume_from_checkpoint
+    return "auto"
 
 
 def torchrun_args(world_size: int, args: argparse.Namespace) -> List[str]:
@@ -55,7 +83,10 @@ def torchrun_args(world_size: int, args: argparse.Namespace) -> List[str]:
     if per_node * nnodes != world_size:
         raise UserError("--nnodes {} x --nproc-per-node {} = {} processes, but the layout needs stages x replicas "
                         "= {}.".format(nnodes, per_node, per_node * nnodes, world_size))
-    out = ["--nnodes", str(nnodes), "--nproc-per-node", str(per_node)]
+    if args.max_restarts < 0:
+        raise UserError("--max-restarts must be 0 or more, got {}.".format(args.max_restarts))
+    # Every rendezvous takes it: each node's agent restarts its own processes, and they meet again.
+    out = ["--nnodes", str(nnodes), "--nproc-per-node", str(per_node), "--max-restarts", str(args.max_restarts)]
     if args.rdzv_endpoint:
         out += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
     elif args.master_addr or args.node_rank is not None:
@@ -208,6 +239,11 @@ def launch(world_size: int, argv: List[str], args: argparse.Namespace, module: s
     per_node = int(command[command.index("--nproc-per-node") + 1])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_node)))
     os.environ[LAUNCHER_ENV] = "1"
+    if args.max_restarts:
+        # Restarted workers that share the rendezvous' store with the agent can read their peers'
+        # addresses of the failed attempt and fail to connect (pytorch/pytorch#135712): each
+        # attempt gets a store of its own.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if log_dir is not None:
         # Written to files, the workers' output would otherwise reach the terminal in blocks.
         os.environ["PYTHONUNBUFFERED"] = "1"

@@ -43,6 +43,7 @@ from ...checkpointing.export import CHECK_MARGIN
 from ...layout import LayoutPlan, plan_from_config
 from ...models import ModelSize
 from ...t5_shapes import Shapes, block_part, part_activations
+from ..precision import cpu_multiplies_bf16
 
 # Measured with bench/memory.py on this project's 2-core CPU machine (psutil RSS, torch 2.13,
 # transformers 5.x): a rank's resident memory before it holds a weight (torch, transformers, the
@@ -217,9 +218,11 @@ def in_flight(layout: LayoutPlan, stage: int) -> float:
 
 def _activation_bytes(config, device: str) -> int:
     """bfloat16 autocast (2 bytes) where the backend would use it: asked for, or by default on GPUs
-    (A100 and H100 have it); float32 (4) otherwise."""
+    (A100 and H100 have it) and on CPUs that multiply in bfloat16; float32 (4) otherwise."""
     bf16 = config.training.bf16
-    return 2 if (bf16 if bf16 is not None else device == "gpu") else 4
+    if bf16 is None:
+        bf16 = device == "gpu" or (device == "cpu" and bool(cpu_multiplies_bf16()))
+    return 2 if bf16 else 4
 
 
 def plan_memory(config, source_length: int, target_length: int, device: str = "cpu",

@@ -81,14 +81,29 @@ class ConsoleEcho:
         self.interval = interval
         self._done = threading.Event()
         self._copies: Dict[str, _Copy] = {"stdout.log": _Copy(sys.stdout), "stderr.log": _Copy(sys.stderr)}
+        self._attempt: Optional[Path] = None
         self._thread = threading.Thread(target=self._run, name="ipu-t5-console-echo", daemon=True)
 
     def _pump(self, final: bool) -> None:
         attempt = attempt_dir(self.log_dir)
         if attempt is None:
             return
+        if self._attempt is not None and attempt != self._attempt:
+            self._next_attempt()
+        self._attempt = attempt
         for name, copy in self._copies.items():
             copy.pump(attempt / self.local_rank / name, final)
+
+    def _next_attempt(self) -> None:
+        """torchrun restarted the workers (--max-restarts): the rest of the last attempt's files,
+        up to a traceback, then the new attempt's from their start, on a line of their own."""
+        for name, copy in self._copies.items():
+            copy.pump(self._attempt / self.local_rank / name, final=True)
+        for copy in self._copies.values():
+            if copy.last != b"\n":
+                _binary(copy.destination).write(b"\n")
+                _binary(copy.destination).flush()
+        self._copies = {name: _Copy(copy.destination) for name, copy in self._copies.items()}
 
     def _run(self) -> None:
         while not self._done.wait(self.interval):

@@ -180,12 +180,14 @@ class StageChunk(nn.Module):
     friends run greedy generation with a cache.
     """
 
-    def __init__(self, model: nn.Module, blocks: Sequence[str], amp_dtype: Optional[torch.dtype] = None):
+    def __init__(self, model: nn.Module, blocks: Sequence[str], amp_dtype: Optional[torch.dtype] = None,
+                 eval_amp_dtype: Optional[torch.dtype] = None):
         super().__init__()
         config = model.config
         self.blocks = tuple(blocks)
         self.num_layers = config.num_layers
-        self.amp_dtype = amp_dtype
+        # Autocast per stage (training, then generation): what crosses a boundary stays float32.
+        self.amp_dtype, self.eval_amp_dtype = amp_dtype, eval_amp_dtype
         self.output_scale = config.d_model ** -0.5 if scales_decoder_output(config) else 1.0
         self.encoder_ids = [_index(b) for b in blocks if b.startswith("encoder.") and _index(b) is not None]
         self.decoder_ids = [_index(b) for b in blocks if b.startswith("decoder.") and _index(b) is not None]
@@ -242,9 +244,9 @@ class StageChunk(nn.Module):
 
     # ----- pieces shared by training and generation -----
 
-    def _autocast(self):
+    def _autocast(self, dtype: Optional[torch.dtype]):
         device = next(self.parameters()).device.type
-        return torch.autocast(device_type=device, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return torch.autocast(device_type=device, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     def _run_encoder(self, state: Dict[str, torch.Tensor]) -> None:
         if self.embeds_input:
@@ -276,7 +278,7 @@ class StageChunk(nn.Module):
     # ----- training -----
 
     def forward(self, *carried: torch.Tensor):
-        with self._autocast():
+        with self._autocast(self.amp_dtype):
             state = dict(zip(CARRIED[self.start], carried))
             if self.embeds_input:
                 # One lookup for the encoder's and the decoder's ids: its backward builds the dense
@@ -316,7 +318,7 @@ class StageChunk(nn.Module):
         """Run this chunk's encoder part on `carried` (input ids, or hidden states and the bias,
         plus the attention mask); returns what the next chunk needs for encoding."""
         state = dict(carried)
-        with self._autocast():
+        with self._autocast(self.eval_amp_dtype):
             self._run_encoder(state)
         if "encoder_output" in state:
             return {"encoder_output": state["encoder_output"]}
@@ -325,7 +327,7 @@ class StageChunk(nn.Module):
     @torch.no_grad()
     def start_decoding(self, encoder_output: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Cache every decoder block's cross-attention keys and values for a new batch."""
-        with self._autocast():
+        with self._autocast(self.eval_amp_dtype):
             self._cross = [key_value(self.decoder.block[str(i)].layer[1].EncDecAttention, encoder_output)
                            for i in self.decoder_ids]
         self._cross_bias = cross_bias(attention_mask, encoder_output.dtype)
@@ -335,7 +337,7 @@ class StageChunk(nn.Module):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The embedding's chunk: the previous tokens (batch, 1) embedded, (batch, 1, d_model), for
         the chunk holding `decoder.0`."""
-        with self._autocast():
+        with self._autocast(self.eval_amp_dtype):
             return self.shared(tokens)
 
     @torch.no_grad()
@@ -343,7 +345,7 @@ class StageChunk(nn.Module):
         """One new position through this chunk's decoder blocks. The chunk holding `decoder.0` takes
         the embedded previous tokens (`embed_tokens`); later chunks take its hidden states and
         position bias. Returns (hidden, decoder_bias) for the next chunk, or the logits (batch, vocab)."""
-        with self._autocast():
+        with self._autocast(self.eval_amp_dtype):
             if self.starts_decoder:
                 decoder_bias = relative_bias(self.decoder.block["0"].layer[0].SelfAttention, 1, position + 1, past=position)
             for j, i in enumerate(self.decoder_ids):
@@ -381,7 +383,7 @@ def carried_shapes(kind: str, batch: int, source: int, target: int, d_model: int
     return {name: table[name] for name in CARRIED[kind]}
 
 
-def build_chunks(model: nn.Module, chunk_blocks: Sequence[Sequence[str]],
-                 amp_dtype: Optional[torch.dtype] = None) -> List[StageChunk]:
+def build_chunks(model: nn.Module, chunk_blocks: Sequence[Sequence[str]], amp_dtype: Optional[torch.dtype] = None,
+                 eval_amp_dtype: Optional[torch.dtype] = None) -> List[StageChunk]:
     """One `StageChunk` per entry of `chunk_blocks`."""
-    return [StageChunk(model, blocks, amp_dtype) for blocks in chunk_blocks]
+    return [StageChunk(model, blocks, amp_dtype, eval_amp_dtype) for blocks in chunk_blocks]

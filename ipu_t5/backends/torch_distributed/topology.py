@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ...layout import LayoutPlan
-from .launch import launched_by_torchrun
+from .launch import launched_by_torchrun, restart_count
 
 
 @dataclass
@@ -67,7 +67,7 @@ def connect(plan: LayoutPlan, timeout_seconds: int) -> Topology:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if launched_by_torchrun():
-            dist.init_process_group(backend, timeout=timeout)
+            dist.init_process_group(backend, timeout=timeout, **_restarted_store(timeout))
         else:
             plan.check_world_size(1)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -95,6 +95,20 @@ def connect(plan: LayoutPlan, timeout_seconds: int) -> Topology:
                     pipeline_group=pipeline_group, replica_group=replica_group,
                     pipeline_ranks=[s * replicas + replica for s in range(plan.stages)],
                     owns_default_group=owns, groups=groups)
+
+
+def _restarted_store(timeout: datetime.timedelta) -> Dict[str, Any]:
+    """init_process_group's store for a restarted worker whose store is its agent's (a static
+    rendezvous always): the agent's store under a prefix of this attempt, so that no rank reads
+    an address its peer had in the failed attempt (pytorch/pytorch#135712). Nothing otherwise."""
+    restart = restart_count()
+    if not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return {}
+    world = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return {"store": dist.PrefixStore("ipu-t5/attempt_{}".format(restart), store),
+            "rank": int(os.environ["RANK"]), "world_size": world}
 
 
 def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:

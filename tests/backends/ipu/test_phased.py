@@ -2,12 +2,14 @@
 replica's IPUs trains as one process does, under Hugging Face names, and the stand-in refuses
 what poptorch's phase rules refuse."""
 import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from ipu_t5.backends.ipu import backend as ipu_backend_module
+from ipu_t5.backends.ipu.batch_serial import popart_settings
 from ipu_t5.backends.ipu.plan import plan_ipu
 from ipu_t5.backends.single import SingleProcessBackend
 from ipu_t5.data.batching import GlobalBatch
@@ -58,6 +60,15 @@ def test_split_phases_train_as_one_process_does(standin, tmp_path, monkeypatch, 
     for index, phase in enumerate(strategy.phases):
         expected = [0, 1, 2, 3] if phasing == "serial" else [index % 2, index % 2 + 2]
         assert [stage.ipu_id for stage in phase.stages] == expected
+    # Serial phases are batch-serialised (one micro-batch of 16 sliced by PopART inside the
+    # program, which the stand-in runs slice by slice); parallel ones accumulate micro-batches.
+    sets = {a["key"]: a["value"] for a in standin.named("poptorch.options._PopartOptions.set")}
+    accumulation = training.options.Training.value("gradientAccumulation", "gradient_accumulation")
+    if phasing == "serial":
+        assert plan.batch_serial is not None and plan.batch_serial.factor > 1 and accumulation == 1
+        assert sets == popart_settings(plan.batch_serial)
+    else:
+        assert plan.batch_serial is None and sets == {} and accumulation == plan.layout.micro_batches
     for step, seed in enumerate((1, 2)):
         batch = GlobalBatch(samples(16, seed))
         expected, got = reference.train_step(batch, step), backend.train_step(batch, step)
@@ -68,6 +79,13 @@ def test_split_phases_train_as_one_process_does(standin, tmp_path, monkeypatch, 
         torch.testing.assert_close(have[name], want[name], rtol=1e-6, atol=1e-6)
     rows = samples(5, 3)
     assert backend.generate(rows, 4) == reference.generate(rows, 4)
+    # Generated with the key/value cache: an encoder executor once per batch, then a decoder-step
+    # executor per position, each compiled for its own phases; no whole-model executor.
+    assert backend.inference_model is None
+    encoder, step = backend.kv_generator.executors()
+    assert {b.split("/")[0].split(".")[0] for b, _ in encoder.trace} == {"embedding", "encoder"}
+    assert {b.split("/")[0].split(".")[0] for b, _ in step.trace} == {"embedding", "decoder", "lm_head"}
+    assert [e for e in standin.executors if not e.training] == [encoder, step]
 
 
 def test_checkpoints_move_between_split_phases_a_pipeline_and_one_process(monkeypatch, tmp_path):
@@ -174,3 +192,38 @@ def test_standin_refuses_a_plan_that_breaks_a_phase_rule(standin, kind, phases, 
 def test_standin_refuses_a_block_in_two_stages(standin):
     with pytest.raises(AssertionError, match="associated with more than one stage"):
         compile_phases("SerialPhasedExecution", [("a", 0), ("b", 1)], [("a", 0), ("d", 1)])
+
+
+def test_kv_generation_encodes_in_chunks_and_stops_when_every_prompt_has_ended(standin, tmp_path, monkeypatch):
+    """The decoder step takes the whole batch while the encoder runs it in the plan's chunks (the
+    last padded), and the host stops stepping once every prompt has produced EOS; the tokens equal
+    one process's greedy generation."""
+    def chunked(*args, **kwargs):
+        plan = plan_ipu(*args, **kwargs)
+        return dataclasses.replace(plan, generation=dataclasses.replace(plan.generation, encoder_batch=3))
+    monkeypatch.setattr(ipu_backend_module, "plan_ipu", chunked)
+    config = tiny_config(tmp_path, **PHASED)  # an evaluation batch of 8: encoder chunks of 3, 3 and 2
+    model = build_model(config, 512)
+    # Logits of EOS and of one other token only, of opposite signs: each step is EOS or that token
+    # by the sign of one column of the decoder output (column 26 of this seed's model: the prompts
+    # end at different positions, all well before 12).
+    with torch.no_grad():
+        model.decoder.final_layer_norm.weight.zero_()
+        model.decoder.final_layer_norm.weight[26] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[1, 26], model.lm_head.weight[7, 26] = 1.0, -1.0
+    reference = single_backend(tmp_path, model)
+    backend = ipu_backend(config, model)
+    assert backend.ipu_plan.generation.encoder_batch == 3 and backend.eos_id == reference.eos_id == 1
+    rows = samples(5, 3)
+    expected = reference.generate(rows, 12)
+    calls = len(standin.named("poptorch.PoplarExecutor.__call__"))
+    assert backend.generate(rows, 12) == expected
+    shapes = [[tuple(t.shape) for t in c["args"]] for c in standin.named("poptorch.PoplarExecutor.__call__")[calls:]]
+    encoder = [s for s in shapes if len(s) == 2]
+    steps = [s for s in shapes if len(s) == 4]
+    assert [s[0][0] for s in encoder] == [3, 3, 3]
+    assert all(s[0][0] == 8 and s[2][0] == 8 for s in steps)
+    # One step per position up to the last prompt's EOS (trimmed from its tokens), fewer than 12.
+    ended = [len(row) + 1 if len(row) < 12 else 12 for row in expected]
+    assert len(steps) == max(ended) < 12 and min(ended) < max(ended)

@@ -3,6 +3,8 @@ import pytest
 
 from ipu_t5.config import load_config
 from ipu_t5.errors import UserError
+from ipu_t5.backends.ipu.calibration import calibrate
+from ipu_t5.backends.ipu.generation_cost import GRAPHCORE_VALIDATION_SECONDS, generation_cost
 from ipu_t5.backends.ipu.memory import SRAM_BYTES
 from ipu_t5.backends.ipu.plan import IpuPlanRefused, plan_ipu
 from ipu_t5.backends.ipu.report import HEADROOM
@@ -85,7 +87,10 @@ def split_hand_arithmetic(d, inner, ff, heads, layers, n, m, s, t, micro_batches
 @pytest.mark.parametrize("model, ipus, heads, d, ff, micro", [("xxl", 16, 64, 4096, 10240, 8),
                                                               ("xl", 8, 32, 2048, 5120, 8)])
 def test_phased_plans_of_the_presets_match_hand_arithmetic(model, ipus, heads, d, ff, micro):
-    plan = ipu_plan(model, 512, 8)  # Graphcore's settings: global batch 128, 512-token prompts
+    chosen = ipu_plan(model, 512, 8)  # Graphcore's settings: global batch 128, 512-token prompts
+    # The gradient-accumulation schedule, which the plan weighs against the batch-serialised one.
+    plan = chosen.other_schedule
+    assert plan.batch_serial is None and chosen.batch_serial is not None
     assert (plan.execution, plan.phasing, plan.total_ipus, plan.ipus_per_phase) == ("phased", "serial", ipus, ipus)
     assert plan.layout.micro_batch_size == micro and plan.layout.global_batch_size == 128
     proportion = 0.2  # the presets' matmul_proportion, Graphcore's own
@@ -102,12 +107,16 @@ def test_phased_plans_of_the_presets_match_hand_arithmetic(model, ipus, heads, d
 
 
 def test_presets_meet_graphcores_step_times_on_paper():
-    """At Graphcore's settings (global batch 128, 512-token prompts) XXL on a Pod16 and XL on a Pod8
-    estimate no slower than Graphcore measured (36 s and 16 s); at 128-token prompts both give at
-    least four times their samples/s."""
-    xxl, xl = ipu_plan("xxl", 512, 8), ipu_plan("xl", 512, 8)
-    assert xxl.published_step_seconds() == 36.0 and xxl.cost.step_seconds <= 36.0
-    assert xl.published_step_seconds() == 16.0 and xl.cost.step_seconds <= 16.0
+    """At Graphcore's workload (global batch 128, 512-token prompts and targets) XXL on a Pod16 and
+    XL on a Pod8 estimate faster than Graphcore measured (36 s and 16 s) at the calibrated rates and
+    under every single-term explanation; XXL at MNLI's 8-token targets at most half of 36 s."""
+    xxl, xl = ipu_plan("xxl", 512, 512), ipu_plan("xl", 512, 512)
+    assert xxl.graphcore_workload() and xl.graphcore_workload()
+    assert xxl.published_step_seconds() == 36.0 and max(xxl.calibrated().values()) < 36.0
+    assert xl.published_step_seconds() == 16.0 and max(xl.calibrated().values()) < 16.0
+    mnli = ipu_plan("xxl", 512, 8)
+    assert not mnli.graphcore_workload() and mnli.calibrated()["calibrated"] <= 18.0
+    assert max(p.cost.streamed_bytes for p in (xxl, mnli)) <= 60e9
     assert ipu_plan("xl", 128, 8).cost.samples_per_second >= 4 * 128 / 16.0
     assert ipu_plan("xxl", 128, 8).cost.samples_per_second >= 4 * 128 / 36.0
     pod64 = ipu_plan("xxl", 512, 8, **{"layout.replicas": 4})
@@ -118,7 +127,7 @@ def test_xxl_at_128_token_prompts_on_a_pod16_takes_fewer_micro_batches_than_ipus
     """Phased execution has no pipeline to fill: at 128-token prompts XXL's 16 IPUs take 4
     micro-batches of 32 (a pipeline would need 31), which stream every phase's weights in 4 times
     instead of 16, and estimate over four times Graphcore's 3.56 samples/s."""
-    plan = ipu_plan("xxl", 128, 8)
+    plan = ipu_plan("xxl", 128, 8).other_schedule
     assert (plan.execution, plan.phasing, plan.ipus_per_replica) == ("phased", "serial", 16)
     assert (plan.layout.micro_batch_size, plan.layout.micro_batches) == (32, 4)
     d, ff, n, m, s, a = 4096, 10240, 16, 32, 128, 2
@@ -138,6 +147,25 @@ def test_xxl_at_128_token_prompts_on_a_pod16_takes_fewer_micro_batches_than_ipus
     assert ff_onchip <= HEADROOM * SRAM_BYTES  # the planner keeps 15% of SRAM spare
     assert plan.cost.samples_per_second == pytest.approx(128 / plan.cost.step_seconds)
     assert plan.cost.samples_per_second >= 4 * 128 / 36.0
+
+
+@pytest.mark.parametrize("model, ipus, d, ff", [("xxl", 16, 4096, 10240), ("xl", 8, 2048, 5120)])
+def test_batch_serialised_phases_stream_each_phase_once_per_step(model, ipus, d, ff):
+    """Batch-serialised, a phase's weights come in twice per step (forward, backward) and its
+    accumulators go out once, whatever the slices; with recomputation each slice streams only the
+    phase's float32 input chunk out and back: hand arithmetic from the T5 shapes."""
+    plan = ipu_plan(model, 512, 8)
+    serial = plan.batch_serial
+    assert serial is not None and serial.recompute and plan.layout.micro_batches == 1
+    assert plan.layout.micro_batch_size == 128 == serial.factor * serial.slice_size
+    n, a, s, t, vocab, m = ipus, 2, 512, 8, 32128, serial.slice_size
+    share = sum(p.share for p in plan.split_phases)
+    assert share == pytest.approx(plan.layout.size.total_params() / n, rel=1e-6)  # 1/n of every parameter
+    inputs = sum((s if p.stack == "encoder" else t) * d // n * 4 for p in plan.split_phases if p.kind != "embedding")
+    streamed = 128 * 2 * inputs + 3 * a * share + a * share + 2 * (a + 8) * share
+    assert plan.cost.streamed_bytes == pytest.approx(streamed, rel=1e-9)
+    # Against gradient accumulation, which streams every phase's weights again per micro-batch.
+    assert plan.other_schedule.cost.streamed_bytes > 5 * plan.cost.streamed_bytes
 
 
 @pytest.mark.parametrize("model, replicas, per_replica", [("xxl", 4, 16), ("xl", 1, 8), ("xl", 2, 8)])
@@ -161,14 +189,15 @@ def test_parallel_phases_alternate_between_the_even_and_the_odd_ipus():
     assert plan.phasing == "parallel" and plan.ipus_per_phase == 8
     for index, (_, ipus) in enumerate(plan.phases()):
         assert ipus == tuple(range(index % 2, 16, 2))
-    serial = ipu_plan("xxl", 512, 8)
+    chosen = ipu_plan("xxl", 512, 8)
+    serial = chosen.other_schedule  # gradient accumulation under serial phases, as the parallel plan
     # Each phase on half the IPUs takes twice as long to compute; streaming the next phase hides
     # under compute only as far as the two are equal, so serial phases are faster here, and the
     # plan says so. (The even group gets every feed-forward phase: the busier IPUs are reported.)
     assert plan.cost.compute_seconds == pytest.approx(2 * serial.cost.compute_seconds, rel=1e-9)
     assert plan.cost.flops > serial.cost.flops
     assert plan.cost.step_seconds > serial.cost.step_seconds
-    assert serial.reason.startswith("serial phases (every phase on all 16 IPUs)") and "parallel phases" in serial.reason
+    assert chosen.reason.startswith("serial phases (every phase on all 16 IPUs)") and "parallel phases" in chosen.reason
 
 
 def test_xxl_and_xl_weights_alone_exceed_sram_when_pipelined():
@@ -246,3 +275,38 @@ def test_json_form_gives_the_phases_bytes_and_step_estimate():
     assert data["estimated_step_seconds"] == pytest.approx(parts)
     assert data["samples_per_second"] == pytest.approx(128 / data["estimated_step_seconds"])
     assert data["rates"]["matmul_efficiency"] <= 0.5 and data["rates"]["peak_flops_per_ipu"] == 250e12
+
+
+def test_calibration_reproduces_graphcores_two_step_times_with_one_set_of_rates():
+    """Graphcore's XXL/Pod16 and XL/Pod8 runs, modelled with the planner's own costs, land within
+    15% of their measured 36 s and 16 s with one factor on every rate; each single-term factor
+    makes that term alone slower than assumed."""
+    calibration = calibrate()
+    assert {(r.model, r.ipus) for r in calibration.runs} == {("xxl", 16), ("xl", 8)}
+    for run in calibration.runs:
+        assert abs(run.base.step_seconds * calibration.factor / run.measured - 1) <= 0.15
+        assert run.base.step_seconds < run.measured  # the base rates are too fast
+    assert calibration.factor > 1 and all(f > calibration.factor for f in calibration.single.values())
+
+
+def test_validation_estimate_with_the_key_value_cache():
+    """At Graphcore's validation settings (micro-batch 20, 268-token prompts, 5 new tokens, 9,832
+    prompts) the whole-model-per-token estimate at the calibrated rates lands within 15% of their
+    measured 18 minutes (the calibration saw only training steps); the key/value cache is faster at
+    their batch. The fastest batch that fits runs the decoder step over several encoder chunks at
+    once, faster than both executors at the largest batch the encoder fits, and within issue 25's
+    target of a third of Graphcore's 18 minutes."""
+    values = {"validation.max_new_tokens": 5, "validation.per_device_eval_batch_size": 20}
+    plan = ipu_plan("xxl", 268, 8, **values)
+    g = plan.generation
+    assert (g.prompts, g.batch, g.calls, g.encoder_batch) == (9832, 20, 492, 20) and g.fits
+    assert abs(g.whole_model_seconds / GRAPHCORE_VALIDATION_SECONDS - 1) <= 0.15
+    assert g.seconds < g.whole_model_seconds
+    assert g.best_batch >= 2 * g.best_encoder_batch and g.best_seconds < g.seconds
+    one_batch = generation_cost(plan.layout.size, plan.split_phases, plan.ipus_per_phase,
+                                plan.embedding_serialization_factor, g.best_encoder_batch, plan.replicas, plan.shards,
+                                268, 5, 2, load_config("xxl", **values).ipu.matmul_proportion, rates=calibrate().rates)
+    assert one_batch.peak_bytes <= HEADROOM * SRAM_BYTES
+    assert g.best_seconds < one_batch.seconds
+    assert g.best_seconds <= GRAPHCORE_VALIDATION_SECONDS / 3
+    assert "Validation of 9,832 prompts" in plan.table()

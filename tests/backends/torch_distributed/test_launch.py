@@ -143,3 +143,27 @@ def test_console_echo_copies_local_rank_0_of_the_newest_attempt(tmp_path, monkey
         pass
     assert out.buffer.getvalue() == b"summary\n0" and err.buffer.getvalue() == b"bar\r"
     assert echo.mid_line
+
+
+def test_console_echo_follows_a_restart_into_the_new_attempt(tmp_path, monkeypatch):
+    """torchrun restarted the workers (--max-restarts): the terminal gets the rest of the failed
+    attempt's rank 0 up to its traceback, then the new attempt's from its start, on a new line."""
+    out, err = _Terminal(), _Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    logs = tmp_path / "logs"
+    first = logs / "run_abc" / "attempt_0" / "0"
+    first.mkdir(parents=True)
+    (first / "stdout.log").write_bytes(b"model: tiny\n")
+    (first / "stderr.log").write_bytes(b"training:  40%|")
+    echo = ConsoleEcho(logs)
+    echo._pump(final=False)
+    with open(str(first / "stderr.log"), "ab") as f:
+        f.write(b"\n" + TRACEBACK_MARK.encode() + b"\nTraceback (most recent call last):\n")
+    second = logs / "run_abc" / "attempt_1" / "0"
+    second.mkdir(parents=True)
+    (second / "stdout.log").write_bytes(b"ipu-t5: restart 1 after a failed process: continuing from step 4 (x)\n")
+    (second / "stderr.log").write_bytes(b"training:  40%|")
+    echo._pump(final=True)
+    assert out.buffer.getvalue() == b"model: tiny\nipu-t5: restart 1 after a failed process: continuing from step 4 (x)\n"
+    assert err.buffer.getvalue() == b"training:  40%|\ntraining:  40%|"

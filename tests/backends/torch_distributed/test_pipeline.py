@@ -484,12 +484,13 @@ def test_cluster_flags_become_torchrun_arguments():
 
     parser = argparse.ArgumentParser()
     add_cluster_flags(parser)
-    assert torchrun_args(4, parser.parse_args([])) == ["--nnodes", "1", "--nproc-per-node", "4", "--standalone"]
+    assert torchrun_args(4, parser.parse_args([])) == ["--nnodes", "1", "--nproc-per-node", "4", "--max-restarts", "0",
+                                                       "--standalone"]
     assert torchrun_args(64, parser.parse_args(["--nnodes", "8", "--rdzv-endpoint", "head:29400"])) == [
-        "--nnodes", "8", "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint", "head:29400",
-        "--rdzv-id", "ipu-t5"]
+        "--nnodes", "8", "--nproc-per-node", "8", "--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+        "head:29400", "--rdzv-id", "ipu-t5"]
     assert torchrun_args(16, parser.parse_args(["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1"])) == [
-        "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1", "--master-addr", "10.0.0.1"]
+        "--nnodes", "2", "--nproc-per-node", "8", "--max-restarts", "0", "--node-rank", "1", "--master-addr", "10.0.0.1"]
     with pytest.raises(UserError, match="do not split evenly over --nnodes 3"):
         torchrun_args(4, parser.parse_args(["--nnodes", "3"]))
     with pytest.raises(UserError, match="needs --rdzv-endpoint"):

@@ -25,15 +25,16 @@ machine, and it is held to the real API so that it cannot accept what poptorch w
   from the device's own generator (seeded by `Options.randomSeed` at compile time, read and set
   through `rng_state`), not from the host's.
 
-By job: `api.py` (the reference, binding, the record, enums, options), `strategies.py` (stages,
-phases, execution strategies and their rules, blocks, graph functions), `executor.py` (the
-optimizer and the executors).
+By job: `api.py` (the reference, binding, the record, enums, options), `popart.py` (PopART session
+options through `opts._Popart.set`, held to tests/backends/ipu/reference/popart-session-options.json,
+and batch serialisation), `strategies.py` (stages, phases, execution strategies and their rules,
+blocks, graph functions), `executor.py` (the optimizer and the executors).
 """
 import importlib.machinery
 import sys
 import types
 
-from . import api
+from . import api, popart  # noqa: F401 (popart registers `_Popart`'s behaviour with api)
 # Re-exported for the tests: the reference (API, REFERENCE, signature) and everything poptorch offers.
 from .api import (API, REFERENCE, AutoStage, Error, Liveness, Options, OutputMode, Record, ReductionType,
                   TensorLocationSettings, signature)

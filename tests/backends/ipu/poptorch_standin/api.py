@@ -139,7 +139,7 @@ class _Recorded:
         if entry["kind"] == "property":
             if name not in self._subs:
                 sub = API[self._qualname]["sub_objects"][name]["class"]
-                self._subs[name] = _recorded_class(sub)()
+                self._subs[name] = SUB_CLASSES.get(sub, _recorded_class(sub))()
             return self._subs[name]
 
         def method(*args, **kwargs):
@@ -153,6 +153,10 @@ class _Recorded:
 
     def value(self, method: str, argument: str, default=None):
         return self.values.get(method, {}).get(argument, default)
+
+
+# Option objects with behaviour of their own (popart.py registers `_Popart`'s), by real class name.
+SUB_CLASSES: Dict[str, type] = {}
 
 
 def _recorded_class(qualname: str):

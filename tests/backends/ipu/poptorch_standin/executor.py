@@ -114,6 +114,7 @@ class PoplarExecutor:
         if api.RECORD.ipus == 0:
             raise Error("No IPU detected in the system.")
         micro = self._split(args)[0]
+        self._options._Popart.check(self.training, micro)
         first_checkpoint = len(api.RECORD.checkpoints)
         api.RECORD.trace, api.RECORD.tracing = [], True
         try:
@@ -330,9 +331,14 @@ class PoplarExecutor:
         for start in range(0, len(micros), per_step):
             self.device_optimizer.zero_grad(set_to_none=True)
             for micro in micros[start:start + per_step]:
-                loss = self._user_model(*micro)
-                (loss * scale).backward()
-                outputs.append(loss.detach())
+                # Batch serialisation runs the micro-batch's slices one after another in the
+                # program; their gradients accumulate, and the loss is theirs added up.
+                loss = 0
+                for piece in self._options._Popart.slices(micro):
+                    part = self._user_model(*piece)
+                    (part * scale).backward()
+                    loss = loss + part.detach()
+                outputs.append(loss)
             with torch.no_grad():
                 divisor = scale * (per_step if reduction == ReductionType.Mean else 1)
                 for param in self._user_model.parameters():

@@ -1,0 +1,103 @@
+"""Checkpoints written beside training (`output.async_save`): the training loop pays only the copy
+of its state to host memory; the files are written, checksummed and put in place by a thread while
+the next steps run.
+
+What a checkpoint guarantees does not change: it is written under a hidden staging name and
+renamed into place only once complete (`atomic`), so a process killed during the write leaves the
+previous checkpoint the newest intact one. A sharded backend's processes write through
+torch.distributed.checkpoint's `async_save`, whose collectives (and the manifest's) run on a gloo
+group of their own, apart from the training steps' collectives (torchtitan does the same).
+"""
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from ..errors import UserError
+from . import dcp
+from .format import SHARDED_DIR
+
+# What `save.save_checkpoint` hands over: the main process's last part (files beside the tensors,
+# the rename into place), and the cleanup of a failed write (returns the error to raise).
+Finish = Callable[[Dict[str, Dict[str, object]]], None]
+Failed = Callable[[BaseException], BaseException]
+
+
+class BackgroundSave:
+    """At most one checkpoint in flight, for one trainer: `save.save_checkpoint(...,
+    background=self)` starts it, `wait` finishes it; `close` when the trainer closes."""
+
+    def __init__(self) -> None:
+        self._pending: Optional[Future] = None
+        self._backend: Any = None
+        self._group: Any = None
+        self._stager: Any = None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def start(self, backend, shares: Optional[Dict[str, Any]], staging: Path, finish: Finish,
+              failed: Failed) -> None:
+        """Every process: copy `shares` (a sharded backend's live state; None: one process, whose
+        tensors `finish` writes from host copies already made) to host memory, then write them
+        into `staging` and `finish` there on the main process, in a thread."""
+        if self._pending is not None:
+            raise RuntimeError("a checkpoint is still being written: wait() for it first")
+        upload = None
+        if shares is not None:
+            if self._group is None:
+                self._group = dcp.background_group()
+            if self._stager is None:
+                self._stager = dcp.host_stager()
+            upload = dcp.start_save(shares, staging / SHARDED_DIR, self._group, self._stager)
+        done: Future = Future()
+        index, count, group, main = backend.process_index, backend.num_processes, self._group, backend.is_main_process
+
+        def write() -> None:
+            from .save import sharded_manifest
+
+            try:
+                written: Dict[str, Dict[str, object]] = {}
+                if upload is not None:
+                    upload.result()
+                    written = sharded_manifest(staging, index, count, lambda part: dcp.all_gather(part, group))
+            except BaseException as err:
+                done.set_exception(failed(err))
+                return
+            try:
+                if main:
+                    finish(written)  # cleans up after itself
+            except BaseException as err:
+                done.set_exception(err)
+                return
+            done.set_result(None)
+
+        threading.Thread(target=write, name="ipu-t5-checkpoint-write", daemon=True).start()
+        self._pending, self._backend = done, backend
+
+    def wait(self) -> None:
+        """Every process: block until the checkpoint in flight (if any) is in place. A write that
+        failed on any process raises on every process (its one line, for a UserError such as a
+        full disk), so none trains on while another stops."""
+        if self._pending is None:
+            return
+        pending, backend = self._pending, self._backend
+        self._pending = None
+        error = pending.exception()
+        found = backend.gather_object(None if error is None else (isinstance(error, UserError), str(error)))
+        if error is not None:
+            raise error
+        first = next((f for f in found if f is not None), None)
+        if first is not None:
+            user_error, message = first
+            raise (UserError if user_error else RuntimeError)(message)
+
+    def close(self) -> None:
+        """Forget a write still in flight (a run ended by an error or a second signal, whose peers
+        may be gone): it ends in place, or invisible if the process exits first. The host buffers
+        are freed once no write uses them."""
+        self._pending = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
