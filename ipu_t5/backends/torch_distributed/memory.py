@@ -150,6 +150,8 @@ class MemoryPlan:
     source_length: int
     target_length: int
     ranks: Tuple[RankMemory, ...]
+    # model.quantization: none, or the format of the base's Linear weights (QUANTISED_BYTES).
+    quantization: str = "none"
 
     @property
     def largest_process_bytes(self) -> int:
@@ -303,7 +305,8 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                                     activations=activations, fixed=fixed, checkpoint=checkpoint, export=export,
                                     startup=startup, on_host=device == "cpu", reload_check=reload))
     return MemoryPlan(layout=layout, device=device, activation_bytes=act, data_parallel=config.layout.data_parallel,
-                      lora=adapters_only, source_length=source_length, target_length=target_length, ranks=tuple(ranks))
+                      lora=adapters_only, source_length=source_length, target_length=target_length, ranks=tuple(ranks),
+                      quantization=quantisation)
 
 
 def lightest_cut(config, source_length: int, target_length: int, device: str = "cpu", size=None) -> LayoutPlan:

@@ -102,9 +102,11 @@ class MemoryReport:
         line = lambda r: "  ".join(c.ljust(w) if i == 3 else c.rjust(w)  # noqa: E731
                                     for i, (c, w) in enumerate(zip(r, widths)))
         act = "bfloat16 autocast" if self.plan.activation_bytes == 2 else "float32"
+        weights = "float32 weights" if self.plan.quantization == "none" else \
+            "{} Linear weights (the rest float32)".format(self.plan.quantization)
         lines = [self.summary(),
-                 "tokens: source {}, target {}; float32 weights, gradients and AdamW moments, activations in {}"
-                 .format(self.plan.source_length, self.plan.target_length, act),
+                 "tokens: source {}, target {}; {}, float32 gradients and AdamW moments, activations in {}"
+                 .format(self.plan.source_length, self.plan.target_length, weights, act),
                  line(header)] + [line(r) for r in rows]
         lines.append(self.verdict())
         lines.append("On GPUs (one rank per GPU, bfloat16 autocast unless training.bf16=false): " + "; ".join(
