@@ -152,6 +152,7 @@ def measure(model_dir: Path, size_name: str, stages: int, replicas: int, workdir
 
 def planned(size_name: str, model_dir: Path, row: Dict[str, object], eval_samples: int) -> Dict[str, int]:
     """The plan's largest process and sum for the layout of `row`, as CPU processes on this host."""
+    from ipu_t5.backends.batch_search import fitted_plan
     from ipu_t5.backends.torch_distributed.memory import lightest_cut, plan_memory
     from ipu_t5.config import load_config
 
@@ -161,8 +162,10 @@ def planned(size_name: str, model_dir: Path, row: Dict[str, object], eval_sample
         "layout.replicas={}".format(replicas)]
     config = load_config(size_name, overrides=overrides)
     source, target = int(row["source_length"]), int(row["target_length"])
-    # The cut `ipu-t5 train` takes on CPU processes (the torch backend's default).
-    plan = plan_memory(config, source, target, device="cpu", layout=lightest_cut(config, source, target, "cpu"))
+    # The cut `ipu-t5 train` takes on CPU processes (the torch backend's default), and the micro-batch
+    # it picks under training.auto_find_batch_size.
+    layout = fitted_plan(config, source, target, lambda c: lightest_cut(c, source, target, "cpu"))
+    plan = plan_memory(config, source, target, device="cpu", layout=layout)
     return {"largest_bytes": plan.largest_process_bytes, "sum_bytes": plan.node_sum_bytes(),
             "rank_peaks_bytes": [r.peak for r in plan.ranks]}
 

@@ -40,8 +40,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--task", help="task name (data.task)")
     group.add_argument("--data-files", help="local data as split=PATH pairs: train=a.jsonl,validation=b.jsonl")
     group.add_argument("--pretrained", help="hub id or directory of the starting weights (model.pretrained)")
-    group.add_argument("--peft", choices=["none", "lora"],
-                       help="lora: train only LoRA adapters (peft.method; rank etc. with --set peft.r=16 ...)")
+    group.add_argument("--peft", choices=["none", "lora", "prompt_tuning"],
+                       help="lora: train only LoRA adapters (peft.method; rank etc. with --set peft.r=16 ...); "
+                            "prompt_tuning: only a soft prompt (--set peft.num_virtual_tokens=20 ...)")
     group.add_argument("--backend", help="auto, single, torch or ipu (layout.backend)")
     group.add_argument("--stages", type=int, help="pipeline stages per replica (layout.stages)")
     group.add_argument("--replicas", type=int, help="data-parallel replicas (layout.replicas)")
@@ -179,10 +180,12 @@ def _train(config, args: argparse.Namespace) -> int:
         rows = [["steps", str(summary["steps"])],
                 ["train samples/s", "{:.1f}".format(summary["samples_per_second"])],
                 ["final loss", "{:.4f}".format(summary["final_loss"]) if summary["final_loss"] is not None else "-"]]
+        adapter = None
         if lora.enabled(config):
             adapter = config.output_dir / "adapter"
-            rows += [["trainable parameters", "{:,} of {:,} (LoRA adapters)".format(
-                         trainer.num_trainable, trainer.num_params)],
+            rows += [["trainable parameters", "{:,} of {:,} ({})".format(
+                         trainer.num_trainable, trainer.num_params,
+                         "LoRA adapters" if lora.is_lora(config) else "soft prompt")],
                      ["adapter", "{} (peft.PeftModel.from_pretrained)".format(adapter)]]
             summary.update({"trainable_parameters": trainer.num_trainable, "parameters": trainer.num_params,
                             "adapter": str(adapter)})
@@ -195,8 +198,10 @@ def _train(config, args: argparse.Namespace) -> int:
         if results is not None and fits:
             predictions = [json.loads(line) for line in open(config.output_dir / "eval_predictions.jsonl")]
             sample = predictions[:256]
+            # A soft prompt's export is the base: it predicts as validation did with the adapter over it.
             reloaded = reload_and_predict(hf_dir, [p["prompt"] for p in sample],
-                                          bf16=results.get("precision") == "bfloat16")
+                                          bf16=results.get("precision") == "bfloat16",
+                                          adapter=None if lora.is_lora(config) else adapter)
             same = sum(r == p["generated"] for r, p in zip(reloaded, sample))
             example = sample[0]
             rows += [["export", "{} (reloaded with plain transformers: {}/{} predictions identical)".format(
@@ -298,7 +303,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                             "config's LoRA has {}): was the checkpoint written by this run?".format(
                                 len(adapters), len(expected)))
         base = run_config.model.pretrained or canonical_size(run_config.model.name).hub_id
-        write_adapter(adapter_out, adapters, run_config.peft, base, tokenizer)
+        if not lora.is_lora(run_config):  # a soft prompt goes with the base this export holds
+            base, results = str(out.resolve()), None
+        write_adapter(adapter_out, adapters, run_config.peft, base, tokenizer, origin.hf_config)
         tensors = lora.MergedWeights(origin.tensor, parameter_shapes(origin.hf_config), adapters, run_config.peft)
         extra = " (LoRA merged; adapter in {})".format(adapter_out)
     else:

@@ -44,6 +44,8 @@ def distribution(name: str, hf_config) -> Tuple[str, float]:
         return "uniform", None  # the bound depends on the shape: see `initial_tensor`
     if ".lora_B." in plain:
         return "constant", 0.0
+    if plain == "prompt_embeddings":
+        return "normal", 1.0  # peft's soft prompt is an nn.Embedding: its default draw
     if plain in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
         return "normal", factor * 1.0
     if plain == "lm_head.weight":

@@ -19,7 +19,14 @@ T5_LINEARS = "q, k, v, o (attention), wi_0, wi_1, wo (feed-forward), lm_head"
 
 
 def enabled(config) -> bool:
-    """Whether the run trains LoRA adapters instead of every weight."""
+    """Whether the run trains peft's adapters (LoRA, or a soft prompt: `ipu_t5.prompt_tuning`)
+    instead of every weight: checkpoints then hold only the adapters, the base being the run's
+    starting point."""
+    return config.peft.method != "none"
+
+
+def is_lora(config) -> bool:
+    """Whether the run's adapters are LoRA's (merged into the export)."""
     return config.peft.method == "lora"
 
 
@@ -53,8 +60,8 @@ def apply_lora(model: torch.nn.Module, peft_cfg) -> torch.nn.Module:
 
 
 def is_adapter_key(name: str) -> bool:
-    """Whether a state-dict name is a LoRA adapter matrix."""
-    return ".lora_A." in name or ".lora_B." in name
+    """Whether a state-dict name is a LoRA adapter matrix or the soft prompt."""
+    return ".lora_A." in name or ".lora_B." in name or name == "prompt_embeddings"
 
 
 def adapter_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -11,11 +11,11 @@ drawn by `ipu_t5.initialise` from its own generator: every layout starts from th
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from . import lora
+from . import lora, prompt_tuning
 from .errors import UserError
 from .initialise import hf_name, initial_tensor
 from .models import TIED_ALIASES, canonical_size, model_from_config, refuse_training_checkpoint, set_dropout
@@ -29,14 +29,19 @@ class ModelSource:
     """A Flan-T5 to build: `hf_config` (the run's dropout and vocabulary already in it), `weights`
     (a mapping by Hugging Face name, read when looked up; None draws every weight by
     `ipu_t5.initialise` under `seed`), `peft` (the run's peft section when LoRA adapters are
-    injected, whose matrices are always drawn by name) or `module`, a model the caller built
-    (`T5Trainer(config, pretrained=model)`), which backends take as it is."""
+    injected, whose matrices are always drawn by name, or its soft prompt; `prompt_ids`: the token ids
+    whose word embeddings a text-initialised soft prompt starts from, else it is drawn by name) or
+    `module`, a model the caller built (`T5Trainer(config, pretrained=model)`), which backends take as
+    it is."""
 
     hf_config: Any
     weights: Optional[Mapping[str, torch.Tensor]] = None
     seed: int = 0
     peft: Any = None
     module: Optional[torch.nn.Module] = None
+    prompt_ids: Optional[List[int]] = None
+    # int8 | nf4: the base quantised by bitsandbytes under LoRA (`ipu_t5.quantization`); none: float.
+    quantization: str = "none"
 
     @classmethod
     def of(cls, model: Any) -> "ModelSource":
@@ -48,15 +53,15 @@ class ModelSource:
         parameters train, and the frame that `materialise` fills. A caller's module is itself."""
         if self.module is not None:
             return self.module
-        model = model_from_config(self.hf_config, "meta")
-        if self.peft is not None:
-            lora.apply_lora(model, self.peft)
-        return model
+        return adapted(model_from_config(self.hf_config, "meta"), self.peft)
 
     def tensor(self, name: str, shape) -> torch.Tensor:
         """The starting value of parameter `name` (a LoRA model's name or a plain HF one), read or
         drawn on the CPU."""
         plain = hf_name(name)
+        if plain == prompt_tuning.PROMPT_KEY and self.prompt_ids is not None:
+            shared = self.tensor("shared.weight", (self.hf_config.vocab_size, self.hf_config.d_model))
+            return shared[torch.tensor(self.prompt_ids)].clone()
         if self.weights is not None and not lora.is_adapter_key(plain):
             return self.weights[plain]
         return initial_tensor(name, shape, self.hf_config, self.seed)
@@ -79,7 +84,28 @@ class ModelSource:
 
     def build(self, device: Any = "cpu") -> torch.nn.Module:
         """The whole model on `device`."""
+        if self.quantization != "none" and self.module is None:
+            from .quantization import load_quantised
+
+            # The float base as any run builds it (no reference kept: it is freed once written), then
+            # quantised, then LoRA's adapters drawn by name.
+            model = load_quantised(self.materialise(model_from_config(self.hf_config, "meta"), "cpu"),
+                                   self.quantization, device)
+            model = adapted(model, self.peft)
+            _draw_adapters(model, self.seed)
+            return model
         return self.materialise(self.meta_model(), device)
+
+
+def adapted(model: torch.nn.Module, peft_cfg) -> torch.nn.Module:
+    """`model` with the run's peft adapters (None: as it is): LoRA injected in place, or wrapped
+    with a soft prompt."""
+    if peft_cfg is None or peft_cfg.method == "none":
+        return model
+    if peft_cfg.method == "prompt_tuning":
+        return prompt_tuning.apply_prompt_tuning(model, peft_cfg)
+    lora.apply_lora(model, peft_cfg)
+    return model
 
 
 def whole_model(model: Any, device: Any = "cpu") -> torch.nn.Module:
@@ -166,28 +192,37 @@ def pretrained_source(source: str, vocab_size: int, backend=None, **fields: Any)
     return ModelSource(hf_config=hf_config, weights=weights, **fields)
 
 
-def _draw_adapters(model: torch.nn.Module, seed: int) -> None:
-    """Give the LoRA matrices of a caller's model the values every other source gives them."""
+def _draw_adapters(model: torch.nn.Module, seed: int, prompt_ids: Optional[List[int]] = None) -> None:
+    """Give the adapters of a caller's model the values every other source gives them."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if lora.is_adapter_key(name):
+            if name == prompt_tuning.PROMPT_KEY and prompt_ids is not None:
+                param.copy_(model.shared.weight[torch.tensor(prompt_ids, device=param.device)])
+            elif lora.is_adapter_key(name):
                 param.copy_(initial_tensor(name, tuple(param.shape), model.config, seed))
 
 
 def run_source(config, vocab_size: int, backend=None, pretrained: Any = None,
-               weights: Optional[Mapping[str, torch.Tensor]] = None) -> ModelSource:
+               weights: Optional[Mapping[str, torch.Tensor]] = None, tokenizer=None) -> ModelSource:
     """The ModelSource of a run: `pretrained` (a module, a hub id or directory, or a T5Config whose
     weights are `weights`, a resumed checkpoint's), else the config's `model.pretrained`, its size's
     hub weights, or (tiny) weights drawn by name under `training.seed`; the run's dropout, and its
-    LoRA adapters when `peft.method` is lora."""
+    LoRA adapters when `peft.method` is lora, its soft prompt when prompt_tuning (`tokenizer`: the
+    run's, which tokenizes `peft.prompt_tuning_init_text`)."""
     from transformers import PretrainedConfig, T5Config
 
-    fields: Dict[str, Any] = {"seed": config.training.seed, "peft": config.peft if lora.enabled(config) else None}
+    fields: Dict[str, Any] = {"seed": config.training.seed, "peft": config.peft if lora.enabled(config) else None,
+                              "quantization": config.model.quantization}
+    peft = config.peft
+    if prompt_tuning.enabled(config) and peft.prompt_tuning_init == "text" and tokenizer is not None:
+        fields["prompt_ids"] = prompt_tuning.init_ids(tokenizer(peft.prompt_tuning_init_text)["input_ids"],
+                                                      prompt_tuning.SEQ2SEQ_SUBMODULES * peft.num_virtual_tokens)
     if isinstance(pretrained, torch.nn.Module):
         if lora.enabled(config):
-            lora.apply_lora(pretrained, config.peft)
-            _draw_adapters(pretrained, config.training.seed)
-        source = ModelSource(hf_config=pretrained.config, module=pretrained, seed=config.training.seed)
+            pretrained = adapted(pretrained, config.peft)
+            _draw_adapters(pretrained, config.training.seed, fields.get("prompt_ids"))
+        source = ModelSource(hf_config=pretrained.config, module=pretrained, seed=config.training.seed,
+                             quantization=config.model.quantization)
     elif isinstance(pretrained, PretrainedConfig):
         source = ModelSource(hf_config=pretrained, weights=weights, **fields)
     else:
@@ -211,5 +246,5 @@ def build_model(config, vocab_size: int) -> torch.nn.Module:
     """The whole model a run of `config` starts from, on the CPU, without LoRA adapters (the base
     they adapt)."""
     source = run_source(config, vocab_size)
-    source.peft = None
+    source.peft, source.quantization = None, "none"
     return source.build()

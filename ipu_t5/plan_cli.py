@@ -68,11 +68,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _plan_torch(args: argparse.Namespace, config, source: int, target: int) -> int:
     """The torch backend's memory per rank, for the cut it would run, against the GPUs' or the host's
     memory; exits 2 with the table when it does not fit."""
+    from .backends.batch_search import fitted_plan
     from .backends.torch_distributed.memory import lightest_cut
     from .backends.torch_distributed.memory_report import available_memory, memory_report
 
     device = available_memory(args.device_memory).device
-    layout = lightest_cut(config, source, target, device)
+    layout = fitted_plan(config, source, target, lambda c: lightest_cut(c, source, target, device),
+                         args.device_memory)
     report = memory_report(config, source, target, args.device_memory, layout=layout)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     if not report.fits:

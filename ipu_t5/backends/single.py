@@ -1,12 +1,13 @@
 """One process on one device (a GPU when present, else the CPU)."""
 import contextlib
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 import torch
 
 from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
 from ..model_source import whole_model
+from .. import quantization
 from .base import Backend, StepResult, trim_at_eos, update_is_finite
 from .fast_ops import use_fast_ops
 from .optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
@@ -36,6 +37,14 @@ class SingleProcessBackend(Backend):
     name = "single"
 
     @classmethod
+    def layout_plan(cls, config, lengths, size=None):
+        from ..layout import plan_from_config
+        from .batch_search import fitted_plan
+
+        return fitted_plan(config, lengths.source, lengths.target, lambda c: plan_from_config(
+            c, lengths.source, lengths.target, split_by=cls.split_by, size=size))
+
+    @classmethod
     def check_memory(cls, config, plan, lengths):
         from .torch_distributed.memory_report import check_layout_fits
 
@@ -47,6 +56,7 @@ class SingleProcessBackend(Backend):
             raise UserError("the single-process backend runs 1 stage x 1 replica, but the layout asks for "
                             "{} x {}: use --backend torch (run.sh launches it).".format(plan.stages, plan.replicas))
         refuse_fp16(config.training)
+        quantization.require(config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp_dtype = autocast_dtype(config.training.bf16, self.device)
         self.eval_amp_dtype = eval_autocast_dtype(config.validation.bf16, self.amp_dtype)
@@ -116,7 +126,10 @@ class SingleProcessBackend(Backend):
                 eos_token_id=self.eos_id, pad_token_id=self.pad_id)
         return [trim_at_eos(row[1:], self.eos_id) for row in output.tolist()]
 
-    def model_state_dict(self) -> Dict[str, torch.Tensor]:
+    def model_state_dict(self) -> Mapping[str, torch.Tensor]:
+        if quantization.enabled(self.config):
+            # Dequantised to float32 one tensor at a time, under the same names.
+            return quantization.FloatWeights(self.model)
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
@@ -128,8 +141,11 @@ class SingleProcessBackend(Backend):
                     param.copy_(state[name])
 
     def weights_finite(self) -> bool:
-        # On the device, without the CPU copy `export_share` makes.
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        # On the device, without the CPU copy `export_share` makes. A quantised base's packed codes
+        # are bytes, not numbers (stored as float32), and frozen: there only what trains is checked.
+        frozen_codes = quantization.enabled(self.config)
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters()
+                   if p.requires_grad or not frozen_codes)
 
     def optimizer_state_dict(self) -> Dict:
         return named_optimizer_state(self.optimizer, self.model.named_parameters())

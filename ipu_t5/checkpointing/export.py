@@ -328,14 +328,20 @@ def _check_reload(directory: Path, hf_config, dtype: torch.dtype,
     return difference, None
 
 
-def reload_and_predict(hf_dir: Path, prompts: List[str], batch_size: int = PREDICT_BATCH, bf16: bool = False) -> List[str]:
-    """Load an export with plain transformers (5.x: AutoModelForSeq2SeqLM + generate) and predict
-    greedily, as a user without ipu-t5 would, `batch_size` prompts at a time; under bfloat16
+def reload_and_predict(hf_dir: Path, prompts: List[str], batch_size: int = PREDICT_BATCH, bf16: bool = False,
+                       adapter: Optional[Path] = None) -> List[str]:
+    """Load an export with plain transformers (5.x: AutoModelForSeq2SeqLM + generate), with
+    `adapter` over it through `peft.PeftModel.from_pretrained` where given (a soft prompt), and
+    predict greedily, as a user without ipu-t5 would, `batch_size` prompts at a time; under bfloat16
     autocast where `bf16` (validation generated so: like is compared with like)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     model = AutoModelForSeq2SeqLM.from_pretrained(str(hf_dir)).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
     texts = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(prompts), batch_size):

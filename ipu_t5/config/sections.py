@@ -23,6 +23,9 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     # None keeps the checkpoint's own dropout.
     dropout_rate: Optional[float] = None
+    # int8 | nf4: the frozen base weights quantised by bitsandbytes (BitsAndBytesConfig) under LoRA;
+    # none: float32.
+    quantization: str = "none"
 
 
 @dataclass
@@ -82,6 +85,10 @@ class TrainingConfig:
     # Steps in a row whose loss or gradient norm is not finite (each skipped, the weights left as
     # they were) before the run stops; docs/configuration.md says why 20.
     max_nonfinite_steps: int = 20
+    # The largest micro-batch the memory plan fits on this machine, picked before any weight is read,
+    # the global batch kept by gradient accumulation (single and torch backends; the IPU's planner
+    # picks its own). Hugging Face's name; it retries after out-of-memory errors instead.
+    auto_find_batch_size: bool = False
     # torch.compile the training forward (single-process backend). Off by default: on CPUs it
     # compiles for minutes before it pays back, and torch 2.0.1 cannot compile on Python 3.11+.
     torch_compile: bool = False
@@ -103,15 +110,22 @@ class TaskConfig:
 
 @dataclass
 class PeftConfig:
-    """Parameter-efficient fine-tuning through `peft`, named as in its LoraConfig."""
+    """Parameter-efficient fine-tuning through `peft`, named as in its LoraConfig and
+    PromptTuningConfig."""
 
-    # none: every weight trains; lora: only low-rank adapters on `target_modules` train.
+    # none: every weight trains; lora: only low-rank adapters on `target_modules` train;
+    # prompt_tuning: only a soft prompt of `num_virtual_tokens` in front of the encoder input trains.
     method: str = "none"
     r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     # T5's attention projections are q, k, v, o; its feed-forward wi_0, wi_1, wo.
     target_modules: List[str] = field(default_factory=lambda: ["q", "v"])
+    # Soft prompts (peft.method=prompt_tuning): virtual tokens, started from the normal(0, 1) draws of
+    # peft's nn.Embedding (random) or from the word embeddings of `prompt_tuning_init_text` (text).
+    num_virtual_tokens: int = 20
+    prompt_tuning_init: str = "random"
+    prompt_tuning_init_text: Optional[str] = None
 
 
 @dataclass

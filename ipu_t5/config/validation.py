@@ -12,7 +12,9 @@ CHOICES = {
     "layout.pipeline_schedule": ("GPipe", "1F1B", "Interleaved1F1B"),
     "layout.data_parallel": ("ddp", "fsdp"),
     "ipu.execution_strategy": ("auto", "pipelined", "phased"),
-    "peft.method": ("none", "lora"),
+    "peft.method": ("none", "lora", "prompt_tuning"),
+    "peft.prompt_tuning_init": ("random", "text"),
+    "model.quantization": ("none", "int8", "nf4"),
 }
 
 POSITIVE = {
@@ -22,7 +24,7 @@ POSITIVE = {
     "layout.stages", "layout.replicas", "layout.micro_batch_size",
     "layout.gradient_accumulation_steps", "layout.ddp_timeout", "data.max_source_length", "data.max_train_samples",
     "data.max_eval_samples", "data.demo_train_samples", "data.demo_eval_samples",
-    "output.save_steps", "output.save_total_limit", "peft.r",
+    "output.save_steps", "output.save_total_limit", "peft.r", "peft.num_virtual_tokens",
     "ipu.embedding_serialization_factor", "ipu.inference_device_iterations",
 }
 NON_NEGATIVE = {
@@ -78,7 +80,15 @@ def validate(config: RunConfig) -> RunConfig:
         raise UserError("peft.lora_alpha must be positive, got {}.".format(config.peft.lora_alpha))
     if not 0.0 <= config.peft.lora_dropout < 1.0:
         raise UserError("peft.lora_dropout must be in [0, 1), got {}.".format(config.peft.lora_dropout))
-    if config.peft.method != "none" and not config.peft.target_modules:
+    if config.peft.method == "prompt_tuning" and config.peft.prompt_tuning_init == "text" and \
+            not config.peft.prompt_tuning_init_text:
+        raise UserError("peft.prompt_tuning_init=text needs peft.prompt_tuning_init_text: the text whose word "
+                        "embeddings the soft prompt starts from.")
+    if config.model.quantization != "none" and config.peft.method != "lora":
+        raise UserError("model.quantization={} freezes the base in {}: train LoRA adapters on it (--peft lora), "
+                        "or set model.quantization=none.".format(config.model.quantization,
+                                                                 config.model.quantization))
+    if config.peft.method == "lora" and not config.peft.target_modules:
         raise UserError("peft.target_modules is empty: name the T5 modules to adapt, e.g. q,v.")
     if not 0.0 < config.ipu.source_length_coverage <= 1.0:
         raise UserError("ipu.source_length_coverage must be in (0, 1], got {}: the share of prompts the IPU's static "
@@ -92,6 +102,10 @@ def validate(config: RunConfig) -> RunConfig:
         raise UserError("validation.generation_micro_batches={} is fewer than the {} stages: a stage would wait for "
                         "work at every position; give at least {} (or leave it unset: twice the stages).".format(
                             in_flight, config.layout.stages, config.layout.stages))
+    if config.training.auto_find_batch_size and (config.layout.micro_batch_size or
+                                                 config.layout.gradient_accumulation_steps):
+        raise UserError("training.auto_find_batch_size picks the micro-batch itself: drop layout.micro_batch_size "
+                        "and layout.gradient_accumulation_steps, or set training.auto_find_batch_size=false.")
     if config.layout.micro_batch_size and config.layout.gradient_accumulation_steps:
         raise UserError(
             "give layout.micro_batch_size or layout.gradient_accumulation_steps, not both: the other "

@@ -42,13 +42,18 @@ class HfExport:
         hf_path = Path(hf_path) if hf_path else self.output_dir / "hf"
         # Each process writes the weights it holds; none gathers the model.
         share = self.backend.export_share()
+        results = self.last_eval
         if lora.enabled(self.config):
             adapters: Dict[str, torch.Tensor] = {}
             for part in self.backend.gather_object({k: v.detach().cpu() for k, v in lora.adapter_state(share).items()}):
                 adapters.update(part)
+            # A soft prompt does not merge: the export is the base it goes with, and the adapter names it.
+            soft_prompt = not lora.is_lora(self.config)
+            base = str(hf_path.resolve()) if soft_prompt else self.base_model
+            results = None if soft_prompt else results
             self.backend.on_main(lambda: write_adapter(
                 Path(adapter_path) if adapter_path else self.output_dir / "adapter", adapters, self.config.peft,
-                self.base_model, self.tokenizer))
+                base, self.tokenizer, self.hf_config))
             share = lora.merged_state(share, self.config.peft)
         example = self.eval_features[0]["prompt"] if self.eval_features is not None else None
 
@@ -60,7 +65,7 @@ class HfExport:
             return_freed_memory()
 
         exported = write_hf_checkpoint(hf_path, share, self.hf_config, self.tokenizer, self.config.to_dict(),
-                                       self.last_eval, self.eval_config.max_new_tokens or self.lengths.target,
+                                       results, self.eval_config.max_new_tokens or self.lengths.target,
                                        example_prompt=example, prompt_length=self.prompt_length, group=self.backend,
                                        release=release if release_model else None)
         self._say(exported.describe())

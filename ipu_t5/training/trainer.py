@@ -116,7 +116,7 @@ class T5Trainer(RunCheckpoints, HfExport):
             pretrained, weights = found.hf_config(), found.model_tensors()
             checkpointing.check_tensors(found, parameter_shapes(pretrained))
         # A description of the model; each backend builds only what it holds.
-        self.source = run_source(config, len(self.tokenizer), self.backend, pretrained, weights)
+        self.source = run_source(config, len(self.tokenizer), self.backend, pretrained, weights, self.tokenizer)
         self.base_model = str(pretrained) if isinstance(pretrained, (str, Path)) else (
             config.model.pretrained or canonical_size(config.model.name).hub_id)
         frame = self.source.meta_model()
@@ -210,6 +210,9 @@ class T5Trainer(RunCheckpoints, HfExport):
         if not lora.enabled(self.config):
             return ""
         peft = self.config.peft
+        if not lora.is_lora(self.config):
+            return ", {:,} trainable ({:.2%}): a soft prompt of {} virtual tokens".format(
+                self.num_trainable, self.num_trainable / self.num_params, peft.num_virtual_tokens)
         return ", {:,} trainable ({:.2%}): LoRA r={} alpha={:g} on {}".format(
             self.num_trainable, self.num_trainable / self.num_params, peft.r, peft.lora_alpha,
             ", ".join(peft.target_modules))

@@ -30,6 +30,7 @@ import torch
 from ...data.batching import IGNORE_INDEX, GlobalBatch, collate
 from ...errors import UserError
 from ...model_source import whole_model
+from ...quantization import refuse_here as refuse_quantised
 from ..base import Backend, StepResult, trim_at_eos
 from ..optim import adamw_kwargs, lr_at, param_groups, set_lr
 from .model import (LM_HEAD_KEY, T5ForIpuGeneration, T5ForIpuTraining, checkpoint_every_block, hf_state_dict,
@@ -85,6 +86,12 @@ class IpuBackend(Backend):
 
     def __init__(self, config, plan):
         super().__init__(config, plan)
+        if config.peft.method == "prompt_tuning":
+            # The IPU's embedding phase is split into vocabulary slices with static prompt shapes;
+            # it carries no extra positions in front of the prompt.
+            raise UserError("peft.method=prompt_tuning runs on the single and torch backends only: use --backend "
+                            "single or --backend torch, or --peft lora on IPUs.")
+        refuse_quantised(config, "IPU")
         self.ipu_plan: Optional[IpuPlan] = None
         self.training_model = None
         self.inference_model = None

@@ -22,6 +22,8 @@ from ...data.batching import GlobalBatch, collate
 from ...errors import UserError
 from ...layout import check_pipeline_fill
 from ...model_source import ModelSource
+from ...prompt_tuning import virtual_tokens
+from ...quantization import refuse_here as refuse_quantised
 from ..base import Backend, StepResult, update_is_finite
 from ..fast_ops import use_fast_ops
 from ..host_memory import keep_heap_small, return_freed_memory
@@ -65,11 +67,14 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
 
     @classmethod
     def layout_plan(cls, config, lengths, size=None):
+        from ..batch_search import fitted_plan
         from .memory import lightest_cut
         from .memory_report import available_memory
 
         # The device the memory check will compare with (the same rule for GPUs or host RAM).
-        return lightest_cut(config, lengths.source, lengths.target, available_memory().device, size)
+        device = available_memory().device
+        return fitted_plan(config, lengths.source, lengths.target,
+                           lambda c: lightest_cut(c, lengths.source, lengths.target, device, size))
 
     @classmethod
     def check_memory(cls, config, plan, lengths):
@@ -87,6 +92,7 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         check_pipeline_fill(plan)  # the layout relaxes it for phased IPU execution only
         _require_torch()
         refuse_fp16(config.training)
+        refuse_quantised(config, "torch")
         self.topology: Topology = connect(plan, config.layout.ddp_timeout)
         self.device = self.topology.device
         self.amp_dtype = autocast_dtype(config.training.bf16, self.device)
@@ -170,7 +176,8 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         return chunk % self.plan.stages
 
     def _meta(self, kind: str, source: int, target: int) -> Tuple[torch.Tensor, ...]:
-        shapes = carried_shapes(kind, self.plan.micro_batch_size, source, target, self.d_model, self.heads, self.vocab)
+        shapes = carried_shapes(kind, self.plan.micro_batch_size, source, target, self.d_model, self.heads, self.vocab,
+                                virtual_tokens(self.config))
         metas = []
         for name, (shape, dtype, grad) in shapes.items():
             if name == "logits" and self.amp_dtype is not None:

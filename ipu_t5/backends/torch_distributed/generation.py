@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ...data.batching import collate
+from ...prompt_tuning import virtual_tokens
 from ..base import trim_at_eos
 from .generation_plan import micro_batch_rows, slots, window_rows
 from .wavefront import MicroBatch, Wavefront
@@ -57,7 +58,7 @@ class PipelineGeneration:
             for index in range(replica, len(cuts), replicas):
                 tensors = collate(cuts[index], self.pad_id)
                 micro.append(MicroBatch(index, tensors["input_ids"].to(self.device),
-                                        tensors["attention_mask"].to(self.device)))
+                                        tensors["attention_mask"].to(self.device), virtual_tokens(self.config)))
             with self._unsharded():
                 Wavefront(self, micro, self.generation_slots, max_new_tokens).run()
             last_stage = self._stage_of_chunk(self.num_chunks - 1)
@@ -70,4 +71,3 @@ class PipelineGeneration:
         if max_new_tokens <= 0:
             return [[] for _ in samples]
         return [ids for index in range(len(cuts)) for ids in found[index]]
-

@@ -9,7 +9,10 @@ registry (`ipu_t5.models`, activations from `ipu_t5.t5_shapes`): no torch, no to
 Counted per rank, on its device (the GPU, or the host for CPU processes):
 - weights: float32 master weights of its stage's blocks (the backend keeps float32 and autocasts to
   bfloat16; the shared embedding only on the embedding's stage, which sends the embedded decoder
-  inputs down the pipeline); LoRA adds its adapters. Under FSDP2 with a unit per block (the default,
+  inputs down the pipeline); LoRA adds its adapters, prompt tuning its soft prompt (2 x virtual
+  tokens x d_model, on the embedding's stage, whose prompts it lengthens for every encoder part);
+  a base quantised by `model.quantization` (one process) holds its Linear layers in
+  QUANTISED_BYTES a weight. Under FSDP2 with a unit per block (the default,
   `layout.fsdp_reshard_after_forward`) the shards persist and two units are whole at a time (the one
   computing and the one prefetched); with the chunk one unit, the unsharded parameters persist too
   from the first micro-batch to the end of the step (`torch.distributed.pipelining` defers the
@@ -78,6 +81,11 @@ RELOAD_COPIES = 1.12
 
 # GPUs the plan always reports on: name -> memory in bytes (nominal; torch reports slightly less).
 GPUS = (("A100 40 GB", 40 * 2 ** 30), ("A100 80 GB", 80 * 2 ** 30), ("H100 80 GB", 80 * 2 ** 30))
+
+# Bytes a weight of a quantised Linear takes (`model.quantization`, `ipu_t5.quantization`): nf4 packs two
+# 4-bit codes a byte with one float32 scale (absmax) per block of 64 weights; int8 one byte, with
+# one float32 scale per output row (under 1% of a byte at Flan-T5's widths, left out).
+QUANTISED_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
 
 ATTENTION_MODULES = ("q", "k", "v", "o")
 FEED_FORWARD_MODULES = ("wi_0", "wi_1", "wo")
@@ -156,6 +164,8 @@ class MemoryPlan:
     # computes on paper (`generation_plan.utilisation`, an encoder pass and `target_length` positions).
     generation_micro_batches: int = 1
     generation_utilisation: float = 1.0
+    # model.quantization: none, or the format of the base's Linear weights (QUANTISED_BYTES).
+    quantization: str = "none"
 
     @property
     def largest_process_bytes(self) -> int:
@@ -194,6 +204,18 @@ def lora_params(size: ModelSize, block: str, r: int, targets) -> int:
     return total
 
 
+def linear_params(size: ModelSize, block: str) -> int:
+    """Weights of one plan block's Linear layers (attention, feed-forward, the LM head): what
+    `model.quantization` quantises; the embedding, norms and relative-position biases stay float32."""
+    kind, stack = block_part(block)
+    if block == "lm_head":
+        return size.block_params(block)
+    if kind != "block":
+        return 0
+    attention = 4 * size.d_model * size.inner_dim
+    return (1 if stack == "encoder" else 2) * attention + 3 * size.d_model * size.d_ff
+
+
 def in_flight(layout: LayoutPlan, stage: int) -> float:
     """Micro-batches whose activations a stage holds at once, in whole-stage units (an
     interleaved chunk counts as 1 / chunks_per_stage of its stage)."""
@@ -228,13 +250,18 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
     size, replicas = layout.size, layout.replicas
     fsdp = config.layout.data_parallel == "fsdp" and replicas > 1
     lora = config.peft.method == "lora"
+    quantisation = config.model.quantization
+    # Only adapters train (LoRA's, or the soft prompt, whose virtual tokens every encoder part sees).
+    adapters_only = config.peft.method != "none"
+    prompt_rows = 2 * config.peft.num_virtual_tokens if config.peft.method == "prompt_tuning" else 0
     act = _activation_bytes(config, device)
-    shapes = Shapes(layout.micro_batch_size, source_length, target_length, act)
+    shapes = Shapes(layout.micro_batch_size, source_length + prompt_rows // 2, target_length, act)
     embedding = size.block_params("embedding")
     largest_tensor = WEIGHT_BYTES * max(embedding, size.d_model * size.d_ff)
     # LoRA's adapters by block (the embedding, the head and the norms have none).
     adapters_of = {b: lora_params(size, b, config.peft.r, config.peft.target_modules) if lora else 0
                    for b in size.block_names}
+    adapters_of["embedding"] = adapters_of.get("embedding", 0) + prompt_rows * size.d_model
     total = size.total_params() + sum(adapters_of.values())
     # The reload check (ipu_t5/checkpointing/export.py) loads the whole export in float32 on the
     # main process where it fits; `ipu-t5 train` frees every process's model before it, so it
@@ -248,10 +275,14 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
         blocks = tuple(b for c in chunks for b in layout.stage_blocks[c])
         adapters = sum(adapters_of.get(b, 0) for b in blocks)
         held = layout.stage_params(stage) + adapters
-        trainable = adapters if lora else held
+        # The bytes of those weights as held: a quantised base's Linear layers in QUANTISED_BYTES each.
+        quantised = sum(linear_params(size, b) for b in blocks) if quantisation != "none" else 0
+        held_bytes = int(WEIGHT_BYTES * held - (WEIGHT_BYTES - QUANTISED_BYTES.get(quantisation, 4)) * quantised)
+        trainable = adapters if adapters_only else held
         one = ACTIVATION_FACTOR * sum(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
         largest_part = ACTIVATION_FACTOR * max(part_activations(size, *block_part(b), shapes=shapes) for b in blocks)
-        autocast_copies = 2 * held if act == 2 else 0
+        # bitsandbytes dequantises a quantised weight as it computes and keeps no copy for the backward.
+        autocast_copies = 2 * (held - quantised) if act == 2 else 0
         activations = int(in_flight(layout, stage) * (one + autocast_copies) + largest_part)
         if fsdp and config.layout.fsdp_reshard_after_forward:
             # A unit per block: the shards, and the unit being computed gathered beside the next one
@@ -262,12 +293,12 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
         else:
             # FSDP2 with the chunk one unit: the shards beside the whole stage, and its buffers.
             buffers = FSDP_BUFFERS[device]
-            weights = WEIGHT_BYTES * held + (WEIGHT_BYTES * held // replicas + buffers * WEIGHT_BYTES * held
-                                             if fsdp else 0)
+            weights = held_bytes + (WEIGHT_BYTES * held // replicas + buffers * WEIGHT_BYTES * held
+                                    if fsdp else 0)
             gradients = WEIGHT_BYTES * trainable + (WEIGHT_BYTES * trainable // replicas
                                                     + buffers * WEIGHT_BYTES * trainable if fsdp else 0)
         optimizer = ADAMW_BYTES * trainable // (replicas if fsdp else 1)
-        resting = WEIGHT_BYTES * held // (replicas if fsdp else 1)
+        resting = held_bytes // (replicas if fsdp else 1)
         fixed = PROCESS_BYTES if device == "cpu" else GPU_FIXED_BYTES
         checkpoint = fixed + resting + optimizer + 2 * largest_tensor
         # Host memory while the weights are read: a CPU rank materialises its stage (under FSDP2 the
@@ -276,10 +307,14 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                                    if device == "cpu" else largest_tensor)
         caches = cache_bytes(size, blocks, config.validation.per_device_eval_batch_size, source_length, target_length,
                              act) if config.validation.do_eval else 0
+        if quantised:
+            # The float base is built on the host, then loaded back quantised (`quantization.load_quantised`).
+            startup = PROCESS_BYTES + WEIGHT_BYTES * held + held_bytes
         for replica in range(replicas):
             rank = stage * replicas + replica
             reload = int(RELOAD_COPIES * WEIGHT_BYTES * total) if main_reloads and rank == 0 and reload_fits else 0
-            writing = resting + 2 * largest_tensor
+            # A quantised base's export is float: the merged weights, dequantised, beside the model.
+            writing = resting + 2 * largest_tensor + (WEIGHT_BYTES * held if quantised else 0)
             on_device = reload if device == "cpu" else 0
             export = fixed + max(writing, on_device)
             ranks.append(RankMemory(rank=rank, stage=stage, replica=replica, blocks=blocks, params=held,
@@ -287,9 +322,10 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                                     activations=activations, fixed=fixed, checkpoint=checkpoint, export=export,
                                     startup=startup, on_host=device == "cpu", reload_check=reload, generation=caches))
     return MemoryPlan(layout=layout, device=device, activation_bytes=act, data_parallel=config.layout.data_parallel,
-                      lora=lora, source_length=source_length, target_length=target_length, ranks=tuple(ranks),
+                      lora=adapters_only, source_length=source_length, target_length=target_length, ranks=tuple(ranks),
                       generation_micro_batches=generating,
-                      generation_utilisation=utilisation(layout.stages, generating, target_length + 1))
+                      generation_utilisation=utilisation(layout.stages, generating, target_length + 1),
+                      quantization=quantisation)
 
 
 def lightest_cut(config, source_length: int, target_length: int, device: str = "cpu", size=None) -> LayoutPlan:

@@ -84,7 +84,7 @@ class MemoryReport:
                 "micro-batch(es) x {} replica(s) = global batch {}{}".format(
                     layout.size.name, layout.stages, layout.replicas, layout.world_size, where, schedule,
                     replicas, layout.micro_batch_size, layout.micro_batches, layout.replicas,
-                    layout.global_batch_size, "; LoRA (base frozen)" if self.plan.lora else ""))
+                    layout.global_batch_size, "; peft adapters only (base frozen)" if self.plan.lora else ""))
 
     def table(self) -> str:
         """One row per rank, in GB, then the verdict against the memory there is."""
@@ -102,9 +102,11 @@ class MemoryReport:
         line = lambda r: "  ".join(c.ljust(w) if i == 3 else c.rjust(w)  # noqa: E731
                                     for i, (c, w) in enumerate(zip(r, widths)))
         act = "bfloat16 autocast" if self.plan.activation_bytes == 2 else "float32"
+        weights = "float32 weights" if self.plan.quantization == "none" else \
+            "{} Linear weights (the rest float32)".format(self.plan.quantization)
         lines = [self.summary(),
-                 "tokens: source {}, target {}; float32 weights, gradients and AdamW moments, activations in {}"
-                 .format(self.plan.source_length, self.plan.target_length, act),
+                 "tokens: source {}, target {}; {}, float32 gradients and AdamW moments, activations in {}"
+                 .format(self.plan.source_length, self.plan.target_length, weights, act),
                  line(header)] + [line(r) for r in rows]
         lines.append(self.verdict())
         if layout.stages > 1:
@@ -178,14 +180,18 @@ def memory_report(config, source_length: int, target_length: int, device_memory:
     return MemoryReport(plan=plan, memory=memory, nodes=nodes, gpus=gpus)
 
 
+def nodes_of(layout: LayoutPlan) -> int:
+    """The nodes a launched layout runs on (torchrun's LOCAL_WORLD_SIZE processes each)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
+    return max(1, layout.world_size // max(1, local))
+
+
 def check_layout_fits(config, layout: LayoutPlan, source_length: int, target_length: int) -> None:
     """Refuse, before any weight is read, a layout whose plan exceeds this machine's memory; the
     main process shows the table first. `layout.check_memory: false` (--ignore-memory-plan) skips it."""
     if not config.layout.check_memory:
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
-    nodes = max(1, layout.world_size // max(1, local))
-    report = memory_report(config, source_length, target_length, nodes=nodes, layout=layout)
+    report = memory_report(config, source_length, target_length, nodes=nodes_of(layout), layout=layout)
     if report.fits:
         return
     if os.environ.get("RANK", "0") == "0":
@@ -193,4 +199,5 @@ def check_layout_fits(config, layout: LayoutPlan, source_length: int, target_len
     raise UserError(report.refusal())
 
 
-__all__: List[str] = ["GPUS", "MemoryReport", "available_memory", "check_layout_fits", "memory_report", "parse_bytes"]
+__all__: List[str] = ["GPUS", "MemoryReport", "available_memory", "check_layout_fits", "memory_report", "nodes_of",
+                   "parse_bytes"]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...compat import scales_decoder_output
+from ...prompt_tuning import extend_mask, prepend
 
 INPUT, ENCODER, ENCODED, DECODER, LOGITS = "input", "encoder", "encoded", "decoder", "logits"
 
@@ -196,6 +197,11 @@ class StageChunk(nn.Module):
         self.starts_decoder = 0 in self.decoder_ids
         if self.embeds_input:
             self.shared = model.shared
+            # A soft prompt (prompt tuning) joins the input where the embedding lives; every later
+            # chunk sees the longer encoder sequence and mask.
+            self.num_virtual_tokens = getattr(model, "num_virtual_tokens", 0)
+            if self.num_virtual_tokens:
+                self.prompt_embeddings = model.prompt_embeddings
         for stack, ids in (("encoder", self.encoder_ids), ("decoder", self.decoder_ids)):
             norm = "{}.final_layer_norm".format(stack)
             if ids or norm in blocks:
@@ -245,6 +251,9 @@ class StageChunk(nn.Module):
     def _run_encoder(self, state: Dict[str, torch.Tensor]) -> None:
         if self.embeds_input:
             embedded = state.pop("input_embeds") if "input_embeds" in state else self.shared(state["input_ids"])
+            if self.num_virtual_tokens:
+                embedded = prepend(self.prompt_embeddings, self.num_virtual_tokens, embedded)
+                state["attention_mask"] = extend_mask(state["attention_mask"], self.num_virtual_tokens)
             state["hidden"] = self.dropout(embedded)
         if self.encoder_ids:
             hidden, bias = state["hidden"], state.get("encoder_bias")
@@ -361,9 +370,12 @@ class DecodingCache:
 
 
 def carried_shapes(kind: str, batch: int, source: int, target: int, d_model: int, heads: int,
-                   vocab: int) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype, bool]]:
-    """Shape, dtype and requires_grad of every tensor a boundary carries in training."""
+                   vocab: int, virtual_tokens: int = 0) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype, bool]]:
+    """Shape, dtype and requires_grad of every tensor a boundary carries in training; past the
+    embedding, the encoder's sequence holds a soft prompt's `virtual_tokens` too."""
     float32 = torch.float32
+    if kind != INPUT:
+        source += virtual_tokens
     table = {
         "input_ids": ((batch, source), torch.long, False),
         "attention_mask": ((batch, source), torch.long, False),

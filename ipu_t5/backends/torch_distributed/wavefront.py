@@ -21,15 +21,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ...prompt_tuning import extend_mask
 from .stages import ENCODER, boundary_kind
 
 
 class MicroBatch:
     """One micro-batch's prompts, and what decoding it has produced so far."""
 
-    def __init__(self, index: int, ids: torch.Tensor, mask: torch.Tensor):
-        self.index, self.ids, self.mask = index, ids, mask
-        self.rows, self.width = ids.shape
+    def __init__(self, index: int, ids: torch.Tensor, mask: torch.Tensor, virtual_tokens: int = 0):
+        # Past the embedding's chunk (which prepends it itself) the encoder holds a soft prompt too.
+        self.index, self.ids, self.source_mask = index, ids, mask
+        self.mask = extend_mask(mask, virtual_tokens)
+        self.rows, self.width = self.mask.shape
         self.tokens: List[torch.Tensor] = []
         # Set by the last stage (finished rows) and by every rank from its reports (`done`).
         self.finished: Optional[torch.Tensor] = None
@@ -151,7 +154,8 @@ class Wavefront:
         else:
             carried = {"encoder_output": self._recv([(micro.rows, micro.width, self.b.d_model)],
                                                     self._rank(chunk - 1))[0]}
-        carried = chunk_module.encode(dict(carried, attention_mask=micro.mask))
+        carried = chunk_module.encode(dict(carried, attention_mask=micro.source_mask if chunk_module.embeds_input
+                                           else micro.mask))
         if chunk_module.decoder_ids:
             slot.caches[chunk] = chunk_module.start_decoding(carried["encoder_output"], micro.mask)
         if chunk < self.last:

@@ -11,7 +11,7 @@ With --resume-from, a
 last run resumes that (one-process) checkpoint under the layout (run as --resume-run), as
 `--resume PATH` does, and continues to RESUMED_STEPS, writing OUT/resumed/result.pt. With --lora
 every run trains LoRA adapters (`LORA`) and also exports itself (OUT/<run>/hf, merged, and
-OUT/<run>/adapter).
+OUT/<run>/adapter); with --prompt-tuning a soft prompt (`PROMPT_TUNING`), exported likewise.
 """
 import argparse
 import json
@@ -29,6 +29,9 @@ RESUMED_STEPS = 8
 # LoRA as the comparisons need it: dropout off (as configs/tiny.yaml has it for the model), so every
 # layout computes the same function; a small rank keeps the run quick.
 LORA = ["peft.method=lora", "peft.r=4", "peft.lora_alpha=8", "peft.lora_dropout=0"]
+# A soft prompt of 4 virtual tokens, started from text (the word embeddings of its ids).
+PROMPT_TUNING = ["peft.method=prompt_tuning", "peft.num_virtual_tokens=4", "peft.prompt_tuning_init=text",
+                 "peft.prompt_tuning_init_text=premise and hypothesis"]
 
 
 def make_config(output_dir, stages=1, replicas=1, schedule="1F1B", data_parallel="ddp", backend="torch",
@@ -91,17 +94,18 @@ def main() -> None:
     parser.add_argument("--resume-from")
     parser.add_argument("--resume-run", default="1F1B", help="the RUN that continues the checkpoint")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters, and export each run")
+    parser.add_argument("--prompt-tuning", action="store_true", help="train a soft prompt, and export each run")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     out = Path(args.out)
     for index, run in enumerate(args.runs):
         schedule, _, data_parallel = run.partition(":")
         config = make_config(out / run.replace(":", "-"), args.stages, args.replicas, schedule, data_parallel or "ddp",
-                             lora=args.lora)
+                             lora=args.lora, extra=PROMPT_TUNING if args.prompt_tuning else ())
         trainer = T5Trainer(config)
         trainer.train()
         evaluated = trainer.evaluate()
-        if args.lora or index == 0:
+        if args.lora or args.prompt_tuning or index == 0:
             trainer.export_hf()
         if index == 0:
             trainer.save_checkpoint(config.output_dir / "checkpoint")
