@@ -13,89 +13,10 @@ from .backends.torch_distributed.launch import (add_cluster_flags, launched_by_t
                                                quiet_unless_main, record_crash, record_failure, restart_count,
                                                resume_after_restart)
 from .errors import UserError
+from .flags import add_config_flags, config_from_args, offline_if_possible
 from .plan_cli import add_plan_command
 
-# Dedicated flags and the config keys they set.
-FLAG_KEYS = {
-    "max_steps": "training.max_steps",
-    "output_dir": "output.output_dir",
-    "task": "data.task",
-    "backend": "layout.backend",
-    "stages": "layout.stages",
-    "replicas": "layout.replicas",
-    "pretrained": "model.pretrained",
-    "resume": "output.resume_from_checkpoint",
-    "save_every": "output.save_steps",
-    "peft": "peft.method",
-}
 EXIT_USER_ERROR = 2
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("configuration (later wins: preset, --config, flags, --set)")
-    group.add_argument("--model", help="model size: tiny, small, base, large, xl, xxl (picks configs/<size>.yaml)")
-    group.add_argument("--config", help="a YAML file of sections model/data/training/validation/layout/output")
-    group.add_argument("--max-steps", type=int, help="optimizer steps (training.max_steps)")
-    group.add_argument("--output-dir", help="where the run writes (output.output_dir; default runs/<model>)")
-    group.add_argument("--task", help="task name (data.task)")
-    group.add_argument("--data-files", help="local data as split=PATH pairs: train=a.jsonl,validation=b.jsonl")
-    group.add_argument("--pretrained", help="hub id or directory of the starting weights (model.pretrained)")
-    group.add_argument("--peft", choices=["none", "lora", "prompt_tuning"],
-                       help="lora: train only LoRA adapters (peft.method; rank etc. with --set peft.r=16 ...); "
-                            "prompt_tuning: only a soft prompt (--set peft.num_virtual_tokens=20 ...)")
-    group.add_argument("--backend", help="auto, single, torch or ipu (layout.backend)")
-    group.add_argument("--stages", type=int, help="pipeline stages per replica (layout.stages)")
-    group.add_argument("--replicas", type=int, help="data-parallel replicas (layout.replicas)")
-    group.add_argument("--ipu-config", help="an optimum-graphcore ipu_config.json whose settings apply "
-                       "(after --config, before flags and --set); fields that do not apply are named in a warning")
-    group.add_argument("--overwrite", action="store_true", help="replace a different run in the output directory")
-    group.add_argument("--ignore-memory-plan", action="store_true",
-                       help="start even where the memory plan says the layout does not fit (layout.check_memory=false)")
-    group.add_argument("--resume", metavar="auto|PATH",
-                       help="continue from the newest intact checkpoint of the output directory (auto), or from "
-                            "the checkpoint at PATH (output.resume_from_checkpoint)")
-    group.add_argument("--save-every", type=int, metavar="N", help="write a checkpoint every N steps (output.save_steps)")
-    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="any config value, e.g. --set training.learning_rate=5e-6 (repeatable)")
-
-
-def config_from_args(args: argparse.Namespace):
-    """The validated RunConfig the flags describe."""
-    from .config import load_config
-
-    values: Dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
-    overrides = list(args.overrides)
-    if args.ipu_config:
-        from .backends.ipu.ipu_config import read_ipu_config
-
-        imported, warnings = read_ipu_config(args.ipu_config)
-        for warning in warnings:
-            print("ipu-t5: warning: {}".format(warning), file=sys.stderr)
-        overrides = imported + overrides
-    if args.overwrite:
-        values["output.overwrite_output_dir"] = True
-    if getattr(args, "ignore_memory_plan", False):
-        values["layout.check_memory"] = False
-    if args.data_files:
-        # Here only: the data code imports `datasets`, which the multi-process launcher does not need.
-        from .data.sources import parse_data_files
-
-        values["data.data_files"] = parse_data_files(args.data_files)
-        values["data.source"] = "files"
-    return load_config(args.model, args.config, overrides, **values)
-
-
-def _offline_if_possible(config) -> None:
-    """A run that needs nothing from the hub (random weights, demo data or local files, a local
-    tokenizer) is made explicitly offline, so no library stalls retrying a network it lacks."""
-    from .models import canonical_size
-
-    needs_hub = (config.model.pretrained is None and canonical_size(config.model.name).hub_id) or \
-        config.data.source == "hub" or any(
-            v and not Path(v).exists() for v in (config.model.pretrained, config.model.tokenizer))
-    if not needs_hub:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def _table(rows: List[List[str]]) -> str:
@@ -124,7 +45,7 @@ def _results_row(results: Dict[str, Any]) -> List[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune, validate, export, reload the export with plain transformers, print a summary."""
     config = config_from_args(args)
-    _offline_if_possible(config)
+    offline_if_possible(config)
     launched = maybe_launch(config, args.argv, args, resume=resume_command(args.argv))
     if launched is not None:
         return launched
@@ -248,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config.layout.check_memory = False
     if config.model.pretrained is None and (config.output_dir / "hf" / "config.json").is_file():
         config.model.pretrained = str(config.output_dir / "hf")
-    _offline_if_possible(config)
+    offline_if_possible(config)
     launched = maybe_launch(config, args.argv, args)
     if launched is not None:
         return launched
@@ -291,7 +212,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     tensors, tokenizer, extra = found.model_tensors(), found.tokenizer(), ""
     if lora.enabled(run_config):
         # A LoRA checkpoint holds only the adapter; the base comes from the run's own starting point.
-        _offline_if_possible(run_config)
+        offline_if_possible(run_config)
         out = Path(args.out)
         adapter_out = Path(args.adapter_out) if args.adapter_out else out.with_name(out.name + "-adapter")
         adapters = dict(tensors)
@@ -340,16 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,plan,backend}")
     commands.required = True
     train = commands.add_parser("train", help="fine-tune, validate and export")
-    _add_config_flags(train)
+    add_config_flags(train)
     add_cluster_flags(train)
     train.set_defaults(func=cmd_train)
     evaluate = commands.add_parser("evaluate", help="generation-based validation of an export")
-    _add_config_flags(evaluate)
+    add_config_flags(evaluate)
     add_cluster_flags(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     from .predict_cli import add_predict_command
 
-    add_predict_command(commands, _add_config_flags, add_cluster_flags)
+    add_predict_command(commands, add_config_flags, add_cluster_flags)
     export = commands.add_parser("export", help="turn a training checkpoint into a Hugging Face checkpoint")
     export.add_argument("checkpoint", help="a checkpoint directory (<output-dir>/checkpoints/step-N), or a run's "
                                            "output directory for its newest intact checkpoint")
@@ -361,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "save_pretrained does (default 5GB)")
     export.add_argument("--adapter-out", help="where a LoRA run's adapter goes (default: <out>-adapter)")
     export.set_defaults(func=cmd_export)
-    add_plan_command(commands, _add_config_flags)
+    add_plan_command(commands, add_config_flags)
     backend = commands.add_parser("backend", help="print the backend and process count the flags resolve to")
-    _add_config_flags(backend)
+    add_config_flags(backend)
     backend.set_defaults(func=cmd_backend)
     return parser
 

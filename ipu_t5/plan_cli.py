@@ -5,6 +5,7 @@ import json
 import sys
 
 from .errors import UserError
+from .flags import config_from_args
 
 # MNLI's targets ("entailment", ...) with their end-of-sequence token are well under this.
 DEFAULT_PLAN_TARGET_LENGTH = 8
@@ -33,7 +34,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     process of the torch backend. Needs no IPU, no GPU and no weights; exits 2 with the table when
     the layout does not fit."""
     from .backends.ipu.plan import IpuPlanRefused, plan_ipu
-    from .cli import config_from_args  # cli imports this module: the flags' reader is fetched at call time
     from .data.features import prompt_cap
     from .layout import plan_from_config
     from .models import model_size, size_note

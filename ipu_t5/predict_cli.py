@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from .errors import UserError
+from .flags import config_from_args, offline_if_possible
 
 
 def add_predict_command(commands, add_config_flags, add_cluster_flags) -> None:
@@ -67,7 +68,6 @@ def _pick_split(config, requested: Optional[str]) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .backends.torch_distributed.launch import maybe_launch
-    from .cli import _offline_if_possible, config_from_args
 
     config = config_from_args(args)
     # The memory plan counts training; generation holds far less.
@@ -77,7 +77,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         # Where a multi-process run keeps its ranks' logs: beside the predictions file.
         config.output.output_dir = out.parent / (out.name + ".run")
     pretrained, weights, tokenizer = _resolve_source(args.source, config)
-    _offline_if_possible(config)
+    offline_if_possible(config)
     launched = maybe_launch(config, args.argv, args)
     if launched is not None:
         return launched

@@ -11,7 +11,9 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from .format import SHARDED_DIR
 
 # A full disk, or a full quota.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -148,3 +150,15 @@ def human_bytes(count: float) -> str:
         count /= 1024.0
         index += 1
     return "{} bytes".format(int(count)) if index == 0 else "{:.1f} {}".format(count, units[index])
+
+
+def sharded_manifest(staging: Path, index: int, count: int,
+                     gather: Callable[[Any], List[Any]]) -> Dict[str, Dict[str, object]]:
+    """The manifest entries of the files torch.distributed.checkpoint wrote under `staging`: each
+    of `count` processes reads back, checksums and syncs its share of them; `gather` collects the
+    shares (every process's object, in rank order)."""
+    part = fsync_tree(staging / SHARDED_DIR, checksum=True, share=(index, count))
+    written: Dict[str, Dict[str, object]] = {}
+    for entries in gather(part):
+        written.update({"{}/{}".format(SHARDED_DIR, k): v for k, v in entries.items()})
+    return written

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from ..errors import UserError
-from . import dcp
+from . import atomic, dcp
 from .format import SHARDED_DIR
 
 # What `save.save_checkpoint` hands over: the main process's last part (files beside the tensors,
@@ -55,13 +55,11 @@ class BackgroundSave:
         index, count, group, main = backend.process_index, backend.num_processes, self._group, backend.is_main_process
 
         def write() -> None:
-            from .save import sharded_manifest
-
             try:
                 written: Dict[str, Dict[str, object]] = {}
                 if upload is not None:
                     upload.result()
-                    written = sharded_manifest(staging, index, count, lambda part: dcp.all_gather(part, group))
+                    written = atomic.sharded_manifest(staging, index, count, lambda part: dcp.all_gather(part, group))
             except BaseException as err:
                 done.set_exception(failed(err))
                 return

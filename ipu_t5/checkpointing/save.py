@@ -131,21 +131,9 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
         except Exception as err:  # torch.distributed.checkpoint raises on every process alike
             raise failed(err) from None
         # Every process reads back, checksums and syncs its share of the files, in parallel.
-        written = sharded_manifest(staging, backend.process_index, backend.num_processes, backend.gather_object)
+        written = atomic.sharded_manifest(staging, backend.process_index, backend.num_processes, backend.gather_object)
     backend.on_main(lambda: finish(written))
     return path
-
-
-def sharded_manifest(staging: Path, index: int, count: int,
-                     gather: Callable[[Any], List[Any]]) -> Dict[str, Dict[str, object]]:
-    """The manifest entries of the files torch.distributed.checkpoint wrote under `staging`: each
-    of `count` processes reads back, checksums and syncs its share of them; `gather` collects the
-    shares (every process's object, in rank order)."""
-    part = atomic.fsync_tree(staging / SHARDED_DIR, checksum=True, share=(index, count))
-    written: Dict[str, Dict[str, object]] = {}
-    for entries in gather(part):
-        written.update({"{}/{}".format(SHARDED_DIR, k): v for k, v in entries.items()})
-    return written
 
 
 def _write_main_files(staging: Path, tensors: Dict[str, Dict[str, torch.Tensor]], needed: int,
