@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ipu-t5 launcher.
 #   ./run.sh [flags]               fine-tune (default: the tiny offline demo); flags go to `ipu-t5 train`
-#   ./run.sh train|evaluate|export|plan|backend [flags]
+#   ./run.sh train|evaluate|predict|export|plan|backend [flags]
 #   ./run.sh test [pytest args]    every test, on today's stack and on the Poplar SDK's stack
 # A layout of stages x replicas > 1 on the torch backend (`./run.sh --stages 2 --replicas 2`) runs as
 # that many processes: `ipu-t5` starts them under torchrun's elastic agent itself (its flags
@@ -94,7 +94,7 @@ case "${1:-}" in
     shift
     run_tests "$@"
     ;;
-  train|evaluate|export|plan|backend)
+  train|evaluate|predict|export|plan|backend)
     ensure_venv
     exec "$VENV/bin/python" -m ipu_t5 "$@"
     ;;
