@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .backends.torch_distributed.launch import (add_cluster_flags, launched_by_torchrun, maybe_launch,
-                                               quiet_unless_main, record_crash, record_failure, restart_count,
-                                               resume_after_restart)
+from .backends.torch_distributed.launch import (add_cluster_flags, maybe_launch, quiet_unless_main, record_crash,
+                                               record_failure, restart_count, resume_after_restart)
 from .errors import UserError
-from .flags import add_config_flags, config_from_args, offline_if_possible
+from .flags import add_config_flags, config_from_args, offline_if_possible, writing
 from .plan_cli import add_plan_command
 
 EXIT_USER_ERROR = 2
@@ -51,22 +50,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launched
     with writing(config.output_dir, args.argv, config):
         return _train(config, args)
-
-
-def writing(directory: Path, argv: List[str], config=None):
-    """The lock on the run directory a command writes, held while the command runs; with `config`,
-    another run's directory is refused first, before a lock file is left in it. The workers of a
-    multi-process run take none here: their launcher holds it, or (torchrun started by hand) their
-    trainer's main process takes it at its first write."""
-    from .checkpointing import lock, run_dir
-
-    # A directory not made yet is locked by the trainer's first write, which makes it: a command
-    # refused before then (bad data, say) leaves nothing behind.
-    if launched_by_torchrun() or not Path(directory).is_dir():
-        return contextlib.nullcontext()
-    if config is not None:
-        run_dir.holds_other_run(directory, config.to_dict(), config.output.overwrite_output_dir)
-    return lock.hold(directory, " ".join(["ipu-t5"] + list(argv))[:200])
 
 
 def _train(config, args: argparse.Namespace) -> int:

@@ -1,10 +1,12 @@
-"""Flags every command shares, and the validated config they describe: the preset, `--config`,
-dedicated flags, then `--set`, later winning."""
+"""What every command shares before it runs: its config flags, the validated config they describe
+(the preset, `--config`, dedicated flags, then `--set`, later winning), and the lock on the run
+directory it writes."""
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 # Dedicated flags and the config keys they set.
 FLAG_KEYS = {
@@ -86,3 +88,20 @@ def offline_if_possible(config) -> None:
     if not needs_hub:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def writing(directory: Path, argv: List[str], config=None):
+    """The lock on the run directory a command writes, held while the command runs; with `config`,
+    another run's directory is refused first, before a lock file is left in it. The workers of a
+    multi-process run take none here: their launcher holds it, or (torchrun started by hand) their
+    trainer's main process takes it at its first write."""
+    from .backends.torch_distributed.launch import launched_by_torchrun
+    from .checkpointing import lock, run_dir
+
+    # A directory not made yet is locked by the trainer's first write, which makes it: a command
+    # refused before then (bad data, say) leaves nothing behind.
+    if launched_by_torchrun() or not Path(directory).is_dir():
+        return contextlib.nullcontext()
+    if config is not None:
+        run_dir.holds_other_run(directory, config.to_dict(), config.output.overwrite_output_dir)
+    return lock.hold(directory, " ".join(["ipu-t5"] + list(argv))[:200])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from .errors import UserError
-from .flags import config_from_args, offline_if_possible
+from .flags import config_from_args, offline_if_possible, writing
 
 
 def add_predict_command(commands, add_config_flags, add_cluster_flags) -> None:
@@ -78,10 +78,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         config.output.output_dir = out.parent / (out.name + ".run")
     pretrained, weights, tokenizer = _resolve_source(args.source, config)
     offline_if_possible(config)
-    launched = maybe_launch(config, args.argv, args)
-    if launched is not None:
-        return launched
-    return _run(config, args, out, pretrained, weights, tokenizer)
+    # One writer of a predictions file: the lock of the run directory it lies in, else of its own
+    # `.run` directory beside it (where a multi-process predict keeps its ranks' logs).
+    lock_dir = out.parent if (out.parent / "run_config.yaml").is_file() else Path(config.output.output_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with writing(lock_dir, args.argv):
+        launched = maybe_launch(config, args.argv, args)
+        if launched is not None:
+            return launched
+        return _run(config, args, out, pretrained, weights, tokenizer)
 
 
 def _run(config, args, out: Path, pretrained, weights, tokenizer) -> int:

@@ -236,3 +236,26 @@ def test_glue_submission_names_the_mismatched_file_and_refuses_another_split_bef
     assert main(["predict", str(quick_run["export"]), "--data-files", "test={}".format(data), "--out", str(other),
                  "--glue-submission", str(tmp_path / "glue2")] + common) == 2
     assert not other.exists() and not (tmp_path / "glue2").exists()
+
+
+@pytest.mark.core
+def test_a_second_predict_into_a_live_predictions_file_is_refused(quick_run, tmp_path):
+    """One writer per predictions file: the lock of its `.run` directory, taken before anything is
+    generated; a killed holder blocks nobody."""
+    import os
+    import signal
+
+    from ipu_t5.cli import main
+    from tests.checkpointing.test_lock import _holder
+
+    data = _write(tmp_path / "rows.jsonl", _demo_rows(4, labels=False))
+    out = tmp_path / "predictions.jsonl"
+    args = ["predict", str(quick_run["export"]), "--model", "tiny", "--data-files", "test={}".format(data),
+            "--out", str(out), "--set", "validation.max_new_tokens=4"]
+    holder = _holder(tmp_path / "predictions.jsonl.run")
+    try:
+        assert main(args) == 2 and not out.exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert main(args) == 0 and len(out.read_text().splitlines()) == 4
