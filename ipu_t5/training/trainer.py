@@ -192,6 +192,8 @@ class T5Trainer(RunCheckpoints, HfExport):
     def _lock_and_claim(self) -> bool:
         """One writer per run directory (another live one is refused), then the directory is this
         run's; whether a lock release is owed."""
+        # Another run's (or someone's own) directory is refused before a lock file is left in it.
+        run_dir.holds_other_run(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
         owed = lock.acquire(self.output_dir, "T5Trainer")
         try:
             run_dir.claim(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
