@@ -6,14 +6,39 @@ from typing import Any, Dict, List, Optional, Union
 
 from .. import checkpointing, lora
 from ..backends.optim import lr_at
-from ..checkpointing import rng, run_dir
+from ..checkpointing import lock, rng, run_dir
 from ..errors import UserError
 from ..models import parameter_shapes
+from .metrics_log import MetricsLog
 
 
 class RunCheckpoints:
-    """Mixed into `T5Trainer`: uses its config, backend, step, data order, best metric and model
-    description."""
+    """Mixed into `T5Trainer`: the run directory it claims and locks, and its checkpoints; uses its
+    config, backend, step, data order, best metric and model description."""
+
+    def _claim(self, continuing: bool = False) -> MetricsLog:
+        """Make the output directory this run's and open its metrics log; `continuing`: this
+        process continues the run from its step even without a checkpoint (a restart)."""
+        if not self._claimed:
+            self._lock_owed = self.backend.on_main(self._lock_and_claim)
+            self._claimed = True
+            self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard,
+                                   resumed_at=self.step if self.resumed_from or continuing else None)
+        return self._log
+
+    def _lock_and_claim(self) -> bool:
+        """One writer per run directory (another live one is refused), then the directory is this
+        run's; whether a lock release is owed."""
+        # Another run's (or someone's own) directory is refused before a lock file is left in it.
+        run_dir.holds_other_run(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
+        owed = lock.acquire(self.output_dir, "T5Trainer")
+        try:
+            run_dir.claim(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
+        except BaseException:
+            if owed:
+                lock.release(self.output_dir)
+            raise
+        return owed
 
     def _refuse_restart_over_checkpoints(self) -> None:
         """A run started afresh in a directory that holds its checkpoints would replace them as it

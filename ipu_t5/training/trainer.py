@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpointing, lora
 from ..backends import Backend, backend_class, resolve_backend_name
-from ..checkpointing import lock, run_dir
+from ..checkpointing import lock
 from ..config import RunConfig, ValidationConfig
 from ..data.batching import BatchOrder, GlobalBatch
 from ..data.features import Lengths
@@ -178,30 +178,6 @@ class T5Trainer(RunCheckpoints, HfExport):
     def _say(self, message: str) -> None:
         if self.is_main_process:
             tqdm.write(message)
-
-    def _claim(self, continuing: bool = False) -> MetricsLog:
-        """Make the output directory this run's and open its metrics log; `continuing`: this
-        process continues the run from its step even without a checkpoint (a restart)."""
-        if not self._claimed:
-            self._lock_owed = self.backend.on_main(self._lock_and_claim)
-            self._claimed = True
-            self._log = MetricsLog(self.output_dir, self.is_main_process, self.config.output.report_to_tensorboard,
-                                   resumed_at=self.step if self.resumed_from or continuing else None)
-        return self._log
-
-    def _lock_and_claim(self) -> bool:
-        """One writer per run directory (another live one is refused), then the directory is this
-        run's; whether a lock release is owed."""
-        # Another run's (or someone's own) directory is refused before a lock file is left in it.
-        run_dir.holds_other_run(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
-        owed = lock.acquire(self.output_dir, "T5Trainer")
-        try:
-            run_dir.claim(self.output_dir, self.config.to_dict(), self.config.output.overwrite_output_dir)
-        except BaseException:
-            if owed:
-                lock.release(self.output_dir)
-            raise
-        return owed
 
     def _write_json(self, name: str, data: Any) -> None:
         if self.is_main_process:
