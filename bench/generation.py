@@ -2,6 +2,7 @@
 
     python bench/generation.py                    # flan-t5-small-shaped export, 600 prompts, 3 repeats
     python bench/generation.py --repeats 5 --stages 2 --micro-batches 4
+    python bench/generation.py --schedule Interleaved1F1B     # the pipelined side's schedule
     python bench/generation.py --prepare-steps 4 --max-eval-samples 200 --one-process-threads 1   # as recorded
 
 Builds (once) MNLI-shaped data (bench/mnli_shaped.py) and a flan-t5-small-shaped export fine-tuned
@@ -27,7 +28,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _evaluate(spec, out: Path, stages: int, micro_batches, max_eval_samples=None, threads=None) -> dict:
+def _evaluate(spec, out: Path, stages: int, micro_batches, max_eval_samples=None, threads=None,
+              schedule=None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     overrides = dict(spec["ours_overrides"], **{"output.output_dir": str(out), "output.overwrite_output_dir": "true",
@@ -42,6 +44,8 @@ def _evaluate(spec, out: Path, stages: int, micro_batches, max_eval_samples=None
     if stages > 1:
         command += ["--stages", str(stages)]
         env["OMP_NUM_THREADS"] = "1"
+        if schedule:
+            overrides["layout.pipeline_schedule"] = schedule
     for key, value in overrides.items():
         command += ["--set", "{}={}".format(key, value)]
     done = subprocess.run(command, cwd=str(ROOT), env=env, capture_output=True, text=True)
@@ -63,6 +67,7 @@ def main() -> None:
     parser.add_argument("--max-eval-samples", type=int, help="validate only the first N prompts (shorter runs)")
     parser.add_argument("--one-process-threads", type=int,
                         help="OMP_NUM_THREADS of the one-process side (default: torch's, the machine's cores)")
+    parser.add_argument("--schedule", help="layout.pipeline_schedule of the pipelined side (default: the config's)")
     parser.add_argument("--prepare-steps", type=int, default=40)
     parser.add_argument("--workdir", help="keep the data and export here (reused when present)")
     args = parser.parse_args()
@@ -90,7 +95,8 @@ def main() -> None:
         found = {}
         for stages in order:
             found[stages] = _evaluate(spec, workdir / "eval-{}-{}".format(stages, repeat), stages, args.micro_batches,
-                                      args.max_eval_samples, args.one_process_threads if stages == 1 else None)
+                                      args.max_eval_samples, args.one_process_threads if stages == 1 else None,
+                                      args.schedule)
             # The machine is shared: each run's 1-minute load average beside its figure.
             found[stages]["load"] = os.getloadavg()[0]
             print("repeat {} stages {}: {:.1f} samples/s (load {:.1f})".format(
@@ -101,6 +107,7 @@ def main() -> None:
     identical = all(r[s]["generated"] == first["generated"] for r in runs for s in r)
     reference = reload_and_predict(spec["checkpoint"], first["prompts"])
     config = load_config("small", overrides=["layout.stages={}".format(args.stages)] + (
+        ["layout.pipeline_schedule={}".format(args.schedule)] if args.schedule else []) + (
         ["validation.generation_micro_batches={}".format(args.micro_batches)] if args.micro_batches else []))
     plan = plan_from_config(config)
     in_flight = slots(config.validation.generation_micro_batches, args.stages)
@@ -120,7 +127,8 @@ def main() -> None:
         "ratio_range": [min(ratios), max(ratios)], "median_ratio": statistics.median(ratios),
         "median_samples_per_second": {"one_process": statistics.median(one), "stages": statistics.median(split)},
         "load_after_each_run": [[r[1]["load"], r[args.stages]["load"]] for r in runs],
-        "stages": args.stages, "micro_batches_in_flight": in_flight,
+        "stages": args.stages, "schedule": plan.schedule, "stage_blocks": plan.stage_blocks,
+        "micro_batches_in_flight": in_flight,
         "predictions_identical_across_runs": identical,
         "differing_from_transformers_generate": sum(a != b for a, b in zip(first["generated"], reference)),
         "samples": len(first["generated"]), "accuracy": first["accuracy"],

@@ -6,7 +6,7 @@ The schedule (`wavefront.py`): K slots each hold one micro-batch; every tick eac
 (its encoder pass, or one decoding position), and each stage works on slot k + 1 while the next stage
 works on slot k. A micro-batch leaves when its rows have ended and the next enters its slot.
 """
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional, Sequence
 
 from ...t5_shapes import FLOAT32, block_part
 
@@ -39,16 +39,38 @@ def micro_batch_rows(rows: int, replicas: int, slots_: int, stages: int) -> int:
     return max(1, -(-rows // (replicas * slots_ * batches)))
 
 
-def utilisation(stages: int, slots_: int, positions: int) -> float:
+def utilisation(stages: int, slots_: int, positions: int, work: Optional[Sequence[float]] = None) -> float:
     """The share of time a stage computes while one call generates, in steady state: each micro-batch
     takes `positions` steps (its encoder pass and its decoding positions); a step visits every stage
     once, so with K >= stages slots each stage always has a step to take, with K < stages it waits
     for stages - K of every `stages` visits; the pipeline fills (stages - 1 visits) once per
-    micro-batch generation of K slots. Early ends only shorten `positions`."""
+    micro-batch generation of K slots. Early ends only shorten `positions`. `work`: each stage's
+    FLOPs for one micro-batch (`stage_work`); the pipeline moves at its busiest stage's pace, so the
+    others compute mean/max of the time."""
     if stages == 1:
         return 1.0
-    work = positions * slots_
-    return work / (positions * max(slots_, stages) + stages - 1)
+    steps = positions * slots_
+    balance = sum(work) / len(work) / max(work) if work else 1.0
+    return balance * steps / (positions * max(slots_, stages) + stages - 1)
+
+
+def stage_work(size, layout, source_length: int, positions: int) -> List[float]:
+    """Each stage's FLOPs for one prompt's generation: its encoder blocks once, its decoder blocks'
+    cross-attention keys and values once and `positions` decoding positions, the LM head at each."""
+    once = source_length * 2 * 2 * size.d_model * size.inner_dim
+    work = []
+    for stage in range(layout.stages):
+        total = 0.0
+        for chunk in layout.chunks_of(stage):
+            for block in layout.stage_blocks[chunk]:
+                if block.startswith("encoder.") and not block.endswith("norm"):
+                    total += size.block_flops(block, source_length, 1)
+                elif block.startswith("decoder.") and not block.endswith("norm"):
+                    total += once + positions * (sum(size.sublayer_flops(block, source_length, 1)) - once)
+                elif block == "lm_head":
+                    total += positions * size.block_flops(block, source_length, 1)
+        work.append(total)
+    return work
 
 
 def cache_bytes(size, blocks: Iterable[str], rows: int, source_length: int, target_length: int,

@@ -46,7 +46,7 @@ from ...layout import LayoutPlan, plan_from_config
 from ...models import ModelSize
 from ...t5_shapes import Shapes, block_part, part_activations
 from ..precision import cpu_multiplies_bf16
-from .generation_plan import cache_bytes, slots, utilisation
+from .generation_plan import cache_bytes, slots, stage_work, utilisation
 
 # Measured with bench/memory.py on this project's 2-core CPU machine (psutil RSS, torch 2.13,
 # transformers 5.x): a rank's resident memory before it holds a weight (torch, transformers, the
@@ -324,7 +324,8 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
     return MemoryPlan(layout=layout, device=device, activation_bytes=act, data_parallel=config.layout.data_parallel,
                       lora=adapters_only, source_length=source_length, target_length=target_length, ranks=tuple(ranks),
                       generation_micro_batches=generating,
-                      generation_utilisation=utilisation(layout.stages, generating, target_length + 1),
+                      generation_utilisation=utilisation(layout.stages, generating, target_length + 1,
+                                                               stage_work(size, layout, source_length, target_length)),
                       quantization=quantisation)
 
 

@@ -235,6 +235,21 @@ def test_generation_utilisation_and_caches_in_flight_by_hand():
     assert utilisation(16, 32, 5) > utilisation(16, 16, 5) > utilisation(16, 8, 5)
     assert utilisation(16, 8, 5) == 40 / (80 + 15)
     assert utilisation(1, 1, 5) == 1.0
+    # The pipeline moves at its busiest stage's pace: stages of 1 and 3 units compute 2/3 of the time.
+    assert utilisation(2, 4, 5, work=[1.0, 3.0]) == (2.0 / 3.0) * 20 / (20 + 1)
+    # tiny over 2 stages, 10-token prompts: stage 0 (embedding, encoder.0) computes its encoder block
+    # once; each further position costs stage 1 its decoder blocks (the cross-attention's keys and
+    # values not again) and the LM head.
+    from ipu_t5.backends.torch_distributed.generation_plan import stage_work
+    from ipu_t5.layout import plan_layout
+
+    size = canonical_size("tiny")
+    layout = plan_layout(size, 16, stages=2, layers_per_stage=[1, 3])
+    assert layout.stage_blocks[0] == ("embedding", "encoder.0")
+    assert stage_work(size, layout, 10, 4)[0] == size.block_flops("encoder.0", 10, 1)
+    per_position = sum(sum(size.sublayer_flops(b, 10, 1)) - 10 * 4 * size.d_model * size.inner_dim
+                       for b in ("decoder.0", "decoder.1")) + size.block_flops("lm_head", 10, 1)
+    assert stage_work(size, layout, 10, 5)[1] - stage_work(size, layout, 10, 4)[1] == per_position
     assert slots(None, 1) == 1 and slots(None, 4) == 8 and slots(5, 4) == 5
     # A window of 8 batches of 64 per replica cut into K micro-batches per batch; a short last window finer.
     assert micro_batch_rows(8 * 64 * 2, 2, 4, 2) == 16 and micro_batch_rows(40, 1, 4, 2) == 2
@@ -251,7 +266,11 @@ def test_plan_counts_generation_caches_and_prints_the_utilisation():
     assert plan.ranks[0].generation == 0 and plan.ranks[1].generation > 0
     assert plan.ranks[1].validation == (plan.ranks[1].fixed + plan.ranks[1].weights + plan.ranks[1].optimizer
                                         + plan.ranks[1].generation)
-    assert plan.generation_micro_batches == 4 and plan.generation_utilisation == utilisation_of(2, 4, 4)
+    from ipu_t5.backends.torch_distributed.generation_plan import stage_work
+
+    work = stage_work(plan.layout.size, plan.layout, 10, 3)
+    assert plan.generation_micro_batches == 4 and plan.generation_utilisation == utilisation_of(2, 4, 4, work)
+    assert plan.generation_utilisation < utilisation_of(2, 4, 4)
     done = run_cli(["plan", "--backend", "torch", "--model", "xxl", "--stages", "16", "--device-memory", "80GB",
                     "--json", "--set", "validation.generation_micro_batches=16"])
     found = json.loads(done.stdout)
@@ -262,7 +281,7 @@ def test_plan_counts_generation_caches_and_prints_the_utilisation():
     assert "validation.generation_micro_batches=1 is fewer than the 2 stages" in done.stderr.strip().splitlines()[-1]
 
 
-def utilisation_of(stages, slots_, positions):
+def utilisation_of(stages, slots_, positions, work=None):
     from ipu_t5.backends.torch_distributed.generation_plan import utilisation
 
-    return utilisation(stages, slots_, positions)
+    return utilisation(stages, slots_, positions, work)
