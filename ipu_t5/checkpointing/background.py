@@ -8,6 +8,7 @@ previous checkpoint the newest intact one. A sharded backend's processes write t
 torch.distributed.checkpoint's `async_save`, whose collectives (and the manifest's) run on a gloo
 group of their own, apart from the training steps' collectives (torchtitan does the same).
 """
+import os
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -16,6 +17,13 @@ from typing import Any, Callable, Dict, Optional
 from ..errors import UserError
 from . import atomic, dcp
 from .format import SHARDED_DIR
+
+# The nice value of the threads that write (Linux keeps one per thread): on a host whose cores the
+# training processes keep busy (CPU ranks, or a GPU host's few cores), the write takes the time the
+# steps leave idle, such as a pipeline's bubbles, instead of a share of theirs.
+WRITER_NICE = 19
+# The thread torch.distributed.checkpoint's asynchronous save writes in (its executor's name).
+DCP_WRITER_PREFIX = "AsyncCheckpointExecutor"
 
 # What `save.save_checkpoint` hands over: the main process's last part (files beside the tensors,
 # the rename into place), and the cleanup of a failed write (returns the error to raise).
@@ -51,10 +59,14 @@ class BackgroundSave:
             if self._stager is None:
                 self._stager = dcp.host_stager()
             upload = dcp.start_save(shares, staging / SHARDED_DIR, self._group, self._stager)
+            for thread in threading.enumerate():
+                if thread.name.startswith(DCP_WRITER_PREFIX):
+                    lower_priority(thread.native_id)
         done: Future = Future()
         index, count, group, main = backend.process_index, backend.num_processes, self._group, backend.is_main_process
 
         def write() -> None:
+            lower_priority(threading.get_native_id())
             try:
                 written: Dict[str, Dict[str, object]] = {}
                 if upload is not None:
@@ -99,3 +111,15 @@ class BackgroundSave:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+
+
+def lower_priority(thread_id) -> None:
+    """Give one thread of this process (its native id) the nice value `WRITER_NICE`: Linux's
+    `setpriority` on a thread id applies to that thread alone. Elsewhere, or where not allowed,
+    the thread keeps its priority."""
+    if not thread_id or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread_id, max(WRITER_NICE, os.getpriority(os.PRIO_PROCESS, thread_id)))
+    except OSError:
+        pass

@@ -84,3 +84,32 @@ def test_a_process_killed_during_an_async_write_leaves_the_previous_checkpoint_n
     assert losses(out) == losses(straight)
     assert_same_checkpoint(checkpointing.step_path(out, 10), checkpointing.step_path(straight, 10))
     assert not [p for p in checkpointing.checkpoints_dir(out).iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.core
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+def test_writer_threads_yield_to_the_training_threads():
+    """The writing thread's nice value is lowered, the training thread's is left as it was."""
+    import os
+    import threading
+
+    from ipu_t5.checkpointing.background import WRITER_NICE, lower_priority
+
+    found, ready, release = {}, threading.Event(), threading.Event()
+
+    def writer():
+        found["id"] = threading.get_native_id()
+        ready.set()
+        release.wait()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    ready.wait()
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    try:
+        lower_priority(found["id"])
+        assert os.getpriority(os.PRIO_PROCESS, found["id"]) == max(WRITER_NICE, main)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
+    finally:
+        release.set()
+        thread.join()
