@@ -14,6 +14,13 @@ slots there is always work for each stage (a GPipe forward that never drains bet
 The slots start staggered over a micro-batch's lifetime, so encoder passes (the first stages' work)
 spread over the ticks instead of all arriving at once.
 
+Where the first stage holds only encoder blocks (a contiguous cut), its encoder passes need nothing
+from the other stages: it runs them ahead, for the next micro-batches of the stream, while it would
+otherwise wait for a position's tokens, and sends their outputs tagged with the micro-batch's
+place in the stream, so that the next stage takes them when that micro-batch enters a slot,
+whatever else it received meanwhile. Without it the next stage waits at every admission for an
+encoder pass begun only then.
+
 Each micro-batch keeps its own caches (`StageChunk.start_decoding` returns them) until it leaves.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -34,6 +41,10 @@ class MicroBatch:
         self.mask = extend_mask(mask, virtual_tokens)
         self.rows, self.width = self.mask.shape
         self.tokens: List[torch.Tensor] = []
+        # Its place in the stream (the tag of its encoder messages), and the sends of its encoder
+        # pass where the first stage ran it ahead of its admission.
+        self.seq = 0
+        self.ahead: Optional[List[Tuple[object, torch.Tensor]]] = None
         # Set by the last stage (finished rows) and by every rank from its reports (`done`).
         self.finished: Optional[torch.Tensor] = None
         self.done = False
@@ -66,7 +77,13 @@ class Wavefront:
         self.first_decoder = self.decoder_chunks[0]
         self.max_new_tokens = max_new_tokens
         self.queue = list(micro_batches)
+        for seq, micro in enumerate(self.queue):
+            micro.seq = seq
         self.next_micro = 0
+        # The first stage's encoder passes run ahead where its chunk holds no decoder block (every
+        # rank decides alike, from the plan).
+        self.tagged = self.rounds == 1 and self.first_decoder != 0 and self.stages > 1
+        self.runs_ahead = self.tagged and self.stage == 0
         # Staggered over the longest lifetime (an encoder pass and every position).
         lifetime = max_new_tokens + 1
         self.slots = [Slot(k * lifetime // slots) for k in range(slots)]
@@ -80,11 +97,20 @@ class Wavefront:
     def _local(self, chunk: int) -> bool:
         return chunk % self.stages == self.stage
 
-    def _send(self, tensors: List[torch.Tensor], rank: int) -> None:
+    def _send(self, tensors: List[torch.Tensor], rank: int, tag: int = 0) -> List[Tuple[object, torch.Tensor]]:
+        sent = []
         for tensor in tensors:
             tensor = tensor.contiguous()
             # Kept until sent: the buffer must outlive the asynchronous send.
-            self.pending.append((dist.isend(tensor, dst=rank, group=self.b.topology.pipeline_group), tensor))
+            sent.append((dist.isend(tensor, dst=rank, group=self.b.topology.pipeline_group, tag=tag), tensor))
+        if not tag:
+            self._pending(sent)
+        return sent
+
+    def _pending(self, sent: List[Tuple[object, torch.Tensor]]) -> None:
+        # Waited for in the order the receivers take them (an encoder pass run ahead joins at its
+        # micro-batch's admission, where its receiver takes it).
+        self.pending.extend(sent)
         if len(self.pending) > 64:
             self._flush(keep=16)
 
@@ -93,13 +119,26 @@ class Wavefront:
             work, _ = self.pending.pop(0)
             work.wait()
 
-    def _recv(self, shapes: List[Tuple[int, ...]], rank: int, dtype=torch.float32) -> List[torch.Tensor]:
+    def _recv(self, shapes: List[Tuple[int, ...]], rank: int, dtype=torch.float32, tag: int = 0) -> List[torch.Tensor]:
         out = []
         for shape in shapes:
             buffer = torch.empty(shape, dtype=dtype, device=self.b.device)
-            dist.recv(buffer, src=rank, group=self.b.topology.pipeline_group)
+            dist.recv(buffer, src=rank, group=self.b.topology.pipeline_group, tag=tag)
             out.append(buffer)
         return out
+
+    def _encode_ahead(self) -> None:
+        """The first stage, before it waits: the encoder pass of the next micro-batch of the stream
+        not yet encoded, at most a slot-full ahead, sent tagged with its place in the stream."""
+        for micro in self.queue[self.next_micro:self.next_micro + len(self.slots)]:
+            if micro.ahead is None:
+                micro.ahead = self._encode_first(micro)
+                return
+
+    def _encode_first(self, micro: MicroBatch) -> List[Tuple[object, torch.Tensor]]:
+        """Chunk 0's encoder pass of `micro`, sent to chunk 1's stage tagged; returns the sends."""
+        carried = self.b.chunks[0].encode({"input_ids": micro.ids, "attention_mask": micro.source_mask})
+        return self._send(list(carried.values()), self._rank(1), tag=1 + micro.seq)
 
     # ----- the schedule -----
 
@@ -129,6 +168,8 @@ class Wavefront:
         micro = slot.micro
         if micro is not None and slot.step > 0:
             if self.stage != self.last % self.stages:
+                if self.runs_ahead:
+                    self._encode_ahead()
                 report = self._recv([(micro.rows + 1,)], self._rank(self.last), torch.long)[0]
                 micro.tokens.append(report[:micro.rows])
                 micro.done = bool(report[micro.rows])
@@ -143,17 +184,21 @@ class Wavefront:
         cross-attention keys and values for the micro-batch."""
         micro = slot.micro
         chunk_module = self.b.chunks[chunk]
+        if chunk == 0 and self.tagged:
+            self._pending(micro.ahead if micro.ahead is not None else self._encode_first(micro))
+            return
+        tag = 1 + micro.seq if chunk == 1 and self.tagged else 0
         if chunk == 0:
             carried = {"input_ids": micro.ids}
         elif self._local(chunk - 1):
             carried = slot.carried
         elif boundary_kind(self.b.plan.stage_blocks[chunk - 1], self.b.num_layers) == ENCODER:
             hidden, bias = self._recv([(micro.rows, micro.width, self.b.d_model),
-                                       (1, self.b.heads, micro.width, micro.width)], self._rank(chunk - 1))
+                                       (1, self.b.heads, micro.width, micro.width)], self._rank(chunk - 1), tag=tag)
             carried = {"hidden": hidden, "encoder_bias": bias}
         else:
             carried = {"encoder_output": self._recv([(micro.rows, micro.width, self.b.d_model)],
-                                                    self._rank(chunk - 1))[0]}
+                                                    self._rank(chunk - 1), tag=tag)[0]}
         carried = chunk_module.encode(dict(carried, attention_mask=micro.source_mask if chunk_module.embeds_input
                                            else micro.mask))
         if chunk_module.decoder_ids:

@@ -1,7 +1,9 @@
 """Runs under torchrun for tests/backends/torch_distributed/test_generation.py: one pipelined
 `generate` call over given prompts, counting the decoding positions the last chunk computes.
 
-    python -m tests.backends.torch_distributed.generation_worker OUT EXPORT PROMPTS.json MAX_NEW_TOKENS K BATCH
+    python -m tests.backends.torch_distributed.generation_worker OUT EXPORT PROMPTS.json MAX_NEW_TOKENS K BATCH [LAYERS]
+
+LAYERS: layout.layers_per_stage (e.g. [3,1]); default the plan's cut.
 
 Every rank writes OUT/rank<r>.json: the prompts' token ids, the generated ids (every rank has them
 all), and how many encoder passes and decoding positions its chunk with the LM head computed.
@@ -26,7 +28,7 @@ def main() -> None:
         "validation.generation_micro_batches={}".format(slots),
         "validation.per_device_eval_batch_size={}".format(batch),
         "validation.max_new_tokens={}".format(max_new_tokens), "output.output_dir={}".format(out / "run"),
-        "layout.ddp_timeout=300"])
+        "layout.ddp_timeout=300"] + ["layout.layers_per_stage={}".format(a) for a in sys.argv[7:8]])
     task = build_task(config)
     rows = json.loads(Path(prompts_file).read_text())
     tokenizer = load_tokenizer(config)

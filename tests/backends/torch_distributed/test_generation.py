@@ -35,7 +35,11 @@ def _transformers_ids(export, ids, max_new_tokens, eos_id):
 
 
 @pytest.mark.slow
-def test_two_stages_generate_what_one_process_and_transformers_do_and_end_micro_batches_early(trained, tmp_path):
+@pytest.mark.parametrize("layers", [None, "[3,1]"], ids=["encoder-only-first-stage", "decoder-on-both-stages"])
+def test_two_stages_generate_what_one_process_and_transformers_do_and_end_micro_batches_early(trained, tmp_path,
+                                                                                            layers):
+    """The plan's cut leaves the first stage encoder blocks only (its encoder passes run ahead,
+    sent tagged); [3,1] puts decoder.0 on it too (every pass in the wavefront's order)."""
     from ipu_t5.backends.torch_distributed.generation_plan import micro_batch_rows
 
     trainer, export = trained["trainer"], trained["hf_dir"]
@@ -45,7 +49,7 @@ def test_two_stages_generate_what_one_process_and_transformers_do_and_end_micro_
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                "tests.backends.torch_distributed.generation_worker", str(tmp_path), str(export),
-               str(tmp_path / "rows.json"), str(max_new_tokens), str(slots), "8"]
+               str(tmp_path / "rows.json"), str(max_new_tokens), str(slots), "8"] + ([layers] if layers else [])
     done = subprocess.run(command, cwd=str(ROOT), env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
