@@ -1,4 +1,5 @@
-"""LoRA on a quantised base (`model.quantization`): bitsandbytes' nf4 and int8 layers on one process,
+"""LoRA on a quantised base (`model.quantization`): bitsandbytes' nf4 and int8 layers on one process
+(under the torch.distributed pipeline: tests/backends/torch_distributed/test_quantised_pipeline.py),
 the memory plan counting them, a float merged export that predicts as validation did, and one line
 wherever it cannot run."""
 import json
@@ -174,16 +175,25 @@ def test_the_ipu_backend_refuses_a_quantised_base_in_one_line(tmp_path):
     from ipu_t5.layout import plan_from_config
 
     config = quantised_config(tmp_path)
-    with pytest.raises(UserError, match="model.quantization=nf4 runs on the single-process backend only"):
+    with pytest.raises(UserError, match="model.quantization=nf4 runs on the single-process and torch backends only"):
         IpuBackend(config, plan_from_config(config))
 
 
-def test_the_torch_backend_refuses_a_quantised_base_in_one_line(tmp_path):
+@needs_bitsandbytes
+def test_the_torch_backend_refuses_fsdp2_over_a_quantised_base_in_one_line(tmp_path, monkeypatch):
+    """Before it joins a process group: FSDP2 cannot shard bitsandbytes' weights, and without
+    bitsandbytes nothing quantises (the pipeline itself: tests/backends/torch_distributed/test_quantised_pipeline.py)."""
     from ipu_t5.backends.torch_distributed.backend import TorchPipelineBackend
     from ipu_t5.layout import plan_from_config
 
-    config = quantised_config(tmp_path, **{"layout.backend": "torch"})
-    with pytest.raises(UserError, match="model.quantization=nf4 runs on the single-process backend only"):
+    config = quantised_config(tmp_path, **{"layout.backend": "torch", "layout.replicas": 2,
+                                           "layout.data_parallel": "fsdp"})
+    with pytest.raises(UserError, match="model.quantization=nf4 does not shard under FSDP2: use "
+                                        "layout.data_parallel=ddp") as err:
+        TorchPipelineBackend(config, plan_from_config(config))
+    assert "\n" not in str(err.value)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(UserError, match="model.quantization=nf4 needs bitsandbytes"):
         TorchPipelineBackend(config, plan_from_config(config))
 
 

@@ -1,6 +1,6 @@
 """LoRA on an nf4 base (`model.quantization`) under the torch.distributed pipeline (2 stages, 1F1B)
 against one process: each stage quantises its own weights to the bytes one process holds (under 0.3
-of their float32 bytes), the losses agree and fall, validation predicts alike, the merged float
+of their float32 bytes, as the memory plan counts them), the losses agree and fall, validation predicts alike, the merged float
 export reloads in plain transformers and predicts what validation predicted, and a one-process
 adapter checkpoint continues under the pipeline."""
 import json
@@ -9,7 +9,8 @@ import pytest
 
 from ipu_t5 import lora
 from tests.backends.torch_distributed.pipeline_worker import STEPS
-from tests.backends.torch_distributed.test_pipeline import _assert_weights_equal, _one_process, _run_worker
+from tests.backends.torch_distributed.test_pipeline import (_assert_losses_equal, _assert_weights_equal, _one_process,
+                                                          _run_worker)
 from tests.test_quantization import needs_bitsandbytes
 
 pytest.importorskip("peft", reason="LoRA needs peft (in setup.py; installed on both stacks)")
@@ -17,14 +18,6 @@ pytestmark = [pytest.mark.slow, needs_bitsandbytes]
 
 # A learning rate at which the adapters lower the loss within the 5 steps.
 NF4 = ["model.quantization=nf4", "training.learning_rate=3e-3"]
-# Relative difference of each step's loss from one process's. Measured: TODO.
-LOSS_TOLERANCE = 1e-5
-
-
-def _assert_losses_close(found, expected):
-    assert len(found) == len(expected)
-    for step, (a, b) in enumerate(zip(found, expected), 1):
-        assert abs(a - b) <= LOSS_TOLERANCE * abs(b), "step {}: {} under 2 stages, {} in one process".format(step, a, b)
 
 
 def test_nf4_lora_under_2_stages_matches_one_process_and_exports_float(tmp_path):
@@ -40,8 +33,12 @@ def test_nf4_lora_under_2_stages_matches_one_process_and_exports_float(tmp_path)
     assert len(run["base_bytes"]) == 2
     for held in run["base_bytes"]:
         assert 0 < held["held"] <= 0.3 * held["float32"], run["base_bytes"]
+        # The memory plan's weights of the stage: within 10% (it leaves out bitsandbytes' small state).
+        assert abs(held["planned"] - held["adapters"] - held["held"]) <= 0.1 * held["held"], held
     assert sum(h["held"] for h in run["base_bytes"]) == one["base_bytes"][0]["held"]
-    _assert_losses_close(run["losses"], one["losses"][:STEPS])
+    # Within 1e-5 of one process's loss at every step, as float32 LoRA under the pipeline (measured:
+    # 1.0e-7, docs/torch-distributed.md).
+    _assert_losses_equal(run["losses"], one["losses"][:STEPS])
     assert run["losses"][-1] < run["losses"][0]
     # The dequantised base bit for bit as one process's, and the adapters within rounding.
     _assert_weights_equal(run["weights"], one["weights"])
@@ -59,5 +56,5 @@ def test_nf4_lora_under_2_stages_matches_one_process_and_exports_float(tmp_path)
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert adapter and all(lora.is_adapter_key(k) for k in adapter)
     # The one-process adapter checkpoint continues under 2 stages as one process continued it.
-    _assert_losses_close(found["resumed"]["losses"], reference["eight"]["losses"][STEPS:])
+    _assert_losses_equal(found["resumed"]["losses"], reference["eight"]["losses"][STEPS:])
     _assert_weights_equal(found["resumed"]["weights"], reference["eight"]["weights"])
