@@ -160,6 +160,30 @@ def test_the_memory_plan_counts_the_weights_as_the_module_holds_them(tmp_path):
     assert planned.weights < 0.4 * float_plan.weights
 
 
+@needs_bitsandbytes
+def test_each_pipeline_stage_quantises_its_own_weights_as_one_process_and_the_plan_counts_them(tmp_path):
+    """A stage of the torch backend builds its chunks from the quantised frame, quantising each
+    weight as it is read: together they hold one process's bytes, bit for bit, and each the
+    memory plan's weights for its stage."""
+    from ipu_t5.backends.torch_distributed.memory import plan_memory
+    from ipu_t5.backends.torch_distributed.stages import build_chunks
+    from ipu_t5.model_source import run_source
+
+    config = quantised_config(tmp_path, "nf4", **{"layout.backend": "torch", "layout.stages": 2})
+    plan = plan_memory(config, 64, 8)
+    source = run_source(config, 512)
+    whole = source.build().state_dict()
+    bits = {}
+    for stage, blocks in enumerate(plan.layout.stage_blocks):
+        chunk = source.materialise(build_chunks(source.meta_model(quantised=True), [blocks])[0])
+        measured = quantization.weight_bytes(chunk)
+        adapters = sum(p.numel() * 4 for p in chunk.parameters() if p.requires_grad)
+        assert measured["held"] <= 0.3 * measured["float32"], (stage, measured)
+        assert abs(plan.ranks[stage].weights - adapters - measured["held"]) <= 0.1 * measured["held"], stage
+        bits.update({k: v.view(torch.uint8) for k, v in chunk.state_dict().items() if v.dtype == torch.float32})
+    assert bits and all(torch.equal(v, whole[k].view(torch.uint8)) for k, v in bits.items())
+
+
 @pytest.mark.core
 def test_quantisation_without_lora_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="model.quantization=nf4 freezes the base") as err:

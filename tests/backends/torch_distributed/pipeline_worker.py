@@ -67,19 +67,12 @@ def _fsdp_units(backend) -> list:
                   for name, module in chunk.named_modules() if isinstance(module, FSDPModule))
 
 
-def _base_bytes(trainer) -> dict:
-    """`quantization.weight_bytes` of the modules this rank holds (a stage's chunks, or the model),
-    its adapters' bytes, and the weights the memory plan puts on this rank for the run's layout."""
-    from ipu_t5.backends.torch_distributed.memory import plan_memory
+def _base_bytes(backend) -> dict:
+    """`quantization.weight_bytes` of the modules this rank holds (a stage's chunks, or the model)."""
     from ipu_t5.quantization import weight_bytes
 
-    backend = trainer.backend
-    modules = list(getattr(backend, "chunks", {}).values()) or [backend.model]
-    held = [weight_bytes(m) for m in modules]
-    plan = plan_memory(trainer.config, trainer.lengths.source, trainer.lengths.target, "cpu", trainer.plan)
-    return {"held": sum(h["held"] for h in held), "float32": sum(h["float32"] for h in held),
-            "adapters": sum(4 * p.numel() for m in modules for p in m.parameters() if p.requires_grad),
-            "planned": plan.ranks[backend.process_index].weights}
+    held = [weight_bytes(m) for m in (list(getattr(backend, "chunks", {}).values()) or [backend.model])]
+    return {key: sum(h[key] for h in held) for key in ("held", "float32")}
 
 
 def result(trainer, evaluated=None) -> dict:
@@ -89,7 +82,7 @@ def result(trainer, evaluated=None) -> dict:
     # A copy: a backend may hand out its live parameters, which later steps change.
     weights = {k: v.clone() for k, v in trainer.backend.model_state_dict().items()}
     optimized = sorted(trainer.backend.optimizer_state_dict())
-    base_bytes = trainer.backend.gather_object(_base_bytes(trainer)) \
+    base_bytes = trainer.backend.gather_object(_base_bytes(trainer.backend)) \
         if trainer.config.model.quantization != "none" else None
     if not trainer.is_main_process:
         return {}

@@ -1,6 +1,6 @@
 """LoRA on an nf4 base (`model.quantization`) under the torch.distributed pipeline (2 stages, 1F1B)
 against one process: each stage quantises its own weights to the bytes one process holds (under 0.3
-of their float32 bytes, as the memory plan counts them), the losses agree and fall, validation predicts alike, the merged float
+of their float32 bytes), the losses agree and fall, validation predicts alike, the merged float
 export reloads in plain transformers and predicts what validation predicted, and a one-process
 adapter checkpoint continues under the pipeline."""
 import json
@@ -33,8 +33,6 @@ def test_nf4_lora_under_2_stages_matches_one_process_and_exports_float(tmp_path)
     assert len(run["base_bytes"]) == 2
     for held in run["base_bytes"]:
         assert 0 < held["held"] <= 0.3 * held["float32"], run["base_bytes"]
-        # The memory plan's weights of the stage: within 10% (it leaves out bitsandbytes' small state).
-        assert abs(held["planned"] - held["adapters"] - held["held"]) <= 0.1 * held["held"], held
     assert sum(h["held"] for h in run["base_bytes"]) == one["base_bytes"][0]["held"]
     # Within 1e-5 of one process's loss at every step, as float32 LoRA under the pipeline (measured:
     # 1.0e-7, docs/torch-distributed.md).
