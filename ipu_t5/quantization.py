@@ -8,11 +8,13 @@ directory and loads it back quantised by `from_pretrained(quantization_config=..
 holds no whole model to save: its frame is the meta-device model with bitsandbytes' layers put in as
 `from_pretrained` puts them (`quantised_frame`, transformers' own `replace_with_bnb_linear`), and each
 of its weights is quantised as it is read, as `from_pretrained` quantises it (`quantised_weight`),
-so every stage holds the same bytes one process holds. Every Linear is quantised, the LM head and T5's `wo` included (transformers keeps
-both in float by default: the head by habit, `wo` against float16 overflow, which a float32 compute
-dtype does not have); the embeddings, norms and relative-position biases stay float32. The export
-is float: `FloatWeights` dequantises the base, and LoRA's merge (`ipu_t5.lora`) adds the adapters
-to it as for a float base.
+so every stage holds the same bytes one process holds.
+
+Every Linear is quantised, the LM head and T5's `wo` included (transformers keeps both in float by
+default: the head by habit, `wo` against float16 overflow, which a float32 compute dtype does not
+have); the embeddings, norms and relative-position biases stay float32. The export is float:
+`FloatWeights` dequantises the base, and LoRA's merge (`ipu_t5.lora`) adds the adapters to it as
+for a float base.
 """
 import tempfile
 from typing import Dict, Iterator, Mapping, Optional
@@ -87,9 +89,13 @@ def load_quantised(base: torch.nn.Module, kind: str, device) -> torch.nn.Module:
             model = _quantisable_t5().from_pretrained(tmp, quantization_config=quantization,
                                                       device_map={"": str(device)})
         except (ImportError, RuntimeError, ValueError) as err:  # bitsandbytes without a backend for this device
-            raise UserError("model.quantization={}: bitsandbytes cannot quantise on {} here ({}); set "
-                            "model.quantization=none.".format(kind, device, str(err).splitlines()[0])) from None
+            raise _cannot_quantise(kind, device, err) from None
     return _prepared(model)
+
+
+def _cannot_quantise(kind: str, device, err: Exception) -> UserError:
+    return UserError("model.quantization={}: bitsandbytes cannot quantise on {} here ({}); set "
+                     "model.quantization=none.".format(kind, device, str(err).splitlines()[0]))
 
 
 def _prepared(model: torch.nn.Module) -> torch.nn.Module:
@@ -129,10 +135,13 @@ def quantised_weight(param: torch.Tensor, value: torch.Tensor, device) -> Option
     import bitsandbytes as bnb
 
     settings = dict(param.__dict__)
-    if kind == "Params4bit":
-        return bnb.nn.Params4bit(value.cpu(), requires_grad=False, **settings).to(device)
-    settings.pop("SCB", None)
-    return bnb.nn.Int8Params(value.cpu(), requires_grad=False, **settings).to(device)
+    try:
+        if kind == "Params4bit":
+            return bnb.nn.Params4bit(value.cpu(), requires_grad=False, **settings).to(device)
+        settings.pop("SCB", None)
+        return bnb.nn.Int8Params(value.cpu(), requires_grad=False, **settings).to(device)
+    except (ImportError, RuntimeError, ValueError) as err:  # bitsandbytes without a backend for this device
+        raise _cannot_quantise("nf4" if kind == "Params4bit" else "int8", device, err) from None
 
 
 def quantised_modules(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
