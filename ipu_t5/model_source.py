@@ -19,6 +19,7 @@ from . import lora, prompt_tuning
 from .errors import UserError
 from .initialise import hf_name, initial_tensor
 from .models import TIED_ALIASES, canonical_size, model_from_config, refuse_training_checkpoint, set_dropout
+from .quantization import quantised_weight
 
 # What a run needs from a hub repository: configuration, safetensors weights, tokenizer files.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model"]
@@ -48,12 +49,20 @@ class ModelSource:
         """`model` itself when it is a ModelSource, else a source that hands out the module."""
         return model if isinstance(model, ModelSource) else cls(hf_config=model.config, module=model)
 
-    def meta_model(self) -> torch.nn.Module:
+    def meta_model(self, quantised: bool = False) -> torch.nn.Module:
         """The model on the meta device (no memory), LoRA adapters injected: names, shapes, which
-        parameters train, and the frame that `materialise` fills. A caller's module is itself."""
+        parameters train, and the frame that `materialise` fills. `quantised`: a quantised base's
+        Linear layers are bitsandbytes' (`quantization.quantised_frame`), which `materialise`
+        quantises as it fills them (a pipeline stage's frame; otherwise the float model's, whose
+        counts a trainer reports). A caller's module is itself."""
         if self.module is not None:
             return self.module
-        return adapted(model_from_config(self.hf_config, "meta"), self.peft)
+        model = model_from_config(self.hf_config, "meta")
+        if quantised and self.quantization != "none":
+            from .quantization import quantised_frame
+
+            model = quantised_frame(model, self.quantization)
+        return adapted(model, self.peft)
 
     def tensor(self, name: str, shape) -> torch.Tensor:
         """The starting value of parameter `name` (a LoRA model's name or a plain HF one), read or
@@ -76,8 +85,11 @@ class ModelSource:
         with torch.no_grad():
             for name, param in list(module.named_parameters(remove_duplicate=False)):
                 if id(param) not in made:
-                    value = self.tensor(name, tuple(param.shape)).to(device=device, dtype=torch.float32)
-                    made[id(param)] = torch.nn.Parameter(value.contiguous(), requires_grad=param.requires_grad)
+                    value = self.tensor(name, tuple(param.shape)).to(dtype=torch.float32)
+                    # A bitsandbytes layer's weight (a quantised frame's) is quantised as it is read.
+                    quantised = quantised_weight(param, value, device) if self.quantization != "none" else None
+                    made[id(param)] = quantised if quantised is not None else torch.nn.Parameter(
+                        value.to(device).contiguous(), requires_grad=param.requires_grad)
                 owner, _, leaf = name.rpartition(".")
                 setattr(module.get_submodule(owner) if owner else module, leaf, made[id(param)])
         return module

@@ -1,18 +1,23 @@
 """LoRA on a quantised base (QLoRA's recipe): the frozen base weights in 8-bit (LLM.int8) or 4-bit
 NormalFloat through transformers' `BitsAndBytesConfig`, prepared by `peft.prepare_model_for_kbit_training`,
-LoRA's adapters in float32 on top; on the single-process backend, wherever bitsandbytes runs (GPUs,
-and from 0.45 its CPU backend).
+LoRA's adapters in float32 on top; on the single-process and torch.distributed backends, wherever
+bitsandbytes runs (GPUs, and from 0.45 its CPU backend).
 
-The float base is built as for any run (read or drawn by name), saved to a temporary directory and
-loaded back quantised by `from_pretrained(quantization_config=...)`, the one path transformers
-quantises on. Every Linear is quantised, the LM head and T5's `wo` included (transformers keeps
-both in float by default: the head by habit, `wo` against float16 overflow, which a float32 compute
-dtype does not have); the embeddings, norms and relative-position biases stay float32. The export
-is float: `FloatWeights` dequantises the base, and LoRA's merge (`ipu_t5.lora`) adds the adapters
-to it as for a float base.
+One process builds the float base as any run does (read or drawn by name), saves it to a temporary
+directory and loads it back quantised by `from_pretrained(quantization_config=...)`. A pipeline stage
+holds no whole model to save: its frame is the meta-device model with bitsandbytes' layers put in as
+`from_pretrained` puts them (`quantised_frame`, transformers' own `replace_with_bnb_linear`), and each
+of its weights is quantised as it is read, as `from_pretrained` quantises it (`quantised_weight`),
+so every stage holds the same bytes one process holds.
+
+Every Linear is quantised, the LM head and T5's `wo` included (transformers keeps both in float by
+default: the head by habit, `wo` against float16 overflow, which a float32 compute dtype does not
+have); the embeddings, norms and relative-position biases stay float32. The export is float:
+`FloatWeights` dequantises the base, and LoRA's merge (`ipu_t5.lora`) adds the adapters to it as
+for a float base.
 """
 import tempfile
-from typing import Dict, Iterator, Mapping
+from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
@@ -27,8 +32,8 @@ def enabled(config) -> bool:
 def refuse_here(config, backend: str) -> None:
     """One line for backends that cannot hold a bitsandbytes model."""
     if enabled(config):
-        raise UserError("model.quantization={} runs on the single-process backend only (bitsandbytes' layers); "
-                        "use --backend single, or model.quantization=none on the {} backend.".format(
+        raise UserError("model.quantization={} runs on the single-process and torch backends only (bitsandbytes' "
+                        "layers); use --backend single or torch, or model.quantization=none on the {} backend.".format(
                             config.model.quantization, backend))
 
 
@@ -76,9 +81,6 @@ def _quantisable_t5():
 def load_quantised(base: torch.nn.Module, kind: str, device) -> torch.nn.Module:
     """`base` (a float T5, which the caller holds no other reference to, so it is freed once written)
     quantised to `kind` on `device`, prepared for k-bit training (every weight frozen)."""
-    import bitsandbytes as bnb
-    from peft import prepare_model_for_kbit_training
-
     quantization = bnb_config(kind)
     with tempfile.TemporaryDirectory() as tmp:
         base.save_pretrained(tmp)
@@ -87,14 +89,59 @@ def load_quantised(base: torch.nn.Module, kind: str, device) -> torch.nn.Module:
             model = _quantisable_t5().from_pretrained(tmp, quantization_config=quantization,
                                                       device_map={"": str(device)})
         except (ImportError, RuntimeError, ValueError) as err:  # bitsandbytes without a backend for this device
-            raise UserError("model.quantization={}: bitsandbytes cannot quantise on {} here ({}); set "
-                            "model.quantization=none.".format(kind, device, str(err).splitlines()[0])) from None
+            raise _cannot_quantise(kind, device, err) from None
+    return _prepared(model)
+
+
+def _cannot_quantise(kind: str, device, err: Exception) -> UserError:
+    return UserError("model.quantization={}: bitsandbytes cannot quantise on {} here ({}); set "
+                     "model.quantization=none.".format(kind, device, str(err).splitlines()[0]))
+
+
+def _prepared(model: torch.nn.Module) -> torch.nn.Module:
+    """`model`'s bitsandbytes layers set to compute as the float export does, and peft's k-bit
+    preparation (every weight frozen, half-precision ones made float32)."""
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             # Its CPU inference format rounds the block scales to bfloat16 and computes in bfloat16:
             # validation would then not predict as the float export (or training) computes.
             module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def quantised_frame(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """`model` (a float T5 on the meta device) as `from_pretrained(quantization_config=bnb_config(kind))`
+    holds it before reading a weight: every Linear replaced by bitsandbytes' layer on the meta device,
+    marked loaded in k bits (so peft wraps those layers in its bitsandbytes LoRA layers), prepared
+    as `load_quantised` prepares it. `quantised_weight` fills its weights."""
+    from transformers.integrations import replace_with_bnb_linear
+
+    model = replace_with_bnb_linear(model, modules_to_not_convert=[], quantization_config=bnb_config(kind))
+    setattr(model, "is_loaded_in_4bit" if kind == "nf4" else "is_loaded_in_8bit", True)
+    return _prepared(model)
+
+
+def quantised_weight(param: torch.Tensor, value: torch.Tensor, device) -> Optional[torch.nn.Parameter]:
+    """The weight that replaces `param`, a bitsandbytes layer's weight on the meta device
+    (`quantised_frame`): its float32 `value` quantised on `device` as transformers' loading quantises
+    it (bitsandbytes' Params4bit / Int8Params with the meta weight's settings); None where `param` is
+    a plain one."""
+    kind = type(param).__name__
+    if kind not in ("Params4bit", "Int8Params"):
+        return None
+    import bitsandbytes as bnb
+
+    settings = dict(param.__dict__)
+    try:
+        if kind == "Params4bit":
+            return bnb.nn.Params4bit(value.cpu(), requires_grad=False, **settings).to(device)
+        settings.pop("SCB", None)
+        return bnb.nn.Int8Params(value.cpu(), requires_grad=False, **settings).to(device)
+    except (ImportError, RuntimeError, ValueError) as err:  # bitsandbytes without a backend for this device
+        raise _cannot_quantise("nf4" if kind == "Params4bit" else "int8", device, err) from None
 
 
 def quantised_modules(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:

@@ -1,4 +1,5 @@
-"""LoRA on a quantised base (`model.quantization`): bitsandbytes' nf4 and int8 layers on one process,
+"""LoRA on a quantised base (`model.quantization`): bitsandbytes' nf4 and int8 layers on one process
+(under the torch.distributed pipeline: tests/backends/torch_distributed/test_quantised_pipeline.py),
 the memory plan counting them, a float merged export that predicts as validation did, and one line
 wherever it cannot run."""
 import json
@@ -159,6 +160,30 @@ def test_the_memory_plan_counts_the_weights_as_the_module_holds_them(tmp_path):
     assert planned.weights < 0.4 * float_plan.weights
 
 
+@needs_bitsandbytes
+def test_each_pipeline_stage_quantises_its_own_weights_as_one_process_and_the_plan_counts_them(tmp_path):
+    """A stage of the torch backend builds its chunks from the quantised frame, quantising each
+    weight as it is read: together they hold one process's bytes, bit for bit, and each the
+    memory plan's weights for its stage."""
+    from ipu_t5.backends.torch_distributed.memory import plan_memory
+    from ipu_t5.backends.torch_distributed.stages import build_chunks
+    from ipu_t5.model_source import run_source
+
+    config = quantised_config(tmp_path, "nf4", **{"layout.backend": "torch", "layout.stages": 2})
+    plan = plan_memory(config, 64, 8)
+    source = run_source(config, 512)
+    whole = source.build().state_dict()
+    bits = {}
+    for stage, blocks in enumerate(plan.layout.stage_blocks):
+        chunk = source.materialise(build_chunks(source.meta_model(quantised=True), [blocks])[0])
+        measured = quantization.weight_bytes(chunk)
+        adapters = sum(p.numel() * 4 for p in chunk.parameters() if p.requires_grad)
+        assert measured["held"] <= 0.3 * measured["float32"], (stage, measured)
+        assert abs(plan.ranks[stage].weights - adapters - measured["held"]) <= 0.1 * measured["held"], stage
+        bits.update({k: v.view(torch.uint8) for k, v in chunk.state_dict().items() if v.dtype == torch.float32})
+    assert bits and all(torch.equal(v, whole[k].view(torch.uint8)) for k, v in bits.items())
+
+
 @pytest.mark.core
 def test_quantisation_without_lora_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="model.quantization=nf4 freezes the base") as err:
@@ -174,16 +199,25 @@ def test_the_ipu_backend_refuses_a_quantised_base_in_one_line(tmp_path):
     from ipu_t5.layout import plan_from_config
 
     config = quantised_config(tmp_path)
-    with pytest.raises(UserError, match="model.quantization=nf4 runs on the single-process backend only"):
+    with pytest.raises(UserError, match="model.quantization=nf4 runs on the single-process and torch backends only"):
         IpuBackend(config, plan_from_config(config))
 
 
-def test_the_torch_backend_refuses_a_quantised_base_in_one_line(tmp_path):
+@needs_bitsandbytes
+def test_the_torch_backend_refuses_fsdp2_over_a_quantised_base_in_one_line(tmp_path, monkeypatch):
+    """Before it joins a process group: FSDP2 cannot shard bitsandbytes' weights, and without
+    bitsandbytes nothing quantises (the pipeline itself: tests/backends/torch_distributed/test_quantised_pipeline.py)."""
     from ipu_t5.backends.torch_distributed.backend import TorchPipelineBackend
     from ipu_t5.layout import plan_from_config
 
-    config = quantised_config(tmp_path, **{"layout.backend": "torch"})
-    with pytest.raises(UserError, match="model.quantization=nf4 runs on the single-process backend only"):
+    config = quantised_config(tmp_path, **{"layout.backend": "torch", "layout.replicas": 2,
+                                           "layout.data_parallel": "fsdp"})
+    with pytest.raises(UserError, match="model.quantization=nf4 does not shard under FSDP2: use "
+                                        "layout.data_parallel=ddp") as err:
+        TorchPipelineBackend(config, plan_from_config(config))
+    assert "\n" not in str(err.value)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(UserError, match="model.quantization=nf4 needs bitsandbytes"):
         TorchPipelineBackend(config, plan_from_config(config))
 
 

@@ -23,7 +23,7 @@ from ...errors import UserError
 from ...layout import check_pipeline_fill
 from ...model_source import ModelSource
 from ...prompt_tuning import virtual_tokens
-from ...quantization import refuse_here as refuse_quantised
+from ... import quantization
 from ..base import Backend, StepResult, update_is_finite
 from ..fast_ops import use_fast_ops
 from ..host_memory import keep_heap_small, return_freed_memory
@@ -92,7 +92,13 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         check_pipeline_fill(plan)  # the layout relaxes it for phased IPU execution only
         _require_torch()
         refuse_fp16(config.training)
-        refuse_quantised(config, "torch")
+        quantization.require(config)
+        if quantization.enabled(config) and plan.replicas > 1 and config.layout.data_parallel == "fsdp":
+            # FSDP2 shards parameters as plain tensors: bitsandbytes' packed weights and their block
+            # scales (held beside them, not as parameters) do not survive the cut.
+            raise UserError("model.quantization={} does not shard under FSDP2: use layout.data_parallel=ddp "
+                            "(the quantised base is small), or model.quantization=none.".format(
+                                config.model.quantization))
         self.topology: Topology = connect(plan, config.layout.ddp_timeout)
         self.device = self.topology.device
         self.amp_dtype = autocast_dtype(config.training.bf16, self.device)
@@ -121,7 +127,7 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         source = ModelSource.of(model)
         # The whole model on the meta device: its parts are cut into this rank's chunks, and only
         # those are materialised on this rank's device, their weights read or drawn by name.
-        frame = source.meta_model()
+        frame = source.meta_model(quantised=True)
         use_fast_ops(frame)
         hf = frame.config
         self.pad_id, self.eos_id, self.start_id = hf.pad_token_id, hf.eos_token_id, hf.decoder_start_token_id
@@ -257,8 +263,11 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         return total
 
     def weights_finite(self) -> bool:
-        # Each rank checks its own parameters (FSDP2: its shards), without gathering any.
-        mine = all(bool(torch.isfinite(local_shard(p.detach())).all()) for _, p in self.named)
+        # Each rank checks its own parameters (FSDP2: its shards), without gathering any. A quantised
+        # base's packed codes are bytes, not numbers, and frozen: there only what trains is checked.
+        frozen_codes = quantization.enabled(self.config)
+        mine = all(bool(torch.isfinite(local_shard(p.detach())).all()) for _, p in self.named
+                   if p.requires_grad or not frozen_codes)
         return all(self.gather_object(mine))
 
     def release_optimizer_state(self) -> None:

@@ -11,8 +11,7 @@ Counted per rank, on its device (the GPU, or the host for CPU processes):
   bfloat16; the shared embedding only on the embedding's stage, which sends the embedded decoder
   inputs down the pipeline); LoRA adds its adapters, prompt tuning its soft prompt (2 x virtual
   tokens x d_model, on the embedding's stage, whose prompts it lengthens for every encoder part);
-  a base quantised by `model.quantization` (one process) holds its Linear layers in
-  QUANTISED_BYTES a weight. Under FSDP2 with a unit per block (the default,
+  a base quantised by `model.quantization` holds its Linear layers in QUANTISED_BYTES a weight. Under FSDP2 with a unit per block (the default,
   `layout.fsdp_reshard_after_forward`) the shards persist and two units are whole at a time (the one
   computing and the one prefetched); with the chunk one unit, the unsharded parameters persist too
   from the first micro-batch to the end of the step (`torch.distributed.pipelining` defers the
@@ -36,7 +35,8 @@ checkpoint (weights and moments between steps, the largest tensor twice while it
 checksummed); end-of-run export (moments released, the largest tensor twice while written and read
 back, and on the main process the reload check's and its predictions' whole float32 model where it
 fits); start-up (host memory while weights are read tensor by tensor: on CPU the stage's weights, on
-a GPU the largest tensor on its way to the device).
+a GPU the largest tensor on its way to the device; one process quantising a base builds it whole in
+float32 first, a stage quantises tensor by tensor).
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -251,6 +251,9 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
     fsdp = config.layout.data_parallel == "fsdp" and replicas > 1
     lora = config.peft.method == "lora"
     quantisation = config.model.quantization
+    # One process builds the whole model (a quantised base through a float copy); the torch backend
+    # builds stage by stage.
+    whole_build = layout.world_size == 1 and config.layout.backend != "torch"
     # Only adapters train (LoRA's, or the soft prompt, whose virtual tokens every encoder part sees).
     adapters_only = config.peft.method != "none"
     prompt_rows = 2 * config.peft.num_virtual_tokens if config.peft.method == "prompt_tuning" else 0
@@ -307,9 +310,13 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                                    if device == "cpu" else largest_tensor)
         caches = cache_bytes(size, blocks, config.validation.per_device_eval_batch_size, source_length, target_length,
                              act) if config.validation.do_eval else 0
-        if quantised:
+        if quantised and whole_build:
             # The float base is built on the host, then loaded back quantised (`quantization.load_quantised`).
             startup = PROCESS_BYTES + WEIGHT_BYTES * held + held_bytes
+        elif quantised:
+            # A stage quantises each weight as it is read (`quantization.quantised_weight`): on a CPU
+            # the quantised stage and one float tensor on its way.
+            startup = PROCESS_BYTES + largest_tensor + (held_bytes if device == "cpu" else 0)
         for replica in range(replicas):
             rank = stage * replicas + replica
             reload = int(RELOAD_COPIES * WEIGHT_BYTES * total) if main_reloads and rank == 0 and reload_fits else 0

@@ -7,11 +7,13 @@ alike is written once, and nothing is gathered. A one-process checkpoint is read
 looking up only its own tensors and cutting them to the FSDP2 shard it holds. `model_state_dict` and
 `optimizer_state_dict` still gather everything onto the main process, for callers that want the
 whole model in memory (tests on small models); no checkpoint or export uses them."""
-from typing import Any, Dict, Tuple
+import collections
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 import torch.distributed as dist
 
+from ... import quantization
 from ...errors import UserError
 from .topology import gather_tensors_to_main
 
@@ -59,8 +61,16 @@ class NamedState:
         return DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
 
+    def _float_weights(self) -> Mapping[str, torch.Tensor]:
+        """A quantised base's stage (never FSDP2-sharded) by HF name, in float32: each bitsandbytes
+        weight dequantised when looked up (`quantization.FloatWeights`), as one process exports it."""
+        return collections.ChainMap(*(quantization.FloatWeights(chunk) for chunk in self.chunks.values()))
+
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
-        local = {name: self._gather(p.detach()) for name, p in self.named}
+        if quantization.enabled(self.config):
+            local = dict(self._float_weights())
+        else:
+            local = {name: self._gather(p.detach()) for name, p in self.named}
         return gather_tensors_to_main(self.topology, local)
 
     def load_model_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
@@ -94,9 +104,12 @@ class NamedState:
                     k: (self._shard_like(v, param) if torch.is_tensor(v) and v.ndim else v)
                     for k, v in state[name].items()}
 
-    def export_share(self) -> Dict[str, torch.Tensor]:
+    def export_share(self) -> Mapping[str, torch.Tensor]:
         """Replica 0 of each stage writes the weights its stage owns (under FSDP2 gathered from the
-        stage's replicas one tensor at a time, the other replicas keeping none); the others write none."""
+        stage's replicas one tensor at a time, the other replicas keeping none); the others write none.
+        A quantised base's weights go out in float32."""
+        if quantization.enabled(self.config):
+            return self._float_weights() if self.topology.replica == 0 else {}
         share = {}
         for name, param in self.named:
             whole = self._gather(param.detach())

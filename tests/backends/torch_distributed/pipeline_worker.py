@@ -11,7 +11,8 @@ With --resume-from, a
 last run resumes that (one-process) checkpoint under the layout (run as --resume-run), as
 `--resume PATH` does, and continues to RESUMED_STEPS, writing OUT/resumed/result.pt. With --lora
 every run trains LoRA adapters (`LORA`) and also exports itself (OUT/<run>/hf, merged, and
-OUT/<run>/adapter); with --prompt-tuning a soft prompt (`PROMPT_TUNING`), exported likewise.
+OUT/<run>/adapter); with --prompt-tuning a soft prompt (`PROMPT_TUNING`), exported likewise; with
+--quantization KIND the LoRA adapters train on a base quantised to KIND, and --extra adds overrides.
 """
 import argparse
 import json
@@ -66,16 +67,27 @@ def _fsdp_units(backend) -> list:
                   for name, module in chunk.named_modules() if isinstance(module, FSDPModule))
 
 
+def _base_bytes(backend) -> dict:
+    """`quantization.weight_bytes` of the modules this rank holds (a stage's chunks, or the model)."""
+    from ipu_t5.quantization import weight_bytes
+
+    held = [weight_bytes(m) for m in (list(getattr(backend, "chunks", {}).values()) or [backend.model])]
+    return {key: sum(h[key] for h in held) for key in ("held", "float32")}
+
+
 def result(trainer, evaluated=None) -> dict:
-    """What the test compares: losses, weights by name, and (when validated) predictions; on the
-    main process only (the others take part in gathering the weights)."""
+    """What the test compares: losses, weights by name, and (when validated) predictions, and with a
+    quantised base each rank's `_base_bytes`; on the main process only (the others take part in
+    gathering the weights)."""
     # A copy: a backend may hand out its live parameters, which later steps change.
     weights = {k: v.clone() for k, v in trainer.backend.model_state_dict().items()}
     optimized = sorted(trainer.backend.optimizer_state_dict())
+    base_bytes = trainer.backend.gather_object(_base_bytes(trainer.backend)) \
+        if trainer.config.model.quantization != "none" else None
     if not trainer.is_main_process:
         return {}
     out = {"losses": list(losses(trainer.output_dir).values()), "weights": weights, "optimized": optimized,
-           "fsdp_units": _fsdp_units(trainer.backend)}
+           "fsdp_units": _fsdp_units(trainer.backend), "base_bytes": base_bytes}
     if evaluated is not None:
         out["accuracy"] = evaluated["accuracy"]
         out["predictions"] = [json.loads(line)["generated"]
@@ -95,13 +107,16 @@ def main() -> None:
     parser.add_argument("--resume-run", default="1F1B", help="the RUN that continues the checkpoint")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters, and export each run")
     parser.add_argument("--prompt-tuning", action="store_true", help="train a soft prompt, and export each run")
+    parser.add_argument("--quantization", default="none", help="with --lora: the base's model.quantization")
+    parser.add_argument("--extra", nargs="*", default=[], help="more overrides (KEY=VALUE) for every run")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     out = Path(args.out)
+    extra = (PROMPT_TUNING if args.prompt_tuning else []) + ["model.quantization=" + args.quantization] + args.extra
     for index, run in enumerate(args.runs):
         schedule, _, data_parallel = run.partition(":")
         config = make_config(out / run.replace(":", "-"), args.stages, args.replicas, schedule, data_parallel or "ddp",
-                             lora=args.lora, extra=PROMPT_TUNING if args.prompt_tuning else ())
+                             lora=args.lora, extra=extra)
         trainer = T5Trainer(config)
         trainer.train()
         evaluated = trainer.evaluate()
@@ -117,7 +132,7 @@ def main() -> None:
         schedule, _, data_parallel = args.resume_run.partition(":")
         config = make_config(out / "resumed", args.stages, args.replicas, schedule, data_parallel or "ddp",
                              max_steps=RESUMED_STEPS, lora=args.lora,
-                             extra=["output.resume_from_checkpoint={}".format(args.resume_from)])
+                             extra=extra + ["output.resume_from_checkpoint={}".format(args.resume_from)])
         trainer = T5Trainer(config)
         trainer.train()
         found = result(trainer)

@@ -29,12 +29,12 @@ LAYOUTS = {
 }
 
 
-def _one_process(out, lora=False):
+def _one_process(out, lora=False, extra=()):
     """One process: the starting weights, 5 steps, validation, a checkpoint at step 5, then on to
-    step 8."""
+    step 8 (`extra`: more overrides)."""
     from ipu_t5.training.trainer import T5Trainer
 
-    trainer = T5Trainer(make_config(out, backend="single", lora=lora))
+    trainer = T5Trainer(make_config(out, backend="single", lora=lora, extra=extra))
     start = {k: v.clone() for k, v in trainer.backend.model_state_dict().items()}
     trainer.train()
     at_five = result(trainer, trainer.evaluate())
