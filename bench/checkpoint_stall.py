@@ -100,19 +100,21 @@ def main() -> None:
     args = parser.parse_args()
     from bench.memory import save_model
 
-    workdir = Path(tempfile.mkdtemp(prefix="ipu-t5-ckpt-bench-"))
-    model_dir = workdir / "model"
-    save_model(model_dir, "base")
     started = time.time()
     load = os.getloadavg()[0]
     found: Dict[bool, List[List[float]]] = {False: [], True: []}
-    for repeat in range(args.repeats):
-        for async_save in (False, True):
-            gaps = run(model_dir, workdir, "{}-{}".format("async" if async_save else "sync", repeat), args.stages,
-                       args.save_every, args.checkpoints, async_save)
-            found[async_save].append(gaps)
-            print("async_save={} run {}: gaps {}".format(async_save, repeat, " ".join("{:.2f}".format(g) for g in gaps)),
-                  flush=True)
+    # The model and each run's checkpoints take about 6.5 GB: gone when the bench ends, however it ends.
+    with tempfile.TemporaryDirectory(prefix="ipu-t5-ckpt-bench-") as name:
+        workdir = Path(name)
+        model_dir = workdir / "model"
+        save_model(model_dir, "base")
+        for repeat in range(args.repeats):
+            for async_save in (False, True):
+                gaps = run(model_dir, workdir, "{}-{}".format("async" if async_save else "sync", repeat), args.stages,
+                           args.save_every, args.checkpoints, async_save)
+                found[async_save].append(gaps)
+                print("async_save={} run {}: gaps {}".format(async_save, repeat,
+                                                             " ".join("{:.2f}".format(g) for g in gaps)), flush=True)
     print("\nbase-shaped model, --stages {}, a checkpoint every {} steps; load average {:.1f} at the start, {:.1f} "
           "at the end; {:.0f} s".format(args.stages, args.save_every, load, os.getloadavg()[0], time.time() - started))
     print("| output.async_save | ordinary step (s), median [min, max] | checkpoint steps (s) | checkpoint / ordinary |")

@@ -73,6 +73,24 @@ def stage_work(size, layout, source_length: int, positions: int) -> List[float]:
     return work
 
 
+# Encoder passes the first stage runs ahead of their micro-batches' admission (`wavefront.py`): one
+# ready for the next admission and one for an admission close behind it; each is held as sent until
+# the next stage takes it.
+RUN_AHEAD = 2
+
+
+def run_ahead_bytes(size, blocks: Iterable[str], rows: int, source_length: int) -> int:
+    """Bytes the first stage holds for `RUN_AHEAD` encoder passes of `rows`-row micro-batches sent
+    ahead, where its chunk (`blocks`) holds encoder blocks only: their hidden states (or the encoder
+    output), plus the position bias over the prompt while the encoder continues on the next stage."""
+    blocks = list(blocks)
+    if any(block_part(b)[1] == "decoder" for b in blocks):
+        return 0
+    hidden = rows * source_length * size.d_model * FLOAT32
+    bias = 0 if "encoder.final_layer_norm" in blocks else size.num_heads * source_length * source_length * FLOAT32
+    return RUN_AHEAD * (hidden + bias)
+
+
 def cache_bytes(size, blocks: Iterable[str], rows: int, source_length: int, target_length: int,
                 activation_bytes: int = FLOAT32) -> int:
     """Bytes of the generation caches a stage holding `blocks` keeps for `rows` prompts in flight:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ...prompt_tuning import extend_mask
+from .generation_plan import RUN_AHEAD
 from .stages import ENCODER, boundary_kind
 
 
@@ -129,8 +130,8 @@ class Wavefront:
 
     def _encode_ahead(self) -> None:
         """The first stage, before it waits: the encoder pass of the next micro-batch of the stream
-        not yet encoded, at most a slot-full ahead, sent tagged with its place in the stream."""
-        for micro in self.queue[self.next_micro:self.next_micro + len(self.slots)]:
+        not yet encoded, at most `RUN_AHEAD` ahead, sent tagged with its place in the stream."""
+        for micro in self.queue[self.next_micro:self.next_micro + RUN_AHEAD]:
             if micro.ahead is None:
                 micro.ahead = self._encode_first(micro)
                 return

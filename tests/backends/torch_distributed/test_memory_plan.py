@@ -259,11 +259,24 @@ def test_generation_utilisation_and_caches_in_flight_by_hand():
     expected = 2 * (2 * 8 * 128 * (10 + 3) * 4) + 8 * 10 * 128 * 4
     assert cache_bytes(size, ("decoder.0", "decoder.1", "lm_head"), 8, 10, 3) == expected
     assert cache_bytes(size, ("embedding", "encoder.0"), 8, 10, 3) == 0
+    # The first stage's encoder passes run ahead (two micro-batches of 8 rows over 10 prompt tokens):
+    # the hidden states and, mid-encoder, the position bias; none where it holds a decoder block.
+    from ipu_t5.backends.torch_distributed.generation_plan import RUN_AHEAD, run_ahead_bytes
+
+    assert run_ahead_bytes(size, ("embedding", "encoder.0"), 8, 10) == RUN_AHEAD * (8 * 10 * 128 + 4 * 10 * 10) * 4
+    assert run_ahead_bytes(size, ("embedding", "encoder.0", "encoder.1", "encoder.final_layer_norm"), 8, 10) == \
+        RUN_AHEAD * 8 * 10 * 128 * 4
+    assert run_ahead_bytes(size, ("embedding", "encoder.0", "encoder.1", "encoder.final_layer_norm", "decoder.0"),
+                           8, 10) == 0
 
 
 def test_plan_counts_generation_caches_and_prints_the_utilisation():
     plan = plan_memory(tiny("validation.per_device_eval_batch_size=8"), 10, 3)
-    assert plan.ranks[0].generation == 0 and plan.ranks[1].generation > 0
+    # Rank 0 holds the encoder passes it runs ahead; rank 1 the caches.
+    from ipu_t5.backends.torch_distributed.generation_plan import run_ahead_bytes
+
+    assert plan.ranks[0].generation == run_ahead_bytes(plan.layout.size, plan.ranks[0].blocks, 2, 10) > 0
+    assert plan.ranks[1].generation > 0
     assert plan.ranks[1].validation == (plan.ranks[1].fixed + plan.ranks[1].weights + plan.ranks[1].optimizer
                                         + plan.ranks[1].generation)
     from ipu_t5.backends.torch_distributed.generation_plan import stage_work
