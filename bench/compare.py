@@ -33,7 +33,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -287,8 +286,9 @@ def main(argv=None) -> int:
     if not set(precisions) <= set(PRECISIONS):
         parser.error("--precisions takes {}, got '{}'".format(", ".join(PRECISIONS), args.precisions))
     ours_extra = dict(item.split("=", 1) for item in args.ours)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ipu-t5-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    from bench.workdir import work_directory
+
+    workdir = work_directory(args.workdir, "ipu-t5-bench-")
     os.environ.setdefault("IPU_T5_CACHE", str(workdir / "cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

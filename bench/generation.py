@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,8 +77,9 @@ def main() -> None:
     from ipu_t5.config import load_config
     from ipu_t5.layout import plan_from_config
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ipu-t5-generation-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    from bench.workdir import work_directory
+
+    workdir = work_directory(args.workdir, "ipu-t5-generation-")
     spec_file = workdir / "spec.json"
     if spec_file.is_file():
         spec = json.loads(spec_file.read_text())

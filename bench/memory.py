@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -228,8 +227,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     size_name = "tiny" if args.quick else "base"
     started = time.time()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ipu-t5-memory-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    from bench.workdir import work_directory
+
+    workdir = work_directory(args.workdir, "ipu-t5-memory-")
     model_dir = workdir / "model-{}".format(size_name)
     if args.reuse:
         rows = json.loads(Path(args.reuse).read_text())["layouts"]

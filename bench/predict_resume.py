@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,8 +40,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--workdir", help="kept here (the trained export is reused when present)")
     args = parser.parse_args()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ipu-t5-predict-resume-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    from bench.workdir import work_directory
+
+    workdir = work_directory(args.workdir, "ipu-t5-predict-resume-")
     env = _env(args.stages)
     export = workdir / "run" / "hf"
     if not (export / "config.json").is_file():
