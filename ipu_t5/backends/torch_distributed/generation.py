@@ -12,6 +12,7 @@ from ...data.batching import collate
 from ...prompt_tuning import virtual_tokens
 from ..base import trim_at_eos
 from .generation_plan import micro_batch_rows, slots, window_rows
+from .stages import autocast_region
 from .wavefront import MicroBatch, Wavefront
 
 
@@ -62,8 +63,7 @@ class PipelineGeneration:
             # One autocast region around the whole call: each chunk's own (nested) regions then reuse
             # autocast's bfloat16 copies of the weights instead of casting every weight again for every
             # micro-batch at every position (the LM head alone is 16M values on flan-t5-small).
-            with self._unsharded(), torch.autocast(device_type=self.device.type, dtype=self.eval_amp_dtype
-                                                   or torch.bfloat16, enabled=self.eval_amp_dtype is not None):
+            with self._unsharded(), autocast_region(self.device.type, self.eval_amp_dtype):
                 Wavefront(self, micro, self.generation_slots, max_new_tokens).run()
             last_stage = self._stage_of_chunk(self.num_chunks - 1)
             if self.topology.stage == last_stage:

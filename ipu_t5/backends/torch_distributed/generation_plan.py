@@ -79,12 +79,22 @@ def stage_work(size, layout, source_length: int, positions: int) -> List[float]:
 RUN_AHEAD = 2
 
 
+def _encoder_only(blocks: Iterable[str]) -> bool:
+    return not any(block_part(b)[1] == "decoder" for b in blocks)
+
+
+def encoder_runs_ahead(layout) -> bool:
+    """Whether the first stage runs encoder passes ahead (`wavefront.py`): a pipeline of one chunk
+    per stage whose first chunk holds encoder blocks only."""
+    return layout.stages > 1 and layout.chunks_per_stage == 1 and _encoder_only(layout.stage_blocks[0])
+
+
 def run_ahead_bytes(size, blocks: Iterable[str], rows: int, source_length: int) -> int:
     """Bytes the first stage holds for `RUN_AHEAD` encoder passes of `rows`-row micro-batches sent
     ahead, where its chunk (`blocks`) holds encoder blocks only: their hidden states (or the encoder
     output), plus the position bias over the prompt while the encoder continues on the next stage."""
     blocks = list(blocks)
-    if any(block_part(b)[1] == "decoder" for b in blocks):
+    if not _encoder_only(blocks):
         return 0
     hidden = rows * source_length * size.d_model * FLOAT32
     bias = 0 if "encoder.final_layer_norm" in blocks else size.num_heads * source_length * source_length * FLOAT32

@@ -46,7 +46,7 @@ from ...layout import LayoutPlan, plan_from_config
 from ...models import ModelSize
 from ...t5_shapes import Shapes, block_part, part_activations
 from ..precision import cpu_multiplies_bf16
-from .generation_plan import cache_bytes, run_ahead_bytes, slots, stage_work, utilisation
+from .generation_plan import cache_bytes, encoder_runs_ahead, run_ahead_bytes, slots, stage_work, utilisation
 
 # Measured with bench/memory.py on this project's 2-core CPU machine (psutil RSS, torch 2.13,
 # transformers 5.x): a rank's resident memory before it holds a weight (torch, transformers, the
@@ -310,7 +310,7 @@ def plan_memory(config, source_length: int, target_length: int, device: str = "c
                                    if device == "cpu" else largest_tensor)
         caches = cache_bytes(size, blocks, config.validation.per_device_eval_batch_size, source_length, target_length,
                              act) if config.validation.do_eval else 0
-        if config.validation.do_eval and stage == 0 and layout.stages > 1 and layout.chunks_per_stage == 1:
+        if config.validation.do_eval and stage == 0 and encoder_runs_ahead(layout):
             micro_rows = -(-config.validation.per_device_eval_batch_size // generating)
             caches += run_ahead_bytes(size, blocks, micro_rows, source_length)
         if quantised and whole_build:

@@ -62,6 +62,11 @@ def boundary_kind(blocks: Sequence[str], num_layers: int) -> str:
     return DECODER
 
 
+def autocast_region(device_type: str, dtype: Optional[torch.dtype]):
+    """Autocast to `dtype` on `device_type`, or a region that changes nothing where `dtype` is None."""
+    return torch.autocast(device_type=device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def relative_bias(attention: nn.Module, query_length: int, key_length: int, past: int = 0) -> torch.Tensor:
     """T5's relative position bias, (1, heads, query, key), from the block-0 attention that owns
     the bucket embedding; `past` offsets the queries (generation with a cache)."""
@@ -245,8 +250,7 @@ class StageChunk(nn.Module):
     # ----- pieces shared by training and generation -----
 
     def _autocast(self, dtype: Optional[torch.dtype]):
-        device = next(self.parameters()).device.type
-        return torch.autocast(device_type=device, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+        return autocast_region(next(self.parameters()).device.type, dtype)
 
     def _run_encoder(self, state: Dict[str, torch.Tensor]) -> None:
         if self.embeds_input:

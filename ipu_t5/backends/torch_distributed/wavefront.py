@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ...prompt_tuning import extend_mask
-from .generation_plan import RUN_AHEAD
+from .generation_plan import RUN_AHEAD, encoder_runs_ahead
 from .stages import ENCODER, boundary_kind
 
 
@@ -42,13 +42,18 @@ class MicroBatch:
         self.mask = extend_mask(mask, virtual_tokens)
         self.rows, self.width = self.mask.shape
         self.tokens: List[torch.Tensor] = []
-        # Its place in the stream (the tag of its encoder messages), and the sends of its encoder
-        # pass where the first stage ran it ahead of its admission.
+        # Its place in the stream, and the sends of its encoder pass where the first stage ran it
+        # ahead of its admission.
         self.seq = 0
         self.ahead: Optional[List[Tuple[object, torch.Tensor]]] = None
         # Set by the last stage (finished rows) and by every rank from its reports (`done`).
         self.finished: Optional[torch.Tensor] = None
         self.done = False
+
+    @property
+    def tag(self) -> int:
+        """The tag of its first chunk's encoder messages (0 is every other message's)."""
+        return 1 + self.seq
 
 
 class Slot:
@@ -83,7 +88,7 @@ class Wavefront:
         self.next_micro = 0
         # The first stage's encoder passes run ahead where its chunk holds no decoder block (every
         # rank decides alike, from the plan).
-        self.tagged = self.rounds == 1 and self.first_decoder != 0 and self.stages > 1
+        self.tagged = encoder_runs_ahead(plan)
         self.runs_ahead = self.tagged and self.stage == 0
         # Staggered over the longest lifetime (an encoder pass and every position).
         lifetime = max_new_tokens + 1
@@ -139,7 +144,7 @@ class Wavefront:
     def _encode_first(self, micro: MicroBatch) -> List[Tuple[object, torch.Tensor]]:
         """Chunk 0's encoder pass of `micro`, sent to chunk 1's stage tagged; returns the sends."""
         carried = self.b.chunks[0].encode({"input_ids": micro.ids, "attention_mask": micro.source_mask})
-        return self._send(list(carried.values()), self._rank(1), tag=1 + micro.seq)
+        return self._send(list(carried.values()), self._rank(1), tag=micro.tag)
 
     # ----- the schedule -----
 
@@ -188,7 +193,7 @@ class Wavefront:
         if chunk == 0 and self.tagged:
             self._pending(micro.ahead if micro.ahead is not None else self._encode_first(micro))
             return
-        tag = 1 + micro.seq if chunk == 1 and self.tagged else 0
+        tag = micro.tag if chunk == 1 and self.tagged else 0
         if chunk == 0:
             carried = {"input_ids": micro.ids}
         elif self._local(chunk - 1):
