@@ -8,7 +8,7 @@ from ..data.batching import GlobalBatch, collate
 from ..errors import UserError
 from ..model_source import whole_model
 from .. import quantization
-from .base import Backend, StepResult, trim_at_eos, update_is_finite
+from .base import Backend, StepResult, all_finite, trim_at_eos, update_is_finite
 from .fast_ops import use_fast_ops
 from .optim import (build_optimizer, load_named_optimizer_state, lr_at, named_optimizer_state,
                      set_lr, token_loss)
@@ -144,8 +144,7 @@ class SingleProcessBackend(Backend):
         # On the device, without the CPU copy `export_share` makes. A quantised base's packed codes
         # are bytes, not numbers (stored as float32), and frozen: there only what trains is checked.
         frozen_codes = quantization.enabled(self.config)
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters()
-                   if p.requires_grad or not frozen_codes)
+        return all_finite(p for p in self.model.parameters() if p.requires_grad or not frozen_codes)
 
     def optimizer_state_dict(self) -> Dict:
         return named_optimizer_state(self.optimizer, self.model.named_parameters())

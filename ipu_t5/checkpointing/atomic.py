@@ -55,9 +55,8 @@ def fsync_tree(root: Path, checksum: bool = False, share: Tuple[int, int] = (0, 
     """
     index, count = share
     done = done or {}
-    names = sorted(str(Path(d, f).relative_to(root)) for d, _, files in os.walk(str(root)) for f in files)
     manifest: Dict[str, Dict[str, object]] = {}
-    for position, name in enumerate(names):
+    for position, name in enumerate(_file_names(root)):
         if name in done:
             manifest[name] = done[name]
             continue
@@ -76,6 +75,37 @@ def fsync_tree(root: Path, checksum: bool = False, share: Tuple[int, int] = (0, 
     return manifest
 
 
+def _file_names(root: Path) -> List[str]:
+    """Every file under `root`, relative to it, sorted: the order processes share files in."""
+    return sorted(str(Path(d, f).relative_to(root)) for d, _, files in os.walk(str(root)) for f in files)
+
+
+def drop_cached(root: Path, share: Tuple[int, int] = (0, 1)) -> None:
+    """Drop the cached pages of the files under `root` (written and synced: nothing is lost, a later
+    read comes from the disk), this process's `share` of them as in `fsync_tree`. Done to a
+    superseded checkpoint just before the next one is written, the next one's pages reuse that
+    memory instead of taking fresh memory from the system: on a VM each fresh GB costs about 2 s of
+    kernel time (measured: 1.6 to 2.0 s of system time to write 768 MB into fresh page cache, 0.3
+    to 0.5 s right after the previous copy's pages were dropped), which on busy cores the training
+    steps pay. Without posix_fadvise (not Linux) nothing happens."""
+    if not hasattr(os, "posix_fadvise") or not Path(root).is_dir():
+        return
+    index, count = share
+    for position, name in enumerate(_file_names(root)):
+        if position % count != index:
+            continue
+        try:
+            fd = os.open(str(Path(root) / name), os.O_RDONLY)
+        except OSError:
+            continue  # removed meanwhile (rotation): its pages went with it
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def write_file(path: Path, text: str) -> None:
     """Replace the file at `path` with `text` in one step: written beside it, fsynced, renamed."""
     path = Path(path)
@@ -88,11 +118,17 @@ def write_file(path: Path, text: str) -> None:
 
 
 def file_crc32(f) -> str:
-    """CRC-32 of an open binary file, as 8 hex digits."""
+    """CRC-32 of an open binary file, as 8 hex digits. Read into one buffer: a new block per read is
+    memory the system maps and unmaps again each time, on a VM about 1 s of kernel time per GB
+    (0.22 s against 0.75 to 0.96 s for 768 MB, measured), taken from the training steps."""
     crc = 0
-    for block in iter(lambda: f.read(CHUNK), b""):
-        crc = zlib.crc32(block, crc)
-    return "{:08x}".format(crc & 0xFFFFFFFF)
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    while True:
+        size = f.readinto(buffer)
+        if not size:
+            return "{:08x}".format(crc & 0xFFFFFFFF)
+        crc = zlib.crc32(view[:size], crc)
 
 
 @contextlib.contextmanager

@@ -41,11 +41,17 @@ def flatten_optimizer_state(state: Mapping[str, Mapping[str, Any]]) -> Dict[str,
 
 
 
+def _run_checkpoints(path: Path) -> List[Path]:
+    """The complete checkpoints beside `path`, oldest first, when it is one of a run's periodic ones."""
+    if path.parent.name != checkpoints_dir(Path()).name:
+        return []
+    return [step_path(path.parent.parent, step) for step in list_steps(path.parent.parent)]
+
+
 def _no_space(path: Path, needed: int) -> CheckpointError:
     previous = path if (path / STATE_FILE).is_file() else None
-    if previous is None and path.parent.name == checkpoints_dir(Path()).name:
-        steps = list_steps(path.parent.parent)
-        previous = step_path(path.parent.parent, steps[-1]) if steps else None
+    if previous is None:
+        previous = next(iter(_run_checkpoints(path)[::-1]), None)
     return CheckpointError(
         "no space left on the device while writing the checkpoint {}: it needs about {} ({} bytes) "
         "and {} are free there. Free space, lower output.save_total_limit or choose another "
@@ -74,6 +80,9 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
     from . import rng
 
     path = Path(path)
+    # The superseded checkpoints' cached pages make room for this one's (atomic.drop_cached).
+    for previous in _run_checkpoints(path):
+        atomic.drop_cached(previous, (backend.process_index, backend.num_processes))
     shares = backend.checkpoint_state()
     if shares is not None and select is not None:
         shares = dict(shares, model=select(shares["model"]))

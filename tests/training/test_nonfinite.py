@@ -115,3 +115,16 @@ def test_a_diverging_learning_rate_ends_the_command_with_one_line(tmp_path):
     assert all(torch.isfinite(t).all() for t in checkpointing.inspect(newest).model_tensors().values())
     assert not (out / "hf").exists()
 
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_weights_check_finds_one_bad_value_among_many(bad, dtype):
+    from ipu_t5.backends.base import all_finite
+
+    weights = [torch.randn(64, 32, dtype=dtype), torch.randn(7, dtype=dtype), torch.empty(0, dtype=dtype)]
+    codes = torch.tensor([255, 0], dtype=torch.uint8)  # not numbers: never read as such
+    assert all_finite(weights + [codes])
+    weights[0][40, 3] = bad
+    assert not all_finite(weights + [codes])
+    assert all_finite([])

@@ -24,7 +24,7 @@ from ...layout import check_pipeline_fill
 from ...model_source import ModelSource
 from ...prompt_tuning import virtual_tokens
 from ... import quantization
-from ..base import Backend, StepResult, update_is_finite
+from ..base import Backend, StepResult, all_finite, update_is_finite
 from ..fast_ops import use_fast_ops
 from ..host_memory import keep_heap_small, return_freed_memory
 from ..optim import build_optimizer, lr_at, set_lr, token_loss
@@ -266,8 +266,7 @@ class TorchPipelineBackend(PipelineGeneration, NamedState, Backend):
         # Each rank checks its own parameters (FSDP2: its shards), without gathering any. A quantised
         # base's packed codes are bytes, not numbers, and frozen: there only what trains is checked.
         frozen_codes = quantization.enabled(self.config)
-        mine = all(bool(torch.isfinite(local_shard(p.detach())).all()) for _, p in self.named
-                   if p.requires_grad or not frozen_codes)
+        mine = all_finite(local_shard(p.detach()) for _, p in self.named if p.requires_grad or not frozen_codes)
         return all(self.gather_object(mine))
 
     def release_optimizer_state(self) -> None:
