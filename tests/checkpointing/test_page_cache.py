@@ -49,14 +49,31 @@ def written_file(path, megabytes):
     return data
 
 
+def require_a_page_cache_that_drops(directory):
+    """Skip unless files written under `directory` sit in the page cache and the kernel drops
+    their pages on request: not so on tmpfs, whose pages are the files themselves."""
+    probe = directory / "probe.bin"
+    written_file(probe, 1)
+    before = cached_fraction(probe)
+    fd = os.open(str(probe), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    after = cached_fraction(probe)
+    probe.unlink()
+    if before < 0.5 or after > 0.0:
+        pytest.skip("the filesystem under {} keeps no droppable page cache (cached {:.0%} after writing, {:.0%} "
+                    "after POSIX_FADV_DONTNEED: tmpfs keeps files in memory)".format(directory, before, after))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and posix_fadvise are Linux's here")
 def test_dropping_a_written_files_pages_keeps_the_file(tmp_path):
+    require_a_page_cache_that_drops(tmp_path)
     files = [tmp_path / "a" / "one.bin", tmp_path / "a" / "sub" / "two.bin", tmp_path / "a" / "three.bin"]
     for f in files:
         f.parent.mkdir(parents=True, exist_ok=True)
     data = [written_file(f, 4) for f in files]
-    if cached_fraction(files[0]) < 0.5:
-        pytest.skip("this filesystem does not keep written files in the page cache ({})".format(tmp_path))
     atomic.drop_cached(tmp_path / "a", share=(1, 3))  # the second of three processes: one file of three
     fractions = [cached_fraction(f) for f in files]
     ordered = sorted(files, key=lambda f: str(f.relative_to(tmp_path / "a")))
@@ -82,6 +99,7 @@ def test_checksums_of_files_longer_than_one_read(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and posix_fadvise are Linux's here")
 def test_the_next_checkpoint_drops_the_previous_ones_pages(tmp_path, monkeypatch):
+    require_a_page_cache_that_drops(tmp_path)
     dropped = []
     real = atomic.drop_cached
 
