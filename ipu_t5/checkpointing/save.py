@@ -51,7 +51,7 @@ def _run_checkpoints(path: Path) -> List[Path]:
 def _no_space(path: Path, needed: int) -> CheckpointError:
     previous = path if (path / STATE_FILE).is_file() else None
     if previous is None:
-        previous = next(iter(_run_checkpoints(path)[::-1]), None)
+        previous = (_run_checkpoints(path) or [None])[-1]
     return CheckpointError(
         "no space left on the device while writing the checkpoint {}: it needs about {} ({} bytes) "
         "and {} are free there. Free space, lower output.save_total_limit or choose another "
