@@ -188,12 +188,17 @@ def human_bytes(count: float) -> str:
     return "{} bytes".format(int(count)) if index == 0 else "{:.1f} {}".format(count, units[index])
 
 
-def sharded_manifest(staging: Path, index: int, count: int,
-                     gather: Callable[[Any], List[Any]]) -> Dict[str, Dict[str, object]]:
-    """The manifest entries of the files torch.distributed.checkpoint wrote under `staging`: each
-    of `count` processes reads back, checksums and syncs its share of them; `gather` collects the
-    shares (every process's object, in rank order)."""
-    part = fsync_tree(staging / SHARDED_DIR, checksum=True, share=(index, count))
+def sharded_manifest(staging: Path, index: int, count: int, gather: Callable[[Any], List[Any]],
+                     recorded: Optional[Dict[str, Dict[str, object]]] = None) -> Dict[str, Dict[str, object]]:
+    """The manifest entries of the files torch.distributed.checkpoint wrote under `staging`; `gather`
+    collects an object from every process, in rank order. `recorded`: what this process's writer
+    noted of the files it wrote, taken as they are (None on every process where the writer notes
+    nothing). Each of `count` processes reads back, checksums and syncs its share of the rest."""
+    known: Dict[str, Dict[str, object]] = {}
+    if recorded is not None:
+        for entries in gather(recorded):
+            known.update(entries)
+    part = fsync_tree(staging / SHARDED_DIR, checksum=True, share=(index, count), done=known)
     written: Dict[str, Dict[str, object]] = {}
     for entries in gather(part):
         written.update({"{}/{}".format(SHARDED_DIR, k): v for k, v in entries.items()})

@@ -70,8 +70,8 @@ class BackgroundSave:
             try:
                 written: Dict[str, Dict[str, object]] = {}
                 if upload is not None:
-                    upload.result()
-                    written = atomic.sharded_manifest(staging, index, count, lambda part: dcp.all_gather(part, group))
+                    written = atomic.sharded_manifest(staging, index, count, lambda part: dcp.all_gather(part, group),
+                                                      upload.result())
             except BaseException as err:
                 done.set_exception(failed(err))
                 return

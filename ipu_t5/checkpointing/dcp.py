@@ -19,16 +19,21 @@ def flat_shares(shares: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[s
             yield prefix + key, value
 
 
-def transfer(operation: str, state: Dict[str, Any], path: Path, alone: bool = False) -> None:
+def transfer(operation: str, state: Dict[str, Any], path: Path,
+             alone: bool = False) -> Optional[Dict[str, Dict[str, object]]]:
     """torch.distributed.checkpoint's "save" (every process writes its share of `state`) or "load"
     (fills `state`'s tensors in place, each process reading what it holds): dcp.save / dcp.load
     from torch 2.2, save_state_dict / load_state_dict in the SDK's torch 2.0. `alone`: this process
     only, without the collective the other processes would have to join (a load of names that only
-    this process asks for)."""
+    this process asks for). A save returns what `checksum_writer` recorded of the files this
+    process wrote (None where this torch has no such writer)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    if hasattr(dcp, operation):
+    writer = checksum_writer(path) if operation == "save" else None
+    if writer is not None:
+        function, args, kwargs = dcp.save, (state,), {"storage_writer": writer}
+    elif hasattr(dcp, operation):
         function, args, kwargs = getattr(dcp, operation), (state,), {"checkpoint_id": str(path)}
     else:
         storage = dcp.FileSystemWriter if operation == "save" else _reader()
@@ -42,6 +47,22 @@ def transfer(operation: str, state: Dict[str, Any], path: Path, alone: bool = Fa
         if alone:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         function(*args, **kwargs)
+    return None if writer is None else writer.written
+
+
+def checksum_writer(path: Path):
+    """`direct_write.ChecksumWriter` for a save into `path` (files written past the page cache, each
+    one's CRC-32 taken as it is written); None on a torch whose checkpoint writer it cannot extend
+    (the SDK's 2.0), which then saves as torch does."""
+    import torch.distributed.checkpoint as dcp
+
+    if not hasattr(dcp, "save"):
+        return None
+    try:
+        from .direct_write import ChecksumWriter
+    except ImportError:
+        return None
+    return ChecksumWriter(path)
 
 
 def background_group():
@@ -72,20 +93,31 @@ def host_stager():
 def start_save(state: Dict[str, Any], path: Path, group, stager=None) -> Future:
     """torch.distributed.checkpoint's asynchronous save of `state` (every process its share) on
     `group`, copied to host memory by `stager` (`host_stager`): returns once the tensors are
-    copied, with a Future of the written files. On a torch without `dcp.async_save` (the SDK's
-    2.0) the save is done here, in full."""
+    copied, with a Future of what `transfer`'s save returns once the files are written. On a torch
+    without `dcp.async_save` (the SDK's 2.0) the save is done here, in full."""
     import torch.distributed.checkpoint as dcp
 
+    done: Future = Future()
     if not hasattr(dcp, "async_save"):
-        done: Future = Future()
-        transfer("save", state, path)
-        done.set_result(None)
+        done.set_result(transfer("save", state, path))
         return done
-    kwargs = {"async_stager": stager} if stager is not None else {}
+    writer = checksum_writer(path)
+    kwargs: Dict[str, Any] = {"async_stager": stager} if stager is not None else {}
+    kwargs.update({"storage_writer": writer} if writer is not None else {"checkpoint_id": str(path)})
     with warnings.catch_warnings():
         if group is None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return dcp.async_save(state, checkpoint_id=str(path), process_group=group, no_dist=group is None, **kwargs)
+        upload = dcp.async_save(state, process_group=group, no_dist=group is None, **kwargs)
+
+    def written(future: Future) -> None:
+        error = future.exception()
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(None if writer is None else writer.written)
+
+    upload.add_done_callback(written)
+    return done
 
 
 def all_gather(obj: Any, group) -> List[Any]:

@@ -136,11 +136,12 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
     written: Dict[str, Dict[str, object]] = {}
     if shares is not None:
         try:
-            dcp.transfer("save", shares, staging / SHARDED_DIR)
+            recorded = dcp.transfer("save", shares, staging / SHARDED_DIR)
         except Exception as err:  # torch.distributed.checkpoint raises on every process alike
             raise failed(err) from None
-        # Every process reads back, checksums and syncs its share of the files, in parallel.
-        written = atomic.sharded_manifest(staging, backend.process_index, backend.num_processes, backend.gather_object)
+        # Every process reads back, checksums and syncs its share of the files the writer did not.
+        written = atomic.sharded_manifest(staging, backend.process_index, backend.num_processes, backend.gather_object,
+                                          recorded)
     backend.on_main(lambda: finish(written))
     return path
 
