@@ -45,6 +45,22 @@ class BackgroundSave:
     def in_flight(self) -> bool:
         return self._pending is not None
 
+    def prepare(self, backend) -> None:
+        """Every process, once its optimizer state exists (after the first step): create the writes'
+        process group and host buffers now (the copy taken here is discarded), so that no
+        checkpoint's step pays for allocating them: on the development VM, 0.7 to 0.9 s of each
+        process's loop for 768 MB of new memory, and the first checkpoint's steps about 1.6x an
+        ordinary one against 1.2x for later ones. Nothing to do for one process, whose copies
+        `save_checkpoint` makes."""
+        shares = backend.checkpoint_state()
+        if shares is None or self._stager is not None:
+            return
+        if self._group is None:
+            self._group = dcp.background_group()
+        self._stager = dcp.host_stager()
+        if self._stager is not None:
+            self._stager.stage(shares)
+
     def start(self, backend, shares: Optional[Dict[str, Any]], staging: Path, finish: Finish,
               failed: Failed) -> None:
         """Every process: copy `shares` (a sharded backend's live state; None: one process, whose

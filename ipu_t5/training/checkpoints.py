@@ -143,6 +143,13 @@ class RunCheckpoints:
                                           self.hf_config, self.tokenizer, select,
                                           background=self._saves if background else None, then=then)
 
+    def _prepare_background_saves(self) -> None:
+        """With `output.async_save`, the host buffers of the checkpoints to come, allocated once the
+        first step has made the optimizer's state (`BackgroundSave.prepare`)."""
+        output = self.config.output
+        if output.async_save and output.save_steps and self.step < self.config.training.max_steps:
+            self._saves.prepare(self.backend)
+
     def _newest_checkpoint(self) -> Optional[Path]:
         """This run's newest complete periodic checkpoint, or None."""
         steps = checkpointing.list_steps(self.output_dir)

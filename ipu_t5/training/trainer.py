@@ -242,6 +242,8 @@ class T5Trainer(RunCheckpoints, HfExport):
                     result = self.backend.train_step(batch, self.step)
                     elapsed = time.perf_counter() - tick
                     self.step += 1
+                    if self.step == first_step + 1:
+                        self._prepare_background_saves()
                     self.nonfinite.record(result, self.step)
                     samples_done += len(batch.samples)
                     tokens = sum(len(s["input_ids"]) + len(s["labels"]) for s in batch.samples)

@@ -113,3 +113,39 @@ def test_writer_threads_yield_to_the_training_threads():
     finally:
         release.set()
         thread.join()
+
+
+@pytest.mark.core
+def test_the_host_buffers_are_made_after_the_first_step_and_reused_by_every_checkpoint(tmp_path, monkeypatch):
+    """With output.async_save, a sharded backend's host buffers are allocated once, right after the
+    first step (when AdamW's moments exist), not at the first checkpoint's step: the checkpoint's
+    copy lands in those same buffers."""
+    from ipu_t5.checkpointing import dcp
+
+    out = tmp_path / "run"
+    config = config_for(out, **ASYNC)
+    trainer = T5Trainer(config, backend=dcp_backend_class()(config, plan_from_config(config)))
+    made_at, copies = [], []
+    real = dcp.host_stager
+
+    def recording_stager():
+        stager = real()
+        made_at.append(trainer.step)
+        stage = stager.stage
+
+        def staged(state, **kwargs):
+            copy = stage(state, **kwargs)
+            copies.append((trainer.step, {k: t.data_ptr() for k, t in dcp.flat_shares(copy)}))
+            return copy
+
+        stager.stage = staged
+        return stager
+
+    monkeypatch.setattr(dcp, "host_stager", recording_stager)
+    trainer.train()
+    assert made_at == [1]
+    assert [step for step, _ in copies] == [1, 5, 10]
+    first = copies[0][1]
+    assert any(k.startswith("optimizer.") and k.endswith("exp_avg_sq") for k in first)
+    assert all(buffers == first for _, buffers in copies[1:])
+    trainer.close()
