@@ -120,8 +120,15 @@ def test_the_host_buffers_are_made_after_the_first_step_and_reused_by_every_chec
     """With output.async_save, a sharded backend's host buffers are allocated once, right after the
     first step (when AdamW's moments exist), not at the first checkpoint's step: the checkpoint's
     copy lands in those same buffers."""
+    import torch
+
     from ipu_t5.checkpointing import dcp
 
+    probe = dcp.host_stager()
+    if probe is None:
+        pytest.skip("torch {} has no stager that keeps host buffers: its checkpoints are written in full at their "
+                    "step".format(torch.__version__))
+    probe.close()
     out = tmp_path / "run"
     config = config_for(out, **ASYNC)
     trainer = T5Trainer(config, backend=dcp_backend_class()(config, plan_from_config(config)))
