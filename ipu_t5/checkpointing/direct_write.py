@@ -37,7 +37,7 @@ class ChecksumFile(io.RawIOBase):
     """A new file written through one aligned buffer, O_DIRECT where the filesystem allows it;
     `crc32` and `length` describe what was written. Closing writes the rest and fsyncs."""
 
-    def __init__(self, path: Union[str, Path], sync: bool = True) -> None:
+    def __init__(self, path: Union[str, Path]) -> None:
         super().__init__()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -48,7 +48,6 @@ class ChecksumFile(io.RawIOBase):
                 raise
             self._fd = os.open(str(path), flags, 0o644)
             self.direct = False
-        self._sync = sync
         self._buffer = mmap.mmap(-1, BUFFER_BYTES)
         self._view = memoryview(self._buffer)
         self._filled = 0
@@ -94,8 +93,7 @@ class ChecksumFile(io.RawIOBase):
                 else:
                     self._write_out(self._filled)
                 os.ftruncate(self._fd, self.length)
-            if self._sync:
-                os.fsync(self._fd)
+            os.fsync(self._fd)
         finally:
             os.close(self._fd)
             self._view.release()
@@ -122,9 +120,8 @@ class _ChecksumFileSystem(FileSystem):
     """torch's local FileSystem whose new files are `ChecksumFile`s, their sizes and CRC-32s kept
     by file name (a rename carries its entry along)."""
 
-    def __init__(self, sync: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._sync = sync
         self._lock = threading.Lock()
         self.written: Dict[str, Dict[str, object]] = {}
 
@@ -134,7 +131,7 @@ class _ChecksumFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        stream = ChecksumFile(path, self._sync)
+        stream = ChecksumFile(path)
         try:
             yield stream
         finally:
@@ -155,8 +152,10 @@ class ChecksumWriter(FileSystemWriter):
     to {"bytes", "crc32"}, as `atomic.fsync_tree` describes a file."""
 
     def __init__(self, path: Union[str, Path]) -> None:
-        super().__init__(str(path), single_file_per_rank=True, sync_files=True)
-        self.fs = _ChecksumFileSystem(sync=True)
+        # Every file is synced once, by its own close, after its last block: torch's fsync
+        # (sync_files) comes before the close writes that block, and would sync each file twice.
+        super().__init__(str(path), single_file_per_rank=True, sync_files=False)
+        self.fs = _ChecksumFileSystem()
 
     @property
     def written(self) -> Dict[str, Dict[str, object]]:

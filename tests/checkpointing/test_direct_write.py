@@ -156,3 +156,23 @@ def test_the_manifest_reads_back_only_what_no_writer_recorded(tmp_path, monkeypa
     calls = []
     atomic.sharded_manifest(root, 1, 2, lambda part: calls.append(part) or [{}, part])
     assert len(calls) == 1 and read_back == ["__0_0.distcp"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an fd's file name is read from Linux's /proc")
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_every_file_is_synced_once_whole(tmp_path, monkeypatch):
+    """Durable as torch's writer makes it: each file of a save is fsynced after its last byte is
+    written, once."""
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append((os.readlink("/proc/self/fd/{}".format(fd)), os.fstat(fd).st_size))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    dcp.transfer("save", state(), tmp_path / "ckpt")
+    files = {str(p): p.stat().st_size for p in (tmp_path / "ckpt").iterdir()}
+    # The metadata is synced under its temporary name, then renamed.
+    renamed = {name.replace(".metadata.tmp", ".metadata"): size for name, size in synced}
+    assert len(synced) == len(files) and renamed == files
