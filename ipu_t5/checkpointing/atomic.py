@@ -127,8 +127,13 @@ def file_crc32(f) -> str:
     while True:
         size = f.readinto(buffer)
         if not size:
-            return "{:08x}".format(crc & 0xFFFFFFFF)
+            return crc32_text(crc)
         crc = zlib.crc32(view[:size], crc)
+
+
+def crc32_text(crc: int) -> str:
+    """A CRC-32 as the manifest stores it: 8 hex digits."""
+    return "{:08x}".format(crc & 0xFFFFFFFF)
 
 
 @contextlib.contextmanager

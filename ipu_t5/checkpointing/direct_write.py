@@ -25,6 +25,8 @@ from typing import Dict, Iterator, Union
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
+from .atomic import crc32_text
+
 # O_DIRECT's unit: buffer address, file offset and length are multiples of the device's logical
 # block (512 or 4096 bytes); mmap's buffer is page aligned and every write but the padded last one
 # is a whole buffer.
@@ -137,7 +139,7 @@ class _ChecksumFileSystem(FileSystem):
         finally:
             stream.close()
         with self._lock:
-            self.written[Path(path).name] = {"bytes": stream.length, "crc32": "{:08x}".format(stream.crc32 & 0xFFFFFFFF)}
+            self.written[Path(path).name] = {"bytes": stream.length, "crc32": crc32_text(stream.crc32)}
 
     def rename(self, path, new_path) -> None:
         super().rename(path, new_path)
