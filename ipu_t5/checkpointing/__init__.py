@@ -15,13 +15,14 @@ _NAMES = {
                "STEP_PREFIX", "CheckpointError", "checkpoints_dir", "list_steps", "step_path"],
     "load": ["Checkpoint", "check_architecture", "check_data_order", "check_tensors", "find_for_resume", "inspect",
              "newest_usable", "resolve"],
-    "save": ["flatten_optimizer_state", "rotate", "save_checkpoint", "update_trainer_state"],
+    "save": ["flatten_optimizer_state", "one_process_tensors", "rotate", "save_checkpoint", "update_trainer_state"],
 }
 _HOME = {name: module for module, names in _NAMES.items() for name in names}
 
 __all__ = ["BackgroundSave", "FORMAT", "FORMAT_VERSION", "MODEL_FILE", "OPTIMIZER_FILE", "PROCESS_FILE", "SHARDED_DIR", "STATE_FILE",
            "STEP_PREFIX", "Checkpoint", "CheckpointError", "check_architecture", "check_data_order", "check_tensors",
            "checkpoints_dir", "find_for_resume", "flatten_optimizer_state", "inspect", "list_steps", "newest_usable",
+           "one_process_tensors",
            "resolve", "rotate", "save_checkpoint", "step_path", "update_trainer_state"]
 
 

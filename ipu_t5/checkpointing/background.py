@@ -14,6 +14,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+import torch
+
 from ..errors import UserError
 from . import atomic, dcp
 from .format import SHARDED_DIR
@@ -40,26 +42,45 @@ class BackgroundSave:
         self._backend: Any = None
         self._group: Any = None
         self._stager: Any = None
+        self._host: Dict[str, Dict[str, Any]] = {}
 
     @property
     def in_flight(self) -> bool:
         return self._pending is not None
 
-    def prepare(self, backend) -> None:
+    def prepare(self, backend, one_process: Callable[[], Dict[str, Dict[str, Any]]]) -> None:
         """Every process, once its optimizer state exists (after the first step): create the writes'
         process group and host buffers now (the copy taken here is discarded), so that no
         checkpoint's step pays for allocating them: on the development VM, 0.7 to 0.9 s of each
         process's loop for 768 MB of new memory, and the first checkpoint's steps about 1.6x an
-        ordinary one against 1.2x for later ones. Nothing to do for one process, whose copies
-        `save_checkpoint` makes."""
+        ordinary one against 1.2x for later ones. `one_process`: what a one-process backend's
+        checkpoint holds (`save.one_process_tensors`), for its buffers (`host_copies`)."""
+        if self._pending is not None:
+            return
         shares = backend.checkpoint_state()
-        if shares is None or self._stager is not None:
+        if shares is None:
+            if not self._host:
+                self.host_copies(one_process())
+            return
+        if self._stager is not None:
             return
         if self._group is None:
             self._group = dcp.background_group()
         self._stager = dcp.host_stager()
         if self._stager is not None:
             self._stager.stage(shares)
+
+    def host_copies(self, tensors: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+        """One process: copies of `tensors` ({file: {name: tensor}}) that the steps after this one do
+        not change while they are written, in host memory kept from one checkpoint to the next (new
+        only for a name not seen before or whose shape or dtype changed): the loop pays a copy, not
+        the mapping of fresh memory, which costs more than the copy itself on the development VM."""
+        if self._pending is not None:
+            raise RuntimeError("a checkpoint is still being written from the host copies: wait() for it first")
+        kept = self._host
+        self._host = {file: {name: _copy_into(kept.get(file, {}).get(name), tensor) for name, tensor in part.items()}
+                      for file, part in tensors.items()}
+        return self._host
 
     def start(self, backend, shares: Optional[Dict[str, Any]], staging: Path, finish: Finish,
               failed: Failed) -> None:
@@ -124,9 +145,17 @@ class BackgroundSave:
         may be gone): it ends in place, or invisible if the process exits first. The host buffers
         are freed once no write uses them."""
         self._pending = None
+        self._host = {}
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+
+
+def _copy_into(buffer: Any, tensor: Any) -> Any:
+    """`tensor`'s values in host memory: in `buffer` where it has the same shape and dtype."""
+    if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+        buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    return buffer.copy_(tensor)
 
 
 def lower_priority(thread_id) -> None:

@@ -10,7 +10,7 @@ library itself (which validates the header and offsets).
 import json
 import struct
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -18,26 +18,43 @@ DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16
                torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def write_streamed(path: Path, names: Sequence[str], shapes: Dict[str, Tuple[int, ...]], dtype: torch.dtype,
-                   tensor: Callable[[str], torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write `names` (all of `dtype`, shaped as `shapes` says) to `path`, asking `tensor(name)` for
-    each one's values in turn and keeping none of them."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+def _header(entries: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], metadata: Optional[Dict[str, str]]) -> bytes:
+    """The length prefix and JSON header of a file holding `entries` (name, dtype, shape) in order."""
     header: Dict[str, object] = {"__metadata__": dict(metadata or {})}
     offset = 0
-    for name in names:
-        size = int(torch.Size(shapes[name]).numel()) * itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+    for name, dtype, shape in entries:
+        size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     # The library aligns the data to 8 bytes by padding the header with spaces; so does this.
     encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def _write_bytes(f: BinaryIO, value: torch.Tensor) -> None:
+    f.write(value.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_streamed(path: Path, names: Sequence[str], shapes: Dict[str, Tuple[int, ...]], dtype: torch.dtype,
+                   tensor: Callable[[str], torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write `names` (all of `dtype`, shaped as `shapes` says) to `path`, asking `tensor(name)` for
+    each one's values in turn and keeping none of them."""
     with open(str(path), "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
+        f.write(_header([(name, dtype, tuple(shapes[name])) for name in names], metadata))
         for name in names:
             value = tensor(name).detach().to("cpu", dtype).contiguous()
             if tuple(value.shape) != tuple(shapes[name]):
                 raise ValueError("{} has shape {}, {} was announced".format(name, tuple(value.shape), shapes[name]))
-            f.write(value.reshape(-1).view(torch.uint8).numpy())
+            _write_bytes(f, value)
             del value
+
+
+def write_tensors(f: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """`safetensors.torch.save_file` into an open binary stream: `tensors` (host, contiguous) in
+    the library's order, widest item first (every tensor's bytes stay aligned to its item size),
+    then by name."""
+    names = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    f.write(_header([(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in names], metadata))
+    for name in names:
+        _write_bytes(f, tensors[name])

@@ -8,14 +8,15 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from ..compat import export_config_dict
 from ..errors import UserError
 from ..models import TIED_ALIASES
 from . import atomic, dcp
+from .checksum_file import ChecksumFile
 from .format import (FORMAT, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, PROCESS_FILE, SHARDED_DIR, STATE_FILE,
                      STEP_PREFIX, CheckpointError, checkpoints_dir, list_steps, step_path)
+from .safetensors_stream import write_tensors
 
 if TYPE_CHECKING:
     from .background import BackgroundSave
@@ -39,6 +40,14 @@ def flatten_optimizer_state(state: Mapping[str, Mapping[str, Any]]) -> Dict[str,
             flat["{}.{}".format(name, field)] = tensor.detach().cpu().contiguous()
     return flat
 
+
+def one_process_tensors(backend, select: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
+                        ) -> Dict[str, Dict[str, torch.Tensor]]:
+    """What a one-process backend's checkpoint stores, by file: the weights (`select`ed) and the
+    optimizer's state. On a CPU these are the live tensors themselves, not copies."""
+    model_state = backend.model_state_dict()
+    return {MODEL_FILE: _cpu_tensors(select(model_state) if select else model_state),
+            OPTIMIZER_FILE: flatten_optimizer_state(backend.optimizer_state_dict())}
 
 
 def _run_checkpoints(path: Path) -> List[Path]:
@@ -89,12 +98,9 @@ def save_checkpoint(path: Path, backend, trainer_state: Dict[str, Any], run_conf
     process_states = backend.gather_object({"rng": rng.capture(), "backend": backend.extra_state()})
     tensors: Dict[str, Dict[str, torch.Tensor]] = {}
     if shares is None:
-        model_state = backend.model_state_dict()
-        tensors = {MODEL_FILE: _cpu_tensors(select(model_state) if select else model_state),
-                   OPTIMIZER_FILE: flatten_optimizer_state(backend.optimizer_state_dict())}
+        tensors = one_process_tensors(backend, select)
         if background is not None:
-            # Host copies that the steps after this one do not change while they are written.
-            tensors = {name: {k: v.clone() for k, v in part.items()} for name, part in tensors.items()}
+            tensors = background.host_copies(tensors)
         needed = sum(_tensor_bytes(t) for t in tensors.values())
     else:
         needed = sum(backend.gather_object(_tensor_bytes(dict(dcp.flat_shares(shares)))))
@@ -160,8 +166,12 @@ def _write_main_files(staging: Path, tensors: Dict[str, Dict[str, torch.Tensor]]
     tokenizer.save_pretrained(str(staging / "tokenizer"))
     if tensors and atomic.free_bytes(staging) < needed:
         raise _no_space(path, needed)
+    written = dict(written)
     for name, content in tensors.items():
-        save_file(content, str(staging / name), metadata={"format": "pt"})
+        # Past the page cache, checksummed as written: the manifest reads none of it back.
+        with ChecksumFile(staging / name) as f:
+            write_tensors(f, content, metadata={"format": "pt"})
+        written[name] = {"bytes": f.length, "crc32": atomic.crc32_text(f.crc32)}
     state = dict(trainer_state)
     state.update({
         "format": FORMAT, "format_version": FORMAT_VERSION,

@@ -137,10 +137,8 @@ class RunCheckpoints:
         self._refuse_nonfinite_weights()
         # One write at a time, in order: the next one starts by clearing unfinished staging directories.
         self._saves.wait()
-        # Under LoRA the base weights are the run's starting point, rebuilt from its config on load.
-        select = lora.adapter_state if lora.enabled(self.config) else None
         return checkpointing.save_checkpoint(path, self.backend, self._trainer_state(), self.config.to_dict(),
-                                          self.hf_config, self.tokenizer, select,
+                                          self.hf_config, self.tokenizer, self._kept_weights(),
                                           background=self._saves if background else None, then=then)
 
     def _prepare_background_saves(self) -> None:
@@ -148,7 +146,12 @@ class RunCheckpoints:
         first step has made the optimizer's state (`BackgroundSave.prepare`)."""
         output = self.config.output
         if output.async_save and output.save_steps and self.step < self.config.training.max_steps:
-            self._saves.prepare(self.backend)
+            self._saves.prepare(self.backend, lambda: checkpointing.one_process_tensors(self.backend, self._kept_weights()))
+
+    def _kept_weights(self):
+        """Which weights a checkpoint keeps: under LoRA only the adapters, the base weights being the
+        run's starting point, rebuilt from its config on load; None: all."""
+        return lora.adapter_state if lora.enabled(self.config) else None
 
     def _newest_checkpoint(self) -> Optional[Path]:
         """This run's newest complete periodic checkpoint, or None."""

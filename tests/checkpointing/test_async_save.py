@@ -156,3 +156,29 @@ def test_the_host_buffers_are_made_after_the_first_step_and_reused_by_every_chec
     assert any(k.startswith("optimizer.") and k.endswith("exp_avg_sq") for k in first)
     assert all(buffers == first for _, buffers in copies[1:])
     trainer.close()
+
+
+@pytest.mark.core
+def test_one_process_copies_into_the_same_host_buffers_from_the_first_step_on(tmp_path, monkeypatch):
+    """One process with output.async_save copies its weights and AdamW's moments into host memory
+    made right after the first step, and every checkpoint's copy lands in that same memory (the
+    checkpoints themselves equal the synchronous run's: the test above)."""
+    out = tmp_path / "run"
+    trainer = T5Trainer(config_for(out, **ASYNC))
+    copies = []
+    real = checkpointing.BackgroundSave.host_copies
+
+    def recording(saves, tensors):
+        copy = real(saves, tensors)
+        copies.append((trainer.step, {(f, k): t.data_ptr() for f, part in copy.items() for k, t in part.items()}))
+        live = {t.data_ptr() for part in tensors.values() for t in part.values()}
+        assert not live & set(copies[-1][1].values()), "a host copy shares memory with the live state"
+        return copy
+
+    monkeypatch.setattr(checkpointing.BackgroundSave, "host_copies", recording)
+    trainer.train()
+    assert [step for step, _ in copies] == [1, 5, 10]
+    first = copies[0][1]
+    assert any(f == checkpointing.OPTIMIZER_FILE and k.endswith("exp_avg_sq") for f, k in first)
+    assert all(buffers == first for _, buffers in copies[1:])
+    trainer.close()

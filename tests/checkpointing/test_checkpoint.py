@@ -416,14 +416,14 @@ def test_full_disk_names_path_and_bytes_and_keeps_the_previous_checkpoint(straig
         checkpointing.flatten_optimizer_state(trainer.backend.optimizer_state_dict()).values())
     needed = sum(t.numel() * t.element_size() for t in tensors)
     if where == "while writing":
-        from safetensors import SafetensorError
+        import errno
 
-        def full_disk(tensors, filename, metadata=None):
-            with open(filename, "wb") as f:
-                f.write(b"\0" * 1000)
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        from ipu_t5.checkpointing.checksum_file import ChecksumFile
 
-        monkeypatch.setattr("ipu_t5.checkpointing.save.save_file", full_disk)
+        def full_disk(f, size):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(ChecksumFile, "_write_out", full_disk)
     else:
         real = atomic.shutil.disk_usage
         monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))

@@ -19,6 +19,24 @@ from ipu_t5.model_source import build_model
 pytestmark = pytest.mark.core
 
 
+def test_tensors_written_to_a_stream_are_the_librarys_own_bytes():
+    """`write_tensors` writes what `safetensors.torch.save` makes of the same tensors, byte for byte:
+    every dtype a checkpoint holds, scalars, and the library's order (widest item first)."""
+    import io
+
+    from safetensors.torch import save
+
+    from ipu_t5.checkpointing.safetensors_stream import write_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 5, generator=generator), "a": torch.randn(7, generator=generator).bfloat16(),
+               "step": torch.tensor(3.0), "m": torch.randn(4, dtype=torch.float64, generator=generator),
+               "i": torch.arange(3), "flag": torch.tensor([True, False, True]), "h": torch.randn(2, generator=generator).half()}
+    written = io.BytesIO()
+    write_tensors(written, tensors, metadata={"format": "pt"})
+    assert written.getvalue() == save(tensors, metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_streamed_file_is_what_the_library_reads(tmp_path, dtype):
     generator = torch.Generator().manual_seed(0)
