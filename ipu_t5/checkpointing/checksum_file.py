@@ -18,7 +18,9 @@ import mmap
 import os
 import zlib
 from pathlib import Path
-from typing import Union
+from typing import Dict, Union
+
+from .atomic import crc32_text
 
 # O_DIRECT's unit: buffer address, file offset and length are multiples of the device's logical
 # block (512 or 4096 bytes); mmap's buffer is page aligned and every write but the padded last one
@@ -48,6 +50,11 @@ class ChecksumFile(io.RawIOBase):
         self._filled = 0
         self.length = 0
         self.crc32 = 0
+
+    @property
+    def entry(self) -> Dict[str, object]:
+        """What was written, as the manifest describes a file (`atomic.fsync_tree`)."""
+        return {"bytes": self.length, "crc32": crc32_text(self.crc32)}
 
     def writable(self) -> bool:
         return True

@@ -15,7 +15,6 @@ from typing import Dict, Iterator, Union
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from .atomic import crc32_text
 from .checksum_file import ChecksumFile
 
 
@@ -40,7 +39,7 @@ class _ChecksumFileSystem(FileSystem):
         finally:
             stream.close()
         with self._lock:
-            self.written[Path(path).name] = {"bytes": stream.length, "crc32": crc32_text(stream.crc32)}
+            self.written[Path(path).name] = stream.entry
 
     def rename(self, path, new_path) -> None:
         super().rename(path, new_path)

@@ -171,7 +171,7 @@ def _write_main_files(staging: Path, tensors: Dict[str, Dict[str, torch.Tensor]]
         # Past the page cache, checksummed as written: the manifest reads none of it back.
         with ChecksumFile(staging / name) as f:
             write_tensors(f, content, metadata={"format": "pt"})
-        written[name] = {"bytes": f.length, "crc32": atomic.crc32_text(f.crc32)}
+        written[name] = f.entry
     state = dict(trainer_state)
     state.update({
         "format": FORMAT, "format_version": FORMAT_VERSION,
