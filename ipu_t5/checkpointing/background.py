@@ -62,13 +62,17 @@ class BackgroundSave:
             if not self._host:
                 self.host_copies(one_process())
             return
-        if self._stager is not None:
-            return
+        if self._stager is None and self._sharded_writes() is not None:
+            self._stager.stage(shares)
+
+    def _sharded_writes(self) -> Any:
+        """The gloo group the writes run on and the stager of their host buffers, made on first
+        use; returns the stager (None on a torch without one)."""
         if self._group is None:
             self._group = dcp.background_group()
-        self._stager = dcp.host_stager()
-        if self._stager is not None:
-            self._stager.stage(shares)
+        if self._stager is None:
+            self._stager = dcp.host_stager()
+        return self._stager
 
     def host_copies(self, tensors: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
         """One process: copies of `tensors` ({file: {name: tensor}}) that the steps after this one do
@@ -91,11 +95,8 @@ class BackgroundSave:
             raise RuntimeError("a checkpoint is still being written: wait() for it first")
         upload = None
         if shares is not None:
-            if self._group is None:
-                self._group = dcp.background_group()
-            if self._stager is None:
-                self._stager = dcp.host_stager()
-            upload = dcp.start_save(shares, staging / SHARDED_DIR, self._group, self._stager)
+            stager = self._sharded_writes()
+            upload = dcp.start_save(shares, staging / SHARDED_DIR, self._group, stager)
             for thread in threading.enumerate():
                 if thread.name.startswith(DCP_WRITER_PREFIX):
                     lower_priority(thread.native_id)
